@@ -1,0 +1,50 @@
+"""One forward call for every masked-diffusion model family.
+
+The sampler and the learner both call `diffusion_logits`; it is the only place that knows how a
+model family wants its padding mask. A 2-D padding mask silently turns many HF models causal, so
+families that take a mask get an explicit 4-D (B, 1, T, T) boolean one; LLaDA's remote code only
+understands a 2-D key-padding mask (and is non-causal by construction), so it gets that.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+
+# model_type -> how the family takes padding: "2d" key-padding mask, or "4d" boolean (B,1,T,T)
+MASK_STYLE = {"llada": "2d", "dlrl_bidirectional": "2d"}
+
+
+@lru_cache(maxsize=None)
+def _accepts_position_ids(forward_fn) -> bool:
+    return "position_ids" in inspect.signature(forward_fn).parameters
+
+
+def padding_to_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 padding mask -> (B, 1, T, T) bool: every query sees every real key."""
+    keep = attention_mask.bool()
+    return keep[:, None, None, :].expand(-1, 1, keep.shape[1], -1)
+
+
+def diffusion_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (B, T, V) of a bidirectional masked-diffusion model.
+
+    attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding, or None. Position ids
+    count from each row's first real token where the model accepts them, so a padded row gives
+    the same logits as the row alone.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return model(input_ids).logits
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    kwargs: dict = {}
+    if _accepts_position_ids(type(model).forward):
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if MASK_STYLE.get(model_type, "4d") == "2d":
+        kwargs["attention_mask"] = attention_mask
+    else:
+        kwargs["attention_mask"] = padding_to_4d(attention_mask)
+    return model(input_ids, **kwargs).logits
