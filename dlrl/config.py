@@ -1,0 +1,166 @@
+"""`JobSpec`: the one configuration type of a dlrl job.
+
+The TOML file given to `dlrl train`, the body of `POST /v1/jobs` and the Python object are the
+same pydantic model. It is flat on purpose: one level of sections, a docstring per field,
+validation in the type. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class LoraSpec(Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] | str | None = None
+    """Module names to adapt; None picks the family's default (see dlrl.models.loading)."""
+
+
+class ModelSpec(Section):
+    path: str = "builtin:tiny-sudoku"
+    """Local directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or builtin:<name> (shipped asset)."""
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    """Parameter dtype. On CUDA, bfloat16 with float32 master weights is not done: use float32 + autocast."""
+    trust_remote_code: bool = True
+    """Needed for LLaDA / Dream checkpoints, whose modeling code ships with the weights."""
+    lora: LoraSpec | None = None
+    """Train a LoRA adapter instead of all weights; checkpoints then hold the adapter only."""
+
+
+class TaskSpec(Section):
+    name: str = "sudoku"
+    """Registered task name (sudoku, countdown, math) or an import path 'pkg.module:factory'."""
+    style: Literal["compact", "chat"] = "compact"
+    """Prompt style: 'compact' for tiny character-level models, 'chat' for instruct models."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Task-specific options passed to the task factory (e.g. path of a JSONL file, blanks)."""
+    train_size: int | None = Field(None, ge=1)
+    """Number of training examples (None: the task's default/all)."""
+    eval_size: int = Field(48, ge=1)
+    """Number of held-out test examples evaluated."""
+
+
+class RolloutSpec(Section):
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts (groups) per learner step."""
+    group_size: int = Field(8, ge=1)
+    """Completions sampled per prompt (G)."""
+    gen_length: int = Field(256, ge=1)
+    """Generated tokens per completion (L)."""
+    block_length: int = Field(32, ge=1)
+    """Semi-autoregressive block length of the sampler."""
+    steps: int = Field(128, ge=1)
+    """Diffusion sampling steps for the whole response."""
+    temperature: float = Field(0.6, ge=0.0)
+    """Gumbel-max sampling temperature for rollouts (evaluation is greedy)."""
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    """Which predicted tokens are kept at each step."""
+    cfg_scale: float = Field(0.0, ge=0.0)
+    """Classifier-free guidance scale (0 = off)."""
+    batch_size: int = Field(64, ge=1)
+    """Sequences generated per forward batch in a worker."""
+    num_workers: int = Field(1, ge=1)
+    """Rollout actors."""
+
+    @model_validator(mode="after")
+    def _blocks_divide(self) -> "RolloutSpec":
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(f"steps {self.steps} is not a multiple of the number of blocks {blocks}")
+        return self
+
+
+class TrainSpec(Section):
+    algorithm: Literal["bgpo", "naive_elbo", "diffu_grpo"] = "bgpo"
+    """Policy objective: BGPO (chunked bound), the naive ELBO ratio, or d1's diffu-GRPO."""
+    steps: int = Field(400, ge=1)
+    """Learner steps (one rollout batch each)."""
+    n_mc: int = Field(16, ge=1)
+    """Monte-Carlo ELBO samples per completion (n_t)."""
+    mc_chunk: int = Field(1, ge=1)
+    """MC samples per forward/backward pass (1 = least memory; n_mc = one pass). BGPO only."""
+    mask_scheme: Literal["iid", "stratified", "antithetic"] = "stratified"
+    """How the n_mc masks of a completion are drawn."""
+    time_form: Literal["discrete", "continuous"] = "discrete"
+    """Mask-count (k ~ U{1..L}, weight L/k) or continuous-time (t ~ U(0,1), weight 1/t) ELBO."""
+    normalize: Literal["token", "sequence"] = "token"
+    """Divide each ELBO term by L (per-token) or keep the sequence bound."""
+    lr: float = Field(5e-7, gt=0)
+    """AdamW learning rate (constant)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Max global gradient norm."""
+    micro_batch: int = Field(8, ge=1)
+    """Completions per forward pass (times mc_chunk rows)."""
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
+    clip_eps: float | None = Field(0.2, gt=0)
+    """PPO clip of the per-sample ratio (None = off)."""
+    dual_clip: float | None = Field(3.0, gt=1)
+    """Dual-clip cap for negative advantages (None = off)."""
+    p_mask_prompt: float = Field(0.15, ge=0, le=1)
+    """diffu-GRPO only: probability of masking each prompt token."""
+    seed: int = 0
+    """Seeds prompt order, sampling noise and MC masks."""
+
+    @model_validator(mode="after")
+    def _chunk_fits(self) -> "TrainSpec":
+        if self.mc_chunk > self.n_mc:
+            raise ValueError(f"mc_chunk {self.mc_chunk} exceeds n_mc {self.n_mc}")
+        return self
+
+
+class EvalSpec(Section):
+    every: int = Field(10, ge=1)
+    """Evaluate the held-out set every this many learner steps (and before the first)."""
+    steps: int | None = Field(None, ge=1)
+    """Sampling steps for evaluation (None: same as rollout)."""
+
+
+class RuntimeSpec(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner and workers run ('auto': CUDA when present)."""
+    ray_address: str | None = None
+    """Existing Ray cluster to join (None: start Ray in-process)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for an in-process Ray (None: all)."""
+    threads: int | None = Field(None, ge=1)
+    """torch threads per actor (None: the machine's cores, since sync actors take turns)."""
+    out_dir: str = "runs"
+    """Runs are written to <out_dir>/<name>/."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save an HF checkpoint every k steps (0: only at the end)."""
+
+
+class JobSpec(Section):
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Run name: the folder under out_dir."""
+    model: ModelSpec = ModelSpec()
+    task: TaskSpec = TaskSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "JobSpec":
+        with open(path, "rb") as f:
+            return cls.model_validate(tomllib.load(f))

@@ -1,0 +1,97 @@
+"""Turn trajectory groups into one padded learner batch with advantages and MC masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlrl import diffusion
+from dlrl.trajectory import TrajectoryGroup
+from learner.losses import group_advantages
+
+
+@dataclass
+class TrainBatch:
+    """N completions of the batch, prompts left-padded so every response starts at column P.
+
+    tokens (N, P + L) long; attention (N, P + L) 1/0; advantages (N,); rewards (N,);
+    masks (N, n_mc, L) bool and weights (N, n_mc) of the MC ELBO samples;
+    valid (N, L) bool: response tokens up to and including the first EOS;
+    seeds (N, 2) long: (group mask seed, completion index), for per-update randomness.
+    """
+
+    tokens: torch.Tensor
+    attention: torch.Tensor
+    prompt_len: int
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    masks: torch.Tensor
+    weights: torch.Tensor
+    valid: torch.Tensor
+    seeds: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, start: int, stop: int) -> "TrainBatch":
+        return TrainBatch(
+            self.tokens[start:stop], self.attention[start:stop], self.prompt_len,
+            self.advantages[start:stop], self.rewards[start:stop], self.masks[start:stop],
+            self.weights[start:stop], self.valid[start:stop], self.seeds[start:stop],
+        )
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        return TrainBatch(
+            self.tokens.to(device), self.attention.to(device), self.prompt_len,
+            self.advantages.to(device), self.rewards.to(device), self.masks.to(device),
+            self.weights.to(device), self.valid.to(device), self.seeds,
+        )
+
+
+def collate(
+    groups: list[TrajectoryGroup],
+    *,
+    pad_id: int,
+    eos_ids: tuple[int, ...],
+    n_mc: int,
+    mask_scheme: diffusion.MaskScheme = "stratified",
+    time_form: diffusion.TimeForm = "discrete",
+) -> TrainBatch:
+    """Stack groups into a batch; advantages are normalised within each group (GRPO)."""
+    if not groups:
+        raise ValueError("cannot build a batch from no groups")
+    lengths = {g.completion_ids.shape[1] for g in groups}
+    if len(lengths) != 1:
+        raise ValueError(f"all completions in a batch must have one length, got {sorted(lengths)}")
+    (gen_len,) = lengths
+    prompt_len = max(len(g.prompt_ids) for g in groups)
+    rows, attn, adv, rew, masks, weights, seeds = [], [], [], [], [], [], []
+    for g in groups:
+        pad = prompt_len - len(g.prompt_ids)
+        prompt = torch.cat([torch.full((pad,), pad_id), torch.from_numpy(g.prompt_ids).long()])
+        rewards = torch.from_numpy(g.rewards).double()
+        adv.append(group_advantages(rewards))
+        rew.append(rewards)
+        for i, completion in enumerate(g.completion_ids):
+            rows.append(torch.cat([prompt, torch.from_numpy(completion).long()]))
+            a = torch.ones(prompt_len + gen_len, dtype=torch.long)
+            a[:pad] = 0
+            attn.append(a)
+            mc = diffusion.mc_masks(g.mask_seed, i, n_mc, gen_len, mask_scheme, time_form)
+            masks.append(mc.mask)
+            weights.append(mc.weight)
+            seeds.append(torch.tensor([g.mask_seed, i]))
+    tokens = torch.stack(rows)
+    return TrainBatch(
+        tokens=tokens,
+        attention=torch.stack(attn),
+        prompt_len=prompt_len,
+        advantages=torch.cat(adv),
+        rewards=torch.cat(rew),
+        masks=torch.stack(masks),
+        weights=torch.stack(weights),
+        valid=diffusion.first_eos_valid(tokens[:, prompt_len:], eos_ids),
+        seeds=torch.stack(seeds),
+    )

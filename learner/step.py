@@ -1,0 +1,199 @@
+"""One learner step: old-policy ELBO terms, then MC samples processed in chunks, each chunk's
+forward and backward run at once so only one chunk's graph is ever alive (BGPO, arXiv
+2510.11683, Alg. 1), gradients accumulated over chunks and micro-batches, one optimizer step.
+
+The naive ELBO ratio and diffu-GRPO run in the same harness for comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from dlrl import diffusion
+from dlrl.config import TrainSpec
+from dlrl.models.forward import diffusion_logits
+from learner.batch import TrainBatch
+from learner.losses import bgpo_loss, diffu_grpo_loss, naive_elbo_ratio_loss
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (SDPA and matmuls in bf16, reductions in fp32); nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def elbo_chunk(
+    model: torch.nn.Module, batch: TrainBatch, js: slice, mask_id: int, normalize: str
+) -> torch.Tensor:
+    """ELBO terms l_ij for the batch's rows i and MC samples j in `js`: (m, c).
+
+    The c masked copies of each row go through the model as one (m * c, T) forward.
+    """
+    P = batch.prompt_len
+    m = batch.size
+    masks = batch.masks[:, js]  # (m, c, L)
+    c = masks.shape[1]
+    response = batch.tokens[:, P:]  # (m, L)
+    noisy = diffusion.apply_mask(response[:, None].expand(-1, c, -1), masks, mask_id)  # (m, c, L)
+    inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, c, -1), noisy], -1).flatten(0, 1)
+    attention = batch.attention[:, None].expand(-1, c, -1).flatten(0, 1)
+    with _autocast(inputs.device):
+        logits = diffusion_logits(model, inputs, attention)[:, P:]  # (m * c, L, V)
+    terms = diffusion.elbo_term(
+        logits,
+        response.repeat_interleave(c, 0),
+        masks.flatten(0, 1),
+        batch.weights[:, js].flatten(),
+        normalize,
+    )
+    return terms.view(m, c)
+
+
+def _prompt_noise(batch: TrainBatch, update: int) -> torch.Tensor:
+    """Uniform noise (m, P) for diffu-GRPO's prompt masks: a pure function of (seed, i, update)."""
+    rows = []
+    for seed, i in batch.seeds.tolist():
+        gen = torch.Generator().manual_seed(diffusion.mix_seed(seed, i, update, 0xD1))
+        rows.append(torch.rand(batch.prompt_len, generator=gen))
+    return torch.stack(rows).to(batch.tokens.device)
+
+
+def one_step_logprobs(
+    model: torch.nn.Module, batch: TrainBatch, mask_id: int, p_mask_prompt: float, update: int
+) -> torch.Tensor:
+    """diffu-GRPO per-token log-probs (m, L) from one forward of d1's one-step input."""
+    P = batch.prompt_len
+    response = batch.tokens[:, P:]
+    inputs = diffusion.one_step_input(
+        batch.tokens[:, :P], batch.attention[:, :P].bool(), response, mask_id, p_mask_prompt,
+        _prompt_noise(batch, update),
+    )
+    with _autocast(inputs.device):
+        logits = diffusion_logits(model, inputs, batch.attention)[:, P:]
+    return diffusion.token_logprobs(logits, response)
+
+
+def _micro_batches(batch: TrainBatch, size: int):
+    for start in range(0, batch.size, size):
+        yield batch.rows(start, min(start + size, batch.size))
+
+
+@torch.no_grad()
+def old_policy_terms(
+    model: torch.nn.Module, batch: TrainBatch, spec: TrainSpec, mask_id: int
+) -> torch.Tensor:
+    """l_old: (N, n_mc) ELBO terms (diffu-GRPO: (updates, N, L) log-probs) before any update."""
+    if spec.algorithm == "diffu_grpo":
+        per_update = []
+        for u in range(spec.updates_per_batch):
+            per_update.append(torch.cat([
+                one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, u)
+                for mb in _micro_batches(batch, spec.micro_batch)
+            ]))
+        return torch.stack(per_update)
+    out = []
+    for mb in _micro_batches(batch, spec.micro_batch):
+        out.append(torch.cat([
+            elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize)
+            for j in range(0, spec.n_mc, spec.mc_chunk)
+        ], dim=1))
+    return torch.cat(out)
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    old: torch.Tensor,
+    spec: TrainSpec,
+    mask_id: int,
+    update: int = 0,
+) -> dict[str, float]:
+    """Backward the whole batch's loss in pieces; returns the loss value and ratio statistics.
+
+    Each piece's loss is scaled by its share of the batch (m / N), so the accumulated gradient is
+    the gradient of the full-batch loss whatever the micro-batch and chunk sizes.
+    """
+    n = batch.size
+    loss_total, d_abs, clipped, count = 0.0, 0.0, 0.0, 0
+    start = 0
+    for mb in _micro_batches(batch, spec.micro_batch):
+        rows = slice(start, start + mb.size)
+        start += mb.size
+        share = mb.size / n
+        adv = mb.advantages.to(old.dtype)
+        if spec.algorithm == "bgpo":
+            for j in range(0, spec.n_mc, spec.mc_chunk):
+                js = slice(j, min(j + spec.mc_chunk, spec.n_mc))
+                terms = elbo_chunk(model, mb, js, mask_id, spec.normalize)
+                old_j = old[rows, js]
+                loss = sum(
+                    bgpo_loss(terms[:, k], old_j[:, k], adv, spec.n_mc, spec.clip_eps, spec.dual_clip)
+                    for k in range(terms.shape[1])
+                ) * share
+                loss.backward()  # this chunk's graph is freed here
+                loss_total += loss.item()
+                d = (terms.detach() - old_j)
+                d_abs += d.abs().sum().item()
+                if spec.clip_eps is not None:
+                    ratio = torch.where(adv[:, None] >= 0, 1 + d, d.exp())
+                    clipped += ((ratio - 1).abs() > spec.clip_eps).sum().item()
+                count += d.numel()
+        elif spec.algorithm == "naive_elbo":
+            terms = torch.cat([
+                elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize)
+                for j in range(0, spec.n_mc, spec.mc_chunk)
+            ], dim=1)  # (m, n_mc): every MC graph alive until the backward below
+            loss = naive_elbo_ratio_loss(terms, old[rows], adv) * share
+            loss.backward()
+            loss_total += loss.item()
+            d_abs += (terms.detach() - old[rows]).abs().sum().item()
+            count += terms.numel()
+        elif spec.algorithm == "diffu_grpo":
+            logp = one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, update)
+            old_u = old[update, rows]
+            loss = diffu_grpo_loss(logp, old_u, adv, mb.valid, spec.clip_eps or 0.2) * share
+            loss.backward()
+            loss_total += loss.item()
+            d = (logp.detach() - old_u)[mb.valid]
+            d_abs += d.abs().sum().item()
+            clipped += ((d.exp() - 1).abs() > (spec.clip_eps or 0.2)).sum().item()
+            count += d.numel()
+        else:
+            raise ValueError(f"unknown algorithm {spec.algorithm!r}")
+    return {
+        "loss": loss_total,
+        "d_abs": d_abs / max(count, 1),
+        "clip_frac": clipped / max(count, 1),
+    }
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainBatch,
+    spec: TrainSpec,
+    mask_id: int,
+) -> dict[str, float]:
+    """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics."""
+    t0 = time.perf_counter()
+    model.train()
+    old = old_policy_terms(model, batch, spec, mask_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics: dict[str, float] = {}
+    for update in range(spec.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        metrics = accumulate_gradients(model, batch, old, spec, mask_id, update)
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
+        optimizer.step()
+    seconds = time.perf_counter() - t0
+    passes = 1 if spec.algorithm == "diffu_grpo" else spec.n_mc
+    metrics.update(
+        elbo_old=float(old.mean()) if spec.algorithm != "diffu_grpo" else float(old[0][batch.valid].mean()),
+        learner_seconds=seconds,
+        learner_tokens_per_s=batch.tokens.numel() * passes * (1 + spec.updates_per_batch) / seconds,
+    )
+    return metrics
