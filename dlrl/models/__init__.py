@@ -1,0 +1,36 @@
+"""Model adapters: the built-in masked-diffusion model, loading remote-code dLLMs, LoRA, ids.
+
+Importing this package registers the built-in model with the transformers Auto classes, so
+`AutoModel.from_pretrained(dir)` (and `load_model(dir)`) open a saved tiny checkpoint.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
+from dlrl.models.checkpoint import save_checkpoint
+from dlrl.models.forward import MASK_STYLE, diffusion_logits
+from dlrl.models.loading import CheckpointNotFoundError, load_model
+from dlrl.models.lora import LoraSpec, default_target_modules
+from dlrl.models.special_ids import SpecialIds, special_ids
+from dlrl.models.tiny import build_tiny
+from dlrl.models.tokenizer import build_char_tokenizer
+
+AutoConfig.register(BidirectionalConfig.model_type, BidirectionalConfig, exist_ok=True)
+AutoModel.register(BidirectionalConfig, BidirectionalModel, exist_ok=True)
+AutoModelForMaskedLM.register(BidirectionalConfig, BidirectionalModel, exist_ok=True)
+
+__all__ = [
+    "MASK_STYLE",
+    "BidirectionalConfig",
+    "BidirectionalModel",
+    "CheckpointNotFoundError",
+    "LoraSpec",
+    "SpecialIds",
+    "build_char_tokenizer",
+    "build_tiny",
+    "default_target_modules",
+    "diffusion_logits",
+    "load_model",
+    "save_checkpoint",
+    "special_ids",
+]

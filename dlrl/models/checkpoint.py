@@ -1,0 +1,33 @@
+"""Write a policy checkpoint in Hugging Face format, loadable again by `load_model`.
+
+A LoRA-wrapped model writes only its adapter (adapter_config.json + adapter_model.safetensors,
+a few MB) whose config points at the base model; a full model writes config + safetensors.
+The tokenizer goes beside either, so the directory alone is enough to sample from. Atomicity is
+the caller's: write into a temporary directory, add resume state, then rename.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def save_checkpoint(
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+) -> Path:
+    """Save `model` (adapter only if it is a PeftModel) and `tokenizer` to `path`; returns path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        base = model.peft_config[model.active_adapter].base_model_name_or_path
+        if not base:
+            # An adapter without its base cannot be loaded again; fail now, not at resume time.
+            raise ValueError(
+                "the LoRA base model has no name_or_path: save the base model and load it with "
+                "load_model(dir, lora=...) so the adapter can point at it"
+            )
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

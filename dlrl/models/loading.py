@@ -1,0 +1,142 @@
+"""Load any supported masked-diffusion checkpoint as (model, tokenizer).
+
+One entry point for the built-in model, remote-code dLLMs (LLaDA: model_type "llada"; Dream:
+model_type "Dream"), and adapter-only LoRA checkpoints written by `save_checkpoint`. The Auto
+class comes from the config's `auto_map` (remote code) or from the registered mappings
+(built-in), so nothing here switches on a model name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import HFValidationError
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from dlrl.models.lora import LoraSpec, apply_lora
+
+# Preferred Auto classes, best first. A masked-diffusion model is a masked LM; LLaDA's remote code
+# maps AutoModel and AutoModelForCausalLM to the same LM class and Dream maps only AutoModel (its
+# DreamModel carries the LM head), so whichever comes first in this order is the LM.
+AUTO_CLASSES = (
+    ("AutoModelForMaskedLM", AutoModelForMaskedLM),
+    ("AutoModelForCausalLM", AutoModelForCausalLM),
+    ("AutoModel", AutoModel),
+)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class CheckpointNotFoundError(OSError):
+    """A model name is neither a loadable local directory nor a reachable hub repository."""
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """torch dtype from a dtype or its name ("bfloat16", "bf16", ...); "auto" passes through."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return DTYPES[str(dtype).removeprefix("torch.").lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'") from None
+
+
+def auto_class_for(config: PretrainedConfig) -> type:
+    """The Auto class that builds the LM for `config`: from `auto_map` if any, else the registry."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    for name, auto_cls in AUTO_CLASSES:
+        if name in auto_map:
+            return auto_cls
+    for _, auto_cls in AUTO_CLASSES:
+        if type(config) in auto_cls._model_mapping:
+            return auto_cls
+    raise ValueError(f"no Auto model class knows config type {type(config).__name__}")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def _not_found(name: str, exc: Exception | None = None) -> CheckpointNotFoundError:
+    if _looks_local(name):
+        return CheckpointNotFoundError(f"no model checkpoint at local path {name!r}: check the path")
+    return CheckpointNotFoundError(
+        f"could not load {name!r}: it is not a local directory and the Hugging Face Hub did not "
+        f"serve it (no network, HF_HUB_OFFLINE set, or a wrong repo id) — check the path or id, "
+        f"or download the checkpoint first ({type(exc).__name__}: {exc})"
+    )
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = True,
+    lora: LoraSpec | None = None,
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+    """Load a checkpoint (local dir or hub id) onto `device` in `dtype`; returns (model, tokenizer).
+
+    An adapter-only directory (with adapter_config.json) loads its base model from
+    `base_model_name_or_path` and applies the adapter with its weights trainable, so a learner can
+    resume from it. `lora` wraps a full model with fresh adapters. The model is returned in the
+    mode from_pretrained left it in (the caller decides train/eval). The tokenizer pads on the
+    left: prompts are left-padded so that every row's completion starts at the same column.
+    """
+    name = str(name_or_path)
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise _not_found(name)
+        name = str(path.resolve())  # absolute, so an adapter saved later points at it from anywhere
+        if (path / ADAPTER_CONFIG).is_file():
+            return _load_adapter(path.resolve(), dtype=dtype, device=device,
+                                 trust_remote_code=trust_remote_code, lora=lora)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, HFValidationError) as exc:
+        raise _not_found(name, exc) from exc
+    model = auto_class_for(config).from_pretrained(
+        name, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model, tokenizer
+
+
+def _load_adapter(
+    path: Path, *, dtype: torch.dtype | str, device: str | torch.device, trust_remote_code: bool,
+    lora: LoraSpec | None,
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    if lora is not None:
+        raise ValueError(f"{path} already holds a LoRA adapter; load it without `lora=`")
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path / ADAPTER_CONFIG} names no base_model_name_or_path")
+    model, tokenizer = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer.padding_side = "left"
+    return model, tokenizer
