@@ -1,0 +1,51 @@
+"""Verifiable tasks (Sudoku 4×4, Countdown, GSM8K / MATH-500 / local math files), looked up by name.
+
+    from dlrl.tasks import get_task
+    task = get_task("sudoku", max_blanks=8)
+    ex = task.examples("test", n=4, seed=0)[0]
+    task.prompt(ex, "compact"), task.target(ex, "compact"), task.reward("1234\\n...", ex)
+
+A name outside `TASKS` may be an import path "package.module:factory"; the factory is called
+with the options and must return a `Task` (or an object with the same methods).
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+from typing import Callable
+
+from dlrl.tasks.countdown import countdown_task
+from dlrl.tasks.math_task import math_task
+from dlrl.tasks.sudoku import sudoku_task
+from dlrl.tasks.task import Example, Task
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "sudoku": sudoku_task,
+    "countdown": countdown_task,
+    "gsm8k": partial(math_task, dataset="gsm8k"),
+    "math500": partial(math_task, dataset="math500"),
+    "math": math_task,  # needs path=... (or dataset=...)
+}
+"""Name → factory; the factory's keyword arguments are the task's options."""
+
+
+def get_task(name: str, **options) -> Task:
+    """The task registered as `name`, or built by the factory at import path "pkg.mod:factory"."""
+    if name in TASKS:
+        return TASKS[name](**options)
+    if ":" not in name:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
+                         "(or an import path 'package.module:factory')")
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load task factory {name!r}: {e}") from e
+    task = factory(**options)
+    if not all(callable(getattr(task, m, None)) for m in ("examples", "prompt", "reward")):
+        raise TypeError(f"factory {name!r} returned {type(task).__name__}, not a Task")
+    return task
+
+
+__all__ = ["Example", "Task", "TASKS", "get_task", "countdown_task", "math_task", "sudoku_task"]
