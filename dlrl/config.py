@@ -19,14 +19,17 @@ class Section(BaseModel):
 
 
 class LoraSpec(Section):
+    """LoRA hyper-parameters; `target_modules=None` picks the family default."""
+
     r: int = Field(16, ge=1)
-    """LoRA rank."""
-    alpha: int = Field(32, ge=1)
-    """LoRA scaling numerator (scale = alpha / r)."""
+    """Rank of each adapter."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA branch."""
+    """Dropout on the adapter input (0 keeps the old-policy and new-policy passes identical)."""
     target_modules: list[str] | str | None = None
-    """Module names to adapt; None picks the family's default (see dlrl.models.loading)."""
+    """Module-name suffixes, a full-match regex, or "all-linear"; None = the family's default
+    (dlrl.models.lora.DEFAULT_TARGETS)."""
 
 
 class ModelSpec(Section):
@@ -96,12 +99,20 @@ class TrainSpec(Section):
     """MC samples per forward/backward pass (1 = least memory; n_mc = one pass). BGPO only."""
     mask_scheme: Literal["iid", "stratified", "antithetic"] = "stratified"
     """How the n_mc masks of a completion are drawn."""
+    mask_coupling: Literal["completion", "group"] = "group"
+    """'group': completion i of a group uses the same MC masks as its siblings (common random
+    numbers). Each completion's ELBO estimate is unchanged in law, but tokens the G completions
+    share then get (nearly) cancelling updates, since advantages sum to zero within a group;
+    'completion': independent masks per completion."""
     time_form: Literal["discrete", "continuous"] = "discrete"
     """Mask-count (k ~ U{1..L}, weight L/k) or continuous-time (t ~ U(0,1), weight 1/t) ELBO."""
     normalize: Literal["token", "sequence"] = "token"
     """Divide each ELBO term by L (per-token) or keep the sequence bound."""
     lr: float = Field(5e-7, gt=0)
     """AdamW learning rate (constant)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up: Adam's first steps are sign-like (as large as lr on every
+    weight whatever the gradient's size), which jolts an already-trained policy."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.99)

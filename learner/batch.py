@@ -58,8 +58,13 @@ def collate(
     n_mc: int,
     mask_scheme: diffusion.MaskScheme = "stratified",
     time_form: diffusion.TimeForm = "discrete",
+    mask_coupling: str = "group",
 ) -> TrainBatch:
-    """Stack groups into a batch; advantages are normalised within each group (GRPO)."""
+    """Stack groups into a batch; advantages are normalised within each group (GRPO).
+
+    mask_coupling "group" gives every completion of a group the masks of index 0 (common random
+    numbers); "completion" draws them per completion index.
+    """
     if not groups:
         raise ValueError("cannot build a batch from no groups")
     lengths = {g.completion_ids.shape[1] for g in groups}
@@ -79,7 +84,8 @@ def collate(
             a = torch.ones(prompt_len + gen_len, dtype=torch.long)
             a[:pad] = 0
             attn.append(a)
-            mc = diffusion.mc_masks(g.mask_seed, i, n_mc, gen_len, mask_scheme, time_form)
+            index = 0 if mask_coupling == "group" else i
+            mc = diffusion.mc_masks(g.mask_seed, index, n_mc, gen_len, mask_scheme, time_form)
             masks.append(mc.mask)
             weights.append(mc.weight)
             seeds.append(torch.tensor([g.mask_seed, i]))

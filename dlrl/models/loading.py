@@ -43,6 +43,9 @@ DTYPES = {
 }
 
 ADAPTER_CONFIG = "adapter_config.json"
+BUILTIN_PREFIX = "builtin:"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+"""Shipped checkpoints (`builtin:<name>` -> dlrl/assets/<name>), built by scripts/ in this repo."""
 
 
 class CheckpointNotFoundError(OSError):
@@ -69,6 +72,17 @@ def auto_class_for(config: PretrainedConfig) -> type:
         if type(config) in auto_cls._model_mapping:
             return auto_cls
     raise ValueError(f"no Auto model class knows config type {type(config).__name__}")
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:<name>` -> the shipped asset directory; anything else unchanged."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    path = ASSETS / name.removeprefix(BUILTIN_PREFIX)
+    if not path.is_dir():
+        known = sorted(p.name for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []
+        raise CheckpointNotFoundError(f"no built-in model {name!r}; built-in models: {known}")
+    return str(path)
 
 
 def _looks_local(name: str) -> bool:
@@ -101,7 +115,7 @@ def load_model(
     mode from_pretrained left it in (the caller decides train/eval). The tokenizer pads on the
     left: prompts are left-padded so that every row's completion starts at the same column.
     """
-    name = str(name_or_path)
+    name = resolve_model_path(str(name_or_path))
     if _looks_local(name):
         path = Path(name).expanduser()
         if not path.is_dir():

@@ -7,8 +7,9 @@ checkpoint be the adapter alone (a few MB) plus a pointer to the base model.
 from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
+
+from dlrl.config import LoraSpec
 
 # model_type -> the linear layers that get adapters. Names must be those of the family's modules.
 # LLaDA (modeling_llada.py, LLaDALlamaBlock): q_proj, k_proj, v_proj, attn_out, ff_proj (gate),
@@ -21,21 +22,6 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 # Everything else (Dream is Qwen2-shaped): every nn.Linear except the output head.
 FALLBACK_TARGET = "all-linear"
-
-
-class LoraSpec(BaseModel):
-    """LoRA hyper-parameters; `target_modules=None` picks the family default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(16, ge=1)
-    """Rank of each adapter."""
-    alpha: float = Field(32.0, gt=0)
-    """Scale numerator: the adapter's update is multiplied by alpha / r."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the adapter input (0 keeps the old-policy and new-policy passes identical)."""
-    target_modules: list[str] | str | None = None
-    """Module-name suffixes, a full-match regex, or "all-linear"; None = DEFAULT_TARGETS[model_type]."""
 
 
 def default_target_modules(model_type: str) -> list[str] | str:

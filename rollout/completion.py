@@ -1,0 +1,124 @@
+"""From task examples to scored completions: prompt encoding, batched sampling, decoding, rewards.
+
+Used by the rollout worker (sampled groups) and by evaluation (greedy, held-out), so the two can
+never disagree on how a prompt is built or a completion is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dlrl.models import SpecialIds
+from dlrl.tasks import Example, Task
+from rollout.sampler import generate_with_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    gen_length: int
+    block_length: int
+    steps: int
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    batch_size: int = 64
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, task: Task, ex: Example, style: str) -> list[int]:
+    """Token ids of the example's prompt; 'chat' style goes through the tokenizer's chat template."""
+    text = task.prompt(ex, style)
+    if style == "chat" and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        ))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def decode_completion(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray, ids_info: SpecialIds) -> str:
+    """Text of a completion up to its first EOS (mask tokens, if any, are dropped)."""
+    out: list[int] = []
+    for t in ids.tolist():
+        if t in ids_info.eos_ids:
+            break
+        if t != ids_info.mask_id and t != ids_info.pad_id:
+            out.append(t)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) token ids and 1/0 attention mask of left-padded prompts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p):] = 1
+    return ids, attn
+
+
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    ids: SpecialIds,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Completions (N, L) int32 and their unmask steps (N, L) int16, in batches of params.batch_size."""
+    device = next(model.parameters()).device
+    completions, steps = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), params.batch_size):
+            chunk = prompts[start:start + params.batch_size]
+            prompt_ids, attn = left_pad(chunk, ids.pad_id)
+            sample = generate_with_steps(
+                model, prompt_ids.to(device), steps=params.steps, gen_length=params.gen_length,
+                block_length=params.block_length, temperature=params.temperature,
+                remasking=params.remasking, mask_id=ids.mask_id, attention_mask=attn.to(device),
+                cfg_scale=params.cfg_scale, generator=generator,
+            )
+            completions.append(sample.tokens[:, prompt_ids.shape[1]:].cpu().numpy().astype(np.int32))
+            steps.append(sample.unmask_step.cpu().numpy().astype(np.int16))
+    finally:
+        model.train(was_training)
+    return np.concatenate(completions), np.concatenate(steps)
+
+
+def score(task: Task, text: str, ex: Example) -> float:
+    """The task's reward; a reward function that raises scores 0 and is logged (never fatal)."""
+    try:
+        return float(task.reward(text, ex))
+    except Exception:  # noqa: BLE001 - a broken reward must not kill a rollout worker
+        log.exception("reward of task %s raised on example %s; scoring 0", task.name, ex.id)
+        return 0.0
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[Example],
+    ids: SpecialIds,
+    params: SamplingParams,
+    style: str,
+) -> dict[str, float]:
+    """Greedy (temperature-0) mean reward on `examples`, plus exact-solve rate and timing."""
+    t0 = time.perf_counter()
+    prompts = [encode_prompt(tokenizer, task, ex, style) for ex in examples]
+    greedy = SamplingParams(**{**params.__dict__, "temperature": 0.0})
+    completions, _ = sample_completions(model, prompts, ids, greedy)
+    rewards = [score(task, decode_completion(tokenizer, c, ids), ex) for c, ex in zip(completions, examples)]
+    return {
+        "eval_reward": float(np.mean(rewards)),
+        "eval_solved": float(np.mean([r >= 1.0 for r in rewards])),
+        "eval_seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,55 @@
+"""JobSpec: TOML in, clear errors out, and the CLI's overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dlrl.config import JobSpec
+from services.cli import load_spec, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "deploy/jobs/tiny-sudoku.toml"
+
+
+def test_shipped_specs_validate():
+    for path in (ROOT / "deploy/jobs").glob("*.toml"):
+        JobSpec.from_toml(path)
+
+
+def test_overrides_are_typed_and_validated():
+    spec = load_spec(str(TINY), ["train.steps=3", "name=smoke", "train.algorithm=naive_elbo"])
+    assert spec.train.steps == 3 and spec.name == "smoke" and spec.train.algorithm == "naive_elbo"
+    with pytest.raises(ValidationError):
+        load_spec(str(TINY), ["train.mc_chunk=99"])  # chunk larger than n_mc
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"train": {"n_mc": 0}}, "train.n_mc"),
+        ({"train": {"algorithm": "ppo"}}, "train.algorithm"),
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"nmc": 4}}, "train.nmc"),  # typo: unknown keys are errors
+        ({"rollout": {"gen_length": 30, "block_length": 20}}, "rollout"),
+        ({"rollout": {"steps": 3, "gen_length": 40, "block_length": 20}}, "rollout"),
+        ({"name": "../etc"}, "name"),
+        ({"task": {"style": "fancy"}}, "task.style"),
+    ],
+)
+def test_bad_specs_name_the_field(patch, field):
+    with pytest.raises(ValidationError) as err:
+        JobSpec.model_validate(patch)
+    locs = {".".join(str(p) for p in e["loc"]) for e in err.value.errors()}
+    assert any(loc.startswith(field) for loc in locs), locs
+
+
+def test_cli_reports_invalid_spec_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nn_mc = "many"\n')
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.n_mc" in err and "Traceback" not in err
+    assert main(["validate", str(tmp_path / "missing.toml")]) == 2
