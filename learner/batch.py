@@ -75,12 +75,12 @@ def collate(
     rows, attn, adv, rew, masks, weights, seeds = [], [], [], [], [], [], []
     for g in groups:
         pad = prompt_len - len(g.prompt_ids)
-        prompt = torch.cat([torch.full((pad,), pad_id), torch.from_numpy(g.prompt_ids).long()])
-        rewards = torch.from_numpy(g.rewards).double()
+        prompt = torch.cat([torch.full((pad,), pad_id), torch.tensor(g.prompt_ids, dtype=torch.long)])
+        rewards = torch.tensor(g.rewards, dtype=torch.float64)
         adv.append(group_advantages(rewards))
         rew.append(rewards)
         for i, completion in enumerate(g.completion_ids):
-            rows.append(torch.cat([prompt, torch.from_numpy(completion).long()]))
+            rows.append(torch.cat([prompt, torch.tensor(completion, dtype=torch.long)]))
             a = torch.ones(prompt_len + gen_len, dtype=torch.long)
             a[:pad] = 0
             attn.append(a)
