@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dlrl.config import JobSpec
@@ -55,7 +56,7 @@ class Learner:
         metrics.update(
             version=self.version,
             reward=float(batch.rewards.mean()),
-            reward_std_in_group=float(torch.stack([torch.from_numpy(g.rewards).std(correction=0) for g in groups]).mean()),
+            reward_std_in_group=float(np.mean([np.std(g.rewards) for g in groups])),
             zero_adv_groups=sum(float(g.rewards.max() == g.rewards.min()) for g in groups) / len(groups),
             max_staleness=max(staleness),
         )
