@@ -70,7 +70,9 @@ class RolloutSpec(Section):
     temperature: float = Field(0.6, ge=0.0)
     """Gumbel-max sampling temperature for rollouts (evaluation is greedy)."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
-    """Which predicted tokens are kept at each step."""
+    """Which predicted tokens are kept at each step. 'low_confidence' re-draws unlikely samples
+    until a confident token appears, which suppresses exploration on small models; 'random'
+    commits tokens in random order, as the ELBO's forward process does."""
     cfg_scale: float = Field(0.0, ge=0.0)
     """Classifier-free guidance scale (0 = off)."""
     batch_size: int = Field(64, ge=1)
@@ -144,6 +146,8 @@ class EvalSpec(Section):
     """Evaluate the held-out set every this many learner steps (and before the first)."""
     steps: int | None = Field(None, ge=1)
     """Sampling steps for evaluation (None: same as rollout)."""
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    """Remasking of the greedy evaluation decode (rollouts use rollout.remasking)."""
 
 
 class RuntimeSpec(Section):

@@ -117,6 +117,7 @@ class RolloutWorker:
     def evaluate(self, n: int, steps: int | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
         """Greedy mean reward on n held-out test examples (the same set every call)."""
         examples = self.task.examples("test", n, seed)
-        params = self.params if steps is None else SamplingParams(**{**self.params.__dict__, "steps": steps})
+        params = SamplingParams(**{**self.params.__dict__, "steps": steps or self.params.steps,
+                                   "remasking": self.spec.eval.remasking})
         return evaluate(self.model, self.tokenizer, self.task, examples, self.ids, params,
                         self.spec.task.style)
