@@ -22,7 +22,7 @@ from ray.util.queue import Queue
 from dlrl.config import JobSpec
 from learner.train import Learner
 from rollout.worker import RolloutWorker
-from services.progress import RunLog, plot_rewards
+from services.progress import RunLog, plot_rewards, read_metrics
 
 
 def start_ray(spec: JobSpec) -> None:
@@ -118,6 +118,4 @@ def run(spec: JobSpec) -> dict:
 
 
 def _evals(run_dir: Path) -> list[dict]:
-    from services.progress import read_metrics
-
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]

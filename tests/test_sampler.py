@@ -233,7 +233,6 @@ def test_rejects_bad_shapes(model):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(model):
     ids, attention_mask, _ = left_padded_batch()
     kw = dict(steps=8, gen_length=16, block_length=8, mask_id=MASK_ID, attention_mask=attention_mask)

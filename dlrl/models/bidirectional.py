@@ -20,6 +20,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from dlrl.models.forward import padding_positions, padding_to_4d
+
 
 class BidirectionalConfig(PretrainedConfig):
     """Shape of the built-in masked-diffusion transformer; ids of its special tokens."""
@@ -110,18 +112,6 @@ class Block(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
-def expand_padding_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) 1/0 padding mask -> ((B, 1, T, T) bool attention mask, (B, T) position ids).
-
-    Padded queries attend to the real tokens only (never an all-False row, which would give
-    NaN in SDPA); positions count from each row's first real token.
-    """
-    keep = attention_mask.bool()  # (B, T)
-    mask4d = keep[:, None, None, :].expand(-1, 1, keep.shape[1], -1)
-    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-    return mask4d, positions
-
-
 class BidirectionalModel(PreTrainedModel):
     """Masked-diffusion LM: `model(input_ids, attention_mask=None).logits` is (B, T, V)."""
 
@@ -155,8 +145,8 @@ class BidirectionalModel(PreTrainedModel):
         b, t = input_ids.shape
         mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            mask, derived = expand_padding_mask(attention_mask)
-            position_ids = derived if position_ids is None else position_ids
+            mask = padding_to_4d(attention_mask)
+            position_ids = padding_positions(attention_mask) if position_ids is None else position_ids
         elif attention_mask is not None:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > 0
         if position_ids is None:

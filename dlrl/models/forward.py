@@ -42,6 +42,11 @@ def padding_to_4d(attention_mask: torch.Tensor) -> torch.Tensor:
     return keep[:, None, None, :].expand(-1, 1, keep.shape[1], -1)
 
 
+def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 padding mask -> (B, T) position ids counting from each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def diffusion_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -59,7 +64,7 @@ def diffusion_logits(
     model_type = getattr(getattr(inner, "config", None), "model_type", "")
     kwargs: dict = {}
     if _accepts_position_ids(type(inner).forward):
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = padding_positions(attention_mask)
     if MASK_STYLE.get(model_type, "4d") == "2d":
         kwargs["attention_mask"] = attention_mask
     else:
