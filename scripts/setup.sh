@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH=${DLRL_TORCH:-2.13.0}
 stamp=.venv/.dlrl-installed
+# The tests and the distributed job talk to a real redis-server (Debian package; not started here).
+if ! command -v redis-server >/dev/null; then
+  SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true

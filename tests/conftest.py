@@ -16,3 +16,27 @@ def tiny_model_f64() -> BidirectionalModel:
                               num_attention_heads=4, intermediate_size=64,
                               initializer_range=0.2)
     return BidirectionalModel(cfg).double()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server (AOF on, password) per test session, on a free loopback port."""
+    from dlrl.local_cluster import RedisProcess
+
+    server = RedisProcess().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray head (`ray start --head`) per test session; this process is connected to it."""
+    import ray
+
+    from dlrl.local_cluster import RayHead
+
+    head = RayHead().start()
+    ray.init(address=head.address, logging_level="ERROR", log_to_driver=False)
+    yield head
+    ray.shutdown()
+    head.cleanup()
