@@ -150,6 +150,34 @@ class EvalSpec(Section):
     """Remasking of the greedy evaluation decode (rollouts use rollout.remasking)."""
 
 
+class QueueSpec(Section):
+    """The trajectory queue between rollout workers and the learner (dlrl.queue)."""
+
+    backend: Literal["ray", "redis"] = "ray"
+    """'ray': an actor-held queue inside the Ray cluster (the local default); 'redis': a Redis
+    Stream that outlives the run's processes (the distributed deployment)."""
+    redis_url: str | None = None
+    """redis://[:password@]host:port/db. None: the DLRL_REDIS_URL environment variable, so the
+    password need not be written into the spec."""
+    capacity: int | None = Field(None, ge=1)
+    """Groups queued but not yet acknowledged before producers block (back-pressure).
+    None: (max_staleness + 2) x prompts_per_step."""
+    maxlen: int = Field(100_000, ge=1)
+    """Approximate bound on the Redis stream's length (XADD MAXLEN ~): acknowledged history is trimmed."""
+    reclaim_idle_s: float = Field(60.0, gt=0)
+    """A pending entry idle this long belongs to a dead consumer and is reclaimed (XAUTOCLAIM)."""
+
+
+class WeightsSpec(Section):
+    """How the learner's weights reach the rollout workers (dlrl.weights)."""
+
+    sync: Literal["object_store", "collective"] = "object_store"
+    """'object_store': ray.put once, workers fetch (CPU and default). 'collective': bucketed
+    torch.distributed broadcast (NCCL on GPUs, gloo on CPUs), falling back to the object store."""
+    bucket_mb: float = Field(256.0, gt=0)
+    """Bucket size of the collective broadcast."""
+
+
 class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the learner and workers run ('auto': CUDA when present)."""
@@ -163,6 +191,11 @@ class RuntimeSpec(Section):
     """Runs are written to <out_dir>/<name>/."""
     checkpoint_every: int = Field(0, ge=0)
     """Save an HF checkpoint every k steps (0: only at the end)."""
+    max_staleness: int = Field(0, ge=0)
+    """0: synchronous, exactly on-policy. S >= 1: workers generate at most S weight versions
+    ahead of the learner; older groups are dropped and counted."""
+    max_restarts: int = Field(3, ge=0)
+    """Times Ray restarts a crashed rollout worker (its unfinished groups are redone)."""
 
 
 class JobSpec(Section):
@@ -173,6 +206,8 @@ class JobSpec(Section):
     rollout: RolloutSpec = RolloutSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    queue: QueueSpec = QueueSpec()
+    weights: WeightsSpec = WeightsSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import ray
 from ray.util.queue import Queue
@@ -50,8 +51,12 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def run(spec: JobSpec) -> dict:
-    """Run the whole job; returns the final summary (also written to <run>/summary.json)."""
+def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run the whole job; returns the final summary (also written to <run>/summary.json).
+
+    `resume`: continue from <run>/state/ (the last atomic checkpoint). `on_record`: called with every
+    metrics record as it is appended to metrics.jsonl (the job service mirrors them into Redis).
+    """
     run_dir = Path(spec.runtime.out_dir) / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -62,7 +67,7 @@ def run(spec: JobSpec) -> dict:
     queue = Queue(maxsize=spec.rollout.prompts_per_step * 2)
     workers = [ray.remote(RolloutWorker).options(**res).remote(spec, i, n_workers) for i in range(n_workers)]
     learner = ray.remote(Learner).options(**res).remote(spec)
-    log = RunLog(run_dir, spec.train.steps)
+    log = RunLog(run_dir, spec.train.steps, sink=on_record)
     eval_steps = spec.eval.steps or spec.rollout.steps
     print(f"dlrl: job {spec.name!r}: {spec.train.algorithm} on {spec.task.name}, model {spec.model.path}, "
           f"{n_workers} rollout worker(s), {spec.train.steps} steps -> {run_dir}", flush=True)

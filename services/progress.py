@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def _fmt_seconds(s: float) -> str:
@@ -17,8 +17,10 @@ def _fmt_seconds(s: float) -> str:
 class RunLog:
     """Appends one JSON line per record to <run>/metrics.jsonl and prints a progress line."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0,
+                 sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.run_dir = run_dir
+        self.sink = sink  # also receives every record (the job service stores them in Redis)
         self.path = run_dir / "metrics.jsonl"
         self.total = total_steps
         self.start_step = start_step
@@ -29,6 +31,8 @@ class RunLog:
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+        if self.sink is not None:
+            self.sink(record)
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         self.last_eval = metrics["eval_reward"]
