@@ -1,0 +1,83 @@
+"""Weights through the Ray object store: the learner puts a version once, each worker fetches it.
+
+Always available (CPU, GPU, across nodes, after a worker restart), so it is the default transport
+and the fallback of the collective one. The learner calls `publish(version, state)` and hands the
+returned `WeightHandle` to the workers; a worker calls `receive(handle)` (or, through
+`WeightReceiver`, only when its version differs).
+
+Payload format: the tensors' raw bytes as a list of uint8 numpy arrays, in manifest order; the
+manifest (names, shapes, dtypes) travels in the handle. Ray stores numpy arrays out of band, so a
+worker on the same node reads them straight from shared memory (zero-copy) and the only copy is
+into its parameters; torch tensors pickled through the store are deserialised into fresh memory
+instead (bench/weight_sync.py measures both). Bytes, rather than numpy arrays of the tensor's
+dtype, because numpy has no bfloat16.
+
+The handle keeps its ObjectRef inside a dataclass: Ray resolves an ObjectRef passed directly as
+an actor-call argument (every worker would then fetch, even one that already holds the version);
+a nested one arrives as a reference and is fetched only by `receive`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from dlrl.weights.buckets import byte_view
+from dlrl.weights.update import SyncStats, WeightUpdate, dtype_of
+
+
+@dataclass(frozen=True)
+class WeightHandle:
+    """A published version: its manifest and the object-store reference to its bytes."""
+
+    update: WeightUpdate
+    refs: list[ray.ObjectRef]  # one ref; a list so Ray passes it through unresolved
+    publish_seconds: float
+
+    @property
+    def version(self) -> int:
+        return self.update.version
+
+
+def publish(version: int, state: Mapping[str, torch.Tensor]) -> WeightHandle:
+    """Put `state` (any device) into the object store as weights version `version`.
+
+    The object is owned by the calling process (the learner actor) and lives while a handle to it
+    does: keep the latest handle so a restarted worker can catch up.
+    """
+    t0 = time.perf_counter()
+    update = WeightUpdate.of(version, state, "object_store")
+    # numpy views of CPU tensors (no copy here); ray.put copies them into shared memory once.
+    payload = [byte_view(t.detach().to("cpu").contiguous()).numpy() for t in state.values()]
+    ref = ray.put(payload)
+    return WeightHandle(update, [ref], time.perf_counter() - t0)
+
+
+def receive(handle: WeightHandle, timeout_s: float | None = 300.0) -> tuple[dict[str, torch.Tensor], SyncStats]:
+    """Fetch a published version: name -> tensor, and what the fetch cost.
+
+    The tensors are read-only views of the object store's shared memory (no copy): load them into
+    a model (`copy_`, `load_state_dict`), do not write to them.
+    """
+    t0 = time.perf_counter()
+    payload = ray.get(handle.refs[0], timeout=timeout_s)
+    manifest = handle.update.manifest
+    if len(payload) != len(manifest):
+        raise ValueError(f"weights version {handle.version}: {len(payload)} arrays for {len(manifest)} tensors")
+    state = {}
+    with warnings.catch_warnings():
+        # torch warns that the array is not writable: it is shared memory, and it is only read.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for spec, array in zip(manifest, payload):
+            if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.size != spec.nbytes:
+                raise ValueError(f"weights version {handle.version}: payload of {spec.name} is not "
+                                 f"{spec.nbytes} bytes")
+            state[spec.name] = torch.from_numpy(array).view(dtype_of(spec.dtype)).view(spec.shape)
+    moved = sum(a.nbytes for a in payload)
+    return state, SyncStats(handle.version, "object_store", time.perf_counter() - t0, moved)

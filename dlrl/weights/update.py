@@ -1,0 +1,142 @@
+"""What a weights update is, whichever transport carries it: a version and a manifest.
+
+A `WeightUpdate` is small, serialisable metadata (version, names/shapes/dtypes, byte count) that
+travels ahead of the tensors, so a receiver can refuse an update *before* it touches its model:
+an older version than it holds (`StaleVersionError`), or tensors that do not match its own
+(`ManifestMismatchError`: a LoRA learner talking to a full-model worker, a different checkpoint).
+`load_state_dict(strict=False)` would skip such tensors silently and leave a worker sampling with
+weights nobody trained; here that is an error naming the tensors.
+
+`SyncStats` is what each side measures and the driver logs (weight_sync_seconds/bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Transport = Literal["object_store", "collective", "none"]
+TORN = -1
+"""Version of a receiver whose weights are a mix of two versions (a collective broadcast failed
+half-way); any complete update is newer than it."""
+
+
+class StaleVersionError(ValueError):
+    """An update older than the version the receiver already holds."""
+
+
+class ManifestMismatchError(ValueError):
+    """An update whose tensor names, shapes or dtypes do not match the receiver's model."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32", "bfloat16"
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * dtype_of(self.dtype).itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """Version `version` of the published tensors, described but not carried."""
+
+    version: int
+    manifest: tuple[TensorSpec, ...]
+    transport: Transport
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.manifest)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.manifest]
+
+    @classmethod
+    def of(cls, version: int, state: Mapping[str, torch.Tensor], transport: Transport) -> "WeightUpdate":
+        if version < 0:
+            raise ValueError(f"weight versions start at 0, got {version}")
+        return cls(version, tuple(TensorSpec.of(k, v) for k, v in state.items()), transport)
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """One side's cost of one sync; `version` is what the receiver holds afterwards."""
+
+    version: int
+    transport: Transport
+    seconds: float
+    bytes: int
+    error: str | None = None
+    """Why the collective failed; the receiver then holds TORN or its old version and must be sent
+    the version through the object store."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"weight_sync_seconds": self.seconds, "weight_sync_bytes": float(self.bytes)}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ManifestMismatchError(f"unknown tensor dtype {name!r}")
+    return dtype
+
+
+def target_state(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors an update is written into: a module's state (views of its parameters and
+    buffers, so writing them updates the module in place) or a given name -> tensor mapping."""
+    if isinstance(target, nn.Module):
+        return target.state_dict(keep_vars=False)
+    return dict(target)
+
+
+def check_manifest(update: WeightUpdate, target: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of `update` must exist in `target` with the same shape and dtype.
+
+    An update may cover part of the target (LoRA runs send the adapter tensors only), but never a
+    tensor the target lacks or holds in another shape: that is raised with every offending name.
+    """
+    unknown = [t.name for t in update.manifest if t.name not in target]
+    differ = [
+        f"{t.name}: update {t.dtype}{list(t.shape)} vs model {TensorSpec.of(t.name, target[t.name]).dtype}"
+        f"{list(target[t.name].shape)}"
+        for t in update.manifest
+        if t.name in target and TensorSpec.of(t.name, target[t.name]) != t
+    ]
+    if unknown or differ:
+        lines = []
+        if unknown:
+            lines.append(f"{len(unknown)} tensor(s) the receiver does not have: {unknown[:8]}"
+                         + (" ..." if len(unknown) > 8 else ""))
+        if differ:
+            lines.append(f"{len(differ)} tensor(s) of another shape or dtype: {differ[:8]}"
+                         + (" ..." if len(differ) > 8 else ""))
+        raise ManifestMismatchError(f"weights version {update.version} does not fit this model; "
+                                    + "; ".join(lines))
+
+
+def check_version(incoming: int, held: int) -> bool:
+    """True if `incoming` should be applied; False if it is the version already held (a no-op);
+    StaleVersionError if it is older (a receiver never moves back in policy time)."""
+    if incoming < held:
+        raise StaleVersionError(f"weights version {incoming} is older than the held version {held}")
+    return incoming > held
