@@ -1,15 +1,27 @@
-"""The `dlrl` command.
+"""The `dlrl` command: run jobs here, or serve and use the job API.
 
-    dlrl train deploy/jobs/tiny-sudoku.toml                 # the embedded default job
+    dlrl train deploy/jobs/tiny-sudoku.toml                 # the embedded default job, in this process
     dlrl train spec.toml --set train.steps=3 --set name=smoke
+    dlrl train spec.toml --resume                           # continue from <run>/state
     dlrl validate spec.toml                                 # check a spec, print it resolved
+
+    dlrl serve --host 127.0.0.1 --port 8000                 # the job API (DLRL_API_TOKEN, DLRL_REDIS_URL,
+                                                            #  DLRL_RAY_ADDRESS from the environment)
+    dlrl submit spec.toml [--set k=v] [--wait]              # the client (DLRL_API_URL, DLRL_API_TOKEN)
+    dlrl jobs [--state RUNNING]
+    dlrl status ID
+    dlrl logs ID [-f]
+    dlrl stop ID
+    dlrl checkpoints ID
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,31 +60,302 @@ def _explain(exc: ValidationError) -> str:
     return "invalid job spec:\n" + "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _spec_arguments(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("spec", nargs="?" if optional else None, help="job spec (TOML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set train.steps=3 (repeatable)")
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-url", default=None, help="job API URL (default: $DLRL_API_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token", default=None, help="API token (default: $DLRL_API_TOKEN or $DLRL_API_TOKEN_FILE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlrl", description="RL for diffusion language models (BGPO).")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run an RL job from a TOML spec")
+
+    train = sub.add_parser("train", help="run an RL job from a TOML spec, in this process")
+    _spec_arguments(train, optional=True)
+    train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--spec-env", metavar="VAR",
+                       help="read the spec as JSON from this environment variable (how the API starts jobs)")
+    train.add_argument("--job-id", help="the API's job id: mirror metrics to Redis ($DLRL_REDIS_URL)")
     validate = sub.add_parser("validate", help="validate a TOML spec and print it with defaults")
-    for p in (train, validate):
-        p.add_argument("spec", help="job spec (TOML)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field, e.g. --set train.steps=3 (repeatable)")
-    args = parser.parse_args(argv)
+    _spec_arguments(validate)
+
+    serve = sub.add_parser("serve", help="run the job API (token from $DLRL_API_TOKEN or $DLRL_API_TOKEN_FILE)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--runs-dir", default=None, help="where job runs are written (default: $DLRL_RUNS_DIR or ./runs)")
+    serve.add_argument("--max-active-jobs", type=int, default=None,
+                       help="pending+running jobs before submissions get 429 (0: accept none)")
+    serve.add_argument("--max-body-kib", type=int, default=64, help="request body limit (413 beyond)")
+    serve.add_argument("--insecure-open", action="store_true",
+                       help="serve without a token (refused unless the host is a loopback address)")
+    serve.add_argument("--log-level", default="info")
+
+    submit = sub.add_parser("submit", help="submit a job to the API")
+    _spec_arguments(submit)
+    _client_arguments(submit)
+    submit.add_argument("--wait", action="store_true", help="show progress until the job ends (exit 1 unless it succeeds)")
+    submit.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
+    submit.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
+    submit.add_argument("--json", action="store_true", help="print the job as JSON")
+    submit.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
+
+    jobs = sub.add_parser("jobs", help="list jobs, newest first")
+    _client_arguments(jobs)
+    jobs.add_argument("--state", choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--cursor", type=int, default=None, help="next_cursor of the previous page")
+    jobs.add_argument("--json", action="store_true")
+
+    for name, text in [("status", "a job's state, progress and latest metrics"), ("stop", "stop a job"),
+                       ("checkpoints", "a job's checkpoints")]:
+        p = sub.add_parser(name, help=text)
+        _client_arguments(p)
+        p.add_argument("job_id")
+        p.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", help="a job's log (the Ray Job's output)")
+    _client_arguments(logs)
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    logs.add_argument("--tail", type=int, default=200, help="last lines (0: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command in ("train", "validate", "submit"):
+        spec = _read_spec(args)
+        if isinstance(spec, int):
+            return spec
+        if args.command == "validate":
+            print(spec.model_dump_json(indent=2))
+            return 0
+        if args.command == "train":
+            return _train(spec, args)
+    from services.client import ApiClient, ApiError
+
+    client = ApiClient.from_env(args.api_url, args.token)
     try:
-        spec = load_spec(args.spec, args.overrides)
+        if args.command == "submit":
+            return _submit(client, spec, args)
+        return COMMANDS[args.command](client, args)
+    except ApiError as exc:
+        print(f"dlrl: {exc}", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err.get('path')}: {err.get('reason')}", file=sys.stderr)
+        return 1
+
+
+def _read_spec(args: argparse.Namespace) -> JobSpec | int:
+    source = args.spec
+    try:
+        if getattr(args, "spec_env", None):
+            if args.spec or args.overrides:
+                print("dlrl: --spec-env takes neither a spec file nor --set", file=sys.stderr)
+                return 2
+            source = f"${args.spec_env}"
+            text = os.environ.get(args.spec_env)
+            if text is None:
+                print(f"dlrl: environment variable {args.spec_env} is not set", file=sys.stderr)
+                return 2
+            return JobSpec.model_validate_json(text)  # JSON parsed by pydantic: never a pickle
+        if not args.spec:
+            print("dlrl: a spec file is needed (or --spec-env)", file=sys.stderr)
+            return 2
+        return load_spec(args.spec, args.overrides)
     except ValidationError as exc:
         print(f"dlrl: {_explain(exc)}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # missing file, TOML syntax
-        print(f"dlrl: cannot read {args.spec}: {exc}", file=sys.stderr)
+        print(f"dlrl: cannot read {source}: {exc}", file=sys.stderr)
         return 2
-    if args.command == "validate":
-        print(spec.model_dump_json(indent=2))
-        return 0
+
+
+def _train(spec: JobSpec, args: argparse.Namespace) -> int:
+    on_record = None
+    if os.environ.get("RAY_ADDRESS") and spec.runtime.ray_address is None:
+        # Inside a Ray Job: join the job's own cluster rather than starting a private one.
+        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"ray_address": "auto"})})
+    if args.job_id:
+        from services.jobstore import JobStore, MetricMirror
+
+        url = os.environ.get("DLRL_REDIS_URL")
+        if not url:
+            print("dlrl: --job-id needs DLRL_REDIS_URL", file=sys.stderr)
+            return 2
+        store = JobStore.from_url(url, os.environ.get("DLRL_REDIS_PREFIX") or "dlrl")
+        on_record = MetricMirror(store, args.job_id)
     from services.driver import run  # heavy imports (ray, torch) only when training
 
-    run(spec)
+    run(spec, resume=args.resume, on_record=on_record)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.api import ApiSettings, ConfigError, serve
+
+    try:
+        settings = ApiSettings.from_env(
+            runs_dir=Path(args.runs_dir).resolve() if args.runs_dir else None,
+            max_active_jobs=args.max_active_jobs, max_body_bytes=args.max_body_kib * 1024)
+        serve(settings, host=args.host, port=args.port, insecure_open=args.insecure_open, log_level=args.log_level)
+    except (ConfigError, ValueError) as exc:
+        print(f"dlrl serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- client commands
+
+FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def progress_line(job: dict[str, Any], width: int = 24) -> str:
+    """`RUNNING   [######------------------]  3/10 steps  reward 0.531  eval 0.420  v3`"""
+    p = job.get("progress") or {}
+    step, total = p.get("step", 0), p.get("total_steps", 0)
+    filled = int(width * min(max(p.get("fraction", 0.0), 0.0), 1.0))
+    parts = [f"{job.get('state', '?'):<9}", f"[{'#' * filled}{'-' * (width - filled)}]", f"{step}/{total} steps"]
+    if job.get("reward") is not None:
+        parts.append(f"reward {job['reward']:.3f}")
+    if job.get("eval_reward") is not None:
+        parts.append(f"eval {job['eval_reward']:.3f}")
+    if job.get("policy_version") is not None:
+        parts.append(f"v{job['policy_version']}")
+    return "  ".join(parts)
+
+
+def _submit(client: Any, spec: JobSpec, args: argparse.Namespace) -> int:
+    job = client.submit(spec, idempotency_key=args.idempotency_key)
+    if args.quiet:
+        print(job["id"], flush=True)
+    elif args.json and not args.wait:
+        print(json.dumps(job, indent=2))
+    else:
+        print(f"submitted {job['id']} ({job['name']}): {job['state']}", flush=True)
+        print(f"  dashboard: {job['links']['dashboard_job'] or job['links']['dashboard']}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        job = wait(client, job["id"], args.poll, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ndlrl: stopped watching; the job goes on (dlrl stop {job['id']} ends it)", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(job, indent=2))
+    return 0 if job["state"] == "SUCCEEDED" else 1
+
+
+def wait(client: Any, job_id: str, poll_s: float = 2.0, quiet: bool = False, out: Any = None,
+         patience_s: float = 120.0) -> dict[str, Any]:
+    """Poll the job until it ends, drawing a progress bar (rewritten in place on a terminal, a new
+    line per change otherwise). Rides out an API restart of up to `patience_s`."""
+    from services.client import ApiError
+
+    out = out or sys.stderr
+    tty = out.isatty()
+    last, failing_since = "", None
+    while True:
+        try:
+            job = client.job(job_id)
+            failing_since = None
+        except ApiError as exc:
+            if exc.status not in (0, 502, 503, 504):
+                raise
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > patience_s:
+                raise
+            time.sleep(poll_s)
+            continue
+        line = progress_line(job)
+        if not quiet and line != last:
+            out.write(("\r" + line + "\033[K") if tty else line + "\n")
+            out.flush()
+            last = line
+        if job["state"] in FINAL_STATES:
+            if not quiet:
+                if tty:
+                    out.write("\n")
+                if job.get("message"):
+                    out.write(f"{job['state']}: {job['message']}\n")
+                out.flush()
+            return job
+        time.sleep(poll_s)
+
+
+def _jobs(client: Any, args: argparse.Namespace) -> int:
+    page = client.jobs(state=args.state, limit=args.limit, cursor=args.cursor)
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    print(f"{'ID':<16} {'NAME':<20} {'STATE':<10} {'STEP':>11} {'REWARD':>7} {'EVAL':>7}  CREATED")
+    for j in page["jobs"]:
+        p = j["progress"]
+        reward = f"{j['reward']:.3f}" if j["reward"] is not None else "-"
+        evr = f"{j['eval_reward']:.3f}" if j["eval_reward"] is not None else "-"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created"]))
+        print(f"{j['id']:<16} {j['name'][:20]:<20} {j['state']:<10} {p['step']:>5}/{p['total_steps']:<5} "
+              f"{reward:>7} {evr:>7}  {created}")
+    if page["next_cursor"] is not None:
+        print(f"(more: dlrl jobs --cursor {page['next_cursor']})")
+    return 0
+
+
+def _status(client: Any, args: argparse.Namespace) -> int:
+    job = client.job(args.job_id)
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return 0
+    print(f"{job['id']}  {job['name']}")
+    print("  " + progress_line(job))
+    if job.get("message"):
+        print(f"  message: {job['message']}")
+    if job.get("latest_metrics"):
+        m = job["latest_metrics"]
+        keys = [k for k in ("reward", "loss", "grad_norm", "step_seconds") if isinstance(m.get(k), (int, float))]
+        print("  latest: " + "  ".join(f"{k} {m[k]:.4g}" for k in keys))
+    print(f"  run dir: {job['run_dir']}")
+    print(f"  dashboard: {job['links']['dashboard_job'] or job['links']['dashboard']}")
+    return 0
+
+
+def _stop(client: Any, args: argparse.Namespace) -> int:
+    job = client.stop(args.job_id)
+    print(json.dumps(job, indent=2) if args.json else f"stopping {job['id']}: {job['state']}")
+    return 0
+
+
+def _checkpoints(client: Any, args: argparse.Namespace) -> int:
+    data = client.checkpoints(args.job_id)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for c in data["checkpoints"]:
+        step = c["step"] if c["step"] is not None else "-"
+        print(f"{c['path']:<30} step {step!s:>6}  {c['size_bytes'] / 2**20:8.1f} MiB  "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(c['mtime']))}")
+    return 0
+
+
+def _logs(client: Any, args: argparse.Namespace) -> int:
+    if args.follow:
+        for chunk in client.follow_logs(args.job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(client.logs(args.job_id, tail=args.tail))
+    return 0
+
+
+COMMANDS = {"jobs": _jobs, "status": _status, "stop": _stop, "checkpoints": _checkpoints, "logs": _logs}
 
 
 if __name__ == "__main__":

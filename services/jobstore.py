@@ -1,0 +1,293 @@
+"""Job records and metric history in Redis: what the job API remembers across restarts.
+
+The API process keeps nothing in memory that matters: every job it accepted is a Redis hash, its
+metrics a Redis list that the running Ray Job appends to (through `MetricMirror`, the `on_record`
+sink of `services.driver.run`), and sorted sets index the jobs for listing. A restarted API (or a
+second replica) therefore reports the same jobs, and a job's metrics keep arriving while no API
+runs at all.
+
+Everything read back is parsed as JSON and validated; nothing is ever unpickled or evaluated.
+
+Keys, under a configurable prefix (default "dlrl"):
+
+    <p>:job:<id>             hash: one JSON-encoded value per field of `JobRecord`
+    <p>:job:<id>:metrics     list: one JSON object per metrics record, in the order written
+    <p>:jobs                 zset: id -> creation sequence number (paging, newest first)
+    <p>:jobs:<STATE>         zset: the same, for the jobs currently in STATE (filter by state)
+    <p>:jobs:seq             counter behind the sequence numbers (the paging cursor)
+    <p>:idem:<sha256(key)>   string: the job id an Idempotency-Key created
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel
+
+from dlrl.config import JobSpec
+
+log = logging.getLogger(__name__)
+
+JobState = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"]
+STATES: tuple[str, ...] = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+ID_PREFIX = "j-"
+IDEMPOTENCY_TTL_S = 7 * 24 * 3600  # a retried submission is honoured for a week
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was already used for a different job spec."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key already used for job {job_id} with a different spec")
+        self.job_id = job_id
+
+
+class JobRecord(BaseModel):
+    """What the store knows about one job (the API's responses are built from it)."""
+
+    id: str
+    name: str
+    state: JobState = "PENDING"
+    message: str | None = None
+    created: float
+    updated: float
+    submission_id: str | None = None
+    """The Ray Job's submission id (set once Ray accepted the job)."""
+    idempotency_key: str | None = None
+    spec: dict[str, Any]
+    """The effective JobSpec the job runs (the API sets runtime.out_dir)."""
+    spec_sha256: str
+    """Hash of the spec as submitted: an Idempotency-Key replay must carry the same one."""
+    run_dir: str
+    total_steps: int
+    step: int = 0
+    """Learner steps done (the latest train record's step + 1)."""
+    policy_version: int | None = None
+    """The policy version after the latest learner step."""
+    latest_metrics: dict[str, Any] | None = None
+    latest_eval: dict[str, Any] | None = None
+    stop_requested: bool = False
+
+
+def spec_digest(spec: JobSpec) -> str:
+    """A stable hash of a spec's content (field order and formatting of the request do not matter)."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with NaN/inf floats as None: JSON has no such numbers and clients choke on them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def _record_json(record: dict[str, Any]) -> dict[str, Any]:
+    # numpy scalars and other float-likes become floats, as in metrics.jsonl; then drop NaNs.
+    return finite_json(json.loads(json.dumps(record, default=float)))
+
+
+class JobStore:
+    """Job records, their metric history and the listing indexes, in one Redis database."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "dlrl") -> None:
+        self.r = client
+        self.p = prefix
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "dlrl", timeout_s: float = 5.0) -> "JobStore":
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                      decode_responses=True, health_check_interval=30)
+        return cls(client, prefix)
+
+    # ---- keys
+    def _job(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def _metrics(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:metrics"
+
+    def _index(self, state: str | None = None) -> str:
+        return f"{self.p}:jobs" if state is None else f"{self.p}:jobs:{state}"
+
+    def _idem(self, key: str) -> str:
+        return f"{self.p}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    # ---- records
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    def _write(self, pipe: Any, job: JobRecord, fields: set[str] | None = None) -> None:
+        data = job.model_dump(mode="json")
+        pipe.hset(self._job(job.id), mapping={k: json.dumps(v) for k, v in data.items()
+                                              if fields is None or k in fields})
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.r.hgetall(self._job(job_id))
+        if not raw:
+            return None
+        return JobRecord.model_validate({k: json.loads(v) for k, v in raw.items()})
+
+    def create(self, spec: JobSpec, submitted: JobSpec, run_dir: str, job_id: str | None = None,
+               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """Store a new PENDING job for `spec` (the effective spec; `submitted` is what the client sent).
+
+        Returns (record, True) for a new job. With an Idempotency-Key already seen: (the earlier
+        job, False) when the spec is the same, IdempotencyConflict when it differs.
+        """
+        digest = spec_digest(submitted)
+        job_id = job_id or new_job_id()
+        if idempotency_key is not None:
+            # SET NX claims the key atomically: of two concurrent retries exactly one creates.
+            if not self.r.set(self._idem(idempotency_key), job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+                return self._replay(idempotency_key, digest), False
+        now = time.time()
+        job = JobRecord(id=job_id, name=spec.name, created=now, updated=now, idempotency_key=idempotency_key,
+                        spec=spec.model_dump(mode="json"), spec_sha256=digest, run_dir=run_dir,
+                        total_steps=spec.train.steps)
+        seq = self.r.incr(f"{self.p}:jobs:seq")
+        with self.r.pipeline(transaction=True) as pipe:
+            self._write(pipe, job)
+            pipe.zadd(self._index(), {job_id: seq})
+            pipe.zadd(self._index(job.state), {job_id: seq})
+            pipe.execute()
+        return job, True
+
+    def find_idempotent(self, key: str, digest: str) -> JobRecord | None:
+        """The job an Idempotency-Key created (None if unused); IdempotencyConflict if its spec differs."""
+        return self._replay(key, digest) if self.r.exists(self._idem(key)) else None
+
+    def _replay(self, key: str, digest: str, wait_s: float = 5.0) -> JobRecord:
+        deadline = time.monotonic() + wait_s
+        while True:
+            job_id = self.r.get(self._idem(key))
+            job = self.get(job_id) if job_id else None
+            if job is not None:
+                if job.spec_sha256 != digest:
+                    raise IdempotencyConflict(job.id)
+                return job
+            if time.monotonic() > deadline:  # the first request died between claim and create
+                raise IdempotencyConflict(job_id or "?")
+            time.sleep(0.05)  # the concurrent first request is writing the record right now
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job entirely (used when Ray refused it: the client was told, nothing ran)."""
+        job = self.get(job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self._job(job_id), self._metrics(job_id))
+            for state in (None, *STATES):
+                pipe.zrem(self._index(state), job_id)
+            if job is not None and job.idempotency_key is not None:
+                pipe.delete(self._idem(job.idempotency_key))
+            pipe.execute()
+
+    def update(self, job_id: str, **fields: Any) -> JobRecord | None:
+        """Set some fields of a job (state changes move it between the state indexes atomically)."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        new = job.model_copy(update={**fields, "updated": time.time()})
+        JobRecord.model_validate(new.model_dump())  # a bad value must fail here, not on the next read
+        with self.r.pipeline(transaction=True) as pipe:
+            self._write(pipe, new, set(fields) | {"updated"})
+            if new.state != job.state:
+                seq = self.r.zscore(self._index(), job_id) or 0
+                pipe.zrem(self._index(job.state), job_id)
+                pipe.zadd(self._index(new.state), {job_id: seq})
+            pipe.execute()
+        return new
+
+    def list(self, state: str | None = None, limit: int = 20,
+             cursor: int | None = None) -> tuple[list[JobRecord], int | None]:
+        """Jobs newest first; `cursor` is the `next_cursor` of the previous page (None: first page)."""
+        top = f"({cursor}" if cursor is not None else "+inf"
+        rows = self.r.zrevrangebyscore(self._index(state), top, "-inf", start=0, num=limit + 1, withscores=True)
+        jobs = [job for job_id, _ in rows[:limit] if (job := self.get(job_id)) is not None]
+        next_cursor = int(rows[limit - 1][1]) if len(rows) > limit else None
+        return jobs, next_cursor
+
+    def ids_in(self, *states: str) -> list[str]:
+        return [job_id for s in states for job_id in self.r.zrange(self._index(s), 0, -1)]
+
+    # ---- metrics
+    def append_metric(self, job_id: str, record: dict[str, Any]) -> None:
+        """Append one metrics record; a train record also becomes the job's latest metrics and
+        policy version, an eval record its latest evaluation."""
+        record = _record_json(record)
+        fields: dict[str, Any] = {"updated": time.time()}
+        if record.get("kind") == "train":
+            fields["latest_metrics"] = record
+            if isinstance(record.get("step"), int):
+                fields["step"] = record["step"] + 1
+            if isinstance(record.get("version"), int):
+                fields["policy_version"] = record["version"]
+        elif record.get("kind") == "eval":
+            fields["latest_eval"] = record
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.rpush(self._metrics(job_id), json.dumps(record))
+            pipe.hset(self._job(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+            pipe.execute()
+
+    def metrics(self, job_id: str, since: int | None = None, kind: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        """The job's metric history in write order: records with step >= `since`, of `kind`."""
+        out = []
+        for line in self.r.lrange(self._metrics(job_id), 0, -1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not ours: never let one bad entry hide the rest
+            if not isinstance(rec, dict):
+                continue
+            if kind is not None and rec.get("kind") != kind:
+                continue
+            step = rec.get("step")
+            if since is not None and not (isinstance(step, int) and step >= since):
+                continue
+            out.append(rec)
+        return out[:limit] if limit is not None else out
+
+
+def new_job_id() -> str:
+    return ID_PREFIX + secrets.token_hex(6)
+
+
+class MetricMirror:
+    """The `on_record` sink of a job run by the API: copies each metrics record into Redis.
+
+    Training must not die because Redis blinked: a record that cannot be written is kept and
+    written, in order, with the next one that can (metrics.jsonl in the run dir has them all anyway).
+    """
+
+    def __init__(self, store: JobStore, job_id: str, max_pending: int = 10_000) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.pending: list[dict[str, Any]] = []
+        self.max_pending = max_pending
+        self._warned = False
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.pending.append(record)
+        del self.pending[:-self.max_pending]
+        try:
+            while self.pending:
+                self.store.append_metric(self.job_id, self.pending[0])
+                self.pending.pop(0)
+            self._warned = False
+        except redis.RedisError as exc:
+            if not self._warned:
+                log.warning("dlrl: cannot mirror metrics of job %s to Redis (%s); will retry", self.job_id, exc)
+                print(f"dlrl: cannot mirror metrics to Redis ({exc}); will retry", flush=True)
+                self._warned = True
