@@ -5,7 +5,6 @@ Run: .venv/bin/python -m pytest -q tests/test_weights.py
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import ray
 import torch
@@ -13,6 +12,7 @@ import torch
 from dlrl.config import LoraSpec
 from dlrl.models import load_model
 from dlrl.weights import (
+    TORN,
     ManifestMismatchError,
     StaleVersionError,
     TensorSpec,
@@ -48,7 +48,7 @@ def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 class Learner:
-    """The learner's end in its own process: the tiny model, perturbed per version."""
+    """The learner's end (run in the test process): the tiny model, perturbed per version."""
 
     def __init__(self) -> None:
         self.model, _ = load_model(TINY)
@@ -57,20 +57,11 @@ class Learner:
     def new_version(self, version: int) -> None:
         perturb(self.model, version)
 
-    def open_group(self, world_size: int):
-        return self.publisher.open_group(world_size)
-
-    def join_group(self) -> bool:
-        return self.publisher.join_group()
-
     def send(self, version: int):
         return self.publisher.send(version, self.model.state_dict())
 
     def publish(self, version: int):
         return self.publisher.publish(version, self.model.state_dict())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return cpu_state(self.model)
 
 
 class Worker:
@@ -86,6 +77,9 @@ class Worker:
     def recv(self):
         return self.receiver.recv()
 
+    def version(self) -> int:
+        return self.receiver.version
+
     def receive(self, handle):
         return self.receiver.receive(handle, timeout_s=30)
 
@@ -95,14 +89,28 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def peers(ray_cluster):
-    """One learner and two worker actors (own processes), shared by the collective tests."""
-    opts = dict(num_cpus=0.1, max_concurrency=1)
-    learner = ray.remote(Learner).options(**opts).remote()
-    workers = [ray.remote(Worker).options(**opts).remote() for _ in range(2)]
-    ray.get([learner.state.remote()] + [w.state.remote() for w in workers], timeout=120)
+    """The learner (this process) and two worker actors (own processes), shared by the
+    collective tests; each test forms its own group."""
+    learner = Learner()
+    workers = [ray.remote(Worker).options(num_cpus=0.1).remote() for _ in range(2)]
+    ray.get([w.state.remote() for w in workers], timeout=120)
     yield learner, workers
-    for actor in [learner, *workers]:
+    learner.publisher.close_group()
+    for actor in workers:
         ray.kill(actor)
+
+
+def form_group(learner: Learner, workers: list) -> list[bool]:
+    """Learner and workers join at the same time, as the driver must have them do."""
+    address = learner.publisher.open_group(len(workers) + 1)
+    joins = [w.join_group.remote(address, rank) for rank, w in enumerate(workers, 1)]
+    return [learner.publisher.join_group()] + ray.get(joins, timeout=60)
+
+
+def broadcast(learner: Learner, workers: list, version: int):
+    """One collective sync: the workers' recv calls are issued before the learner sends."""
+    recvs = [w.recv.remote() for w in workers]
+    return learner.send(version), ray.get(recvs, timeout=60)
 
 
 def test_bucket_plan_covers_every_byte_aligned_and_bounded():
@@ -133,6 +141,9 @@ def test_object_store_round_trip_is_bit_exact_and_moves_the_state_bytes(ray_clus
     assert_bit_exact(got, state)
     assert (stats.version, stats.transport, stats.bytes) == (1, "object_store", expected_bytes)
     assert stats.metrics() == {"weight_sync_seconds": stats.seconds, "weight_sync_bytes": float(expected_bytes)}
+    assert (handle.stats.bytes, handle.stats.seconds) == (expected_bytes, handle.publish_seconds)
+    with pytest.raises(TypeError, match="publish in the process that holds the weights"):
+        publish(1, ray.put(state))  # a reference would make the caller fetch the whole state first
 
     # A worker's model: applied once in place, and not fetched again for the version it holds.
     worker, _ = load_model(TINY)
@@ -202,57 +213,74 @@ def test_manifest_mismatch_is_an_error_not_a_partial_load(ray_cluster):
 
 def test_gloo_broadcast_two_versions_bit_exact(peers):
     learner, workers = peers
-    address = ray.get(learner.open_group.remote(3))
-    joined = ray.get([learner.join_group.remote()]
-                     + [w.join_group.remote(address, rank) for rank, w in enumerate(workers, 1)], timeout=60)
-    assert joined == [True, True, True]
+    assert form_group(learner, workers) == [True, True, True]
     for version in (1, 2):
-        ray.get(learner.new_version.remote(version))
-        sent, *received = ray.get([learner.send.remote(version)] + [w.recv.remote() for w in workers], timeout=60)
+        learner.new_version(version)
+        sent, received = broadcast(learner, workers, version)
         assert sent.error is None and sent.bytes == 3_273_216
         for stats in received:
             assert (stats.version, stats.transport, stats.bytes, stats.error) == (version, "collective", 3_273_216, None)
-        truth = ray.get(learner.state.remote())
         for w in workers:
-            assert_bit_exact(ray.get(w.state.remote()), truth)
-    # The version just received again: received (the group stays in step), not applied.
-    sent, *received = ray.get([learner.send.remote(2)] + [w.recv.remote() for w in workers], timeout=60)
+            assert_bit_exact(ray.get(w.state.remote()), cpu_state(learner.model))
+    # The version already held, sent again: received (the group stays in step), not applied.
+    _, received = broadcast(learner, workers, 2)
     assert [s.transport for s in received] == ["none", "none"]
 
-    model, _ = load_model(TINY)
-    manifest = [TensorSpec.of(k, v) for k, v in model.state_dict().items()]
+    manifest = [TensorSpec.of(k, v) for k, v in learner.model.state_dict().items()]
     buckets = plan_buckets(manifest, int(BUCKET_MB * 2**20))
     assert len(buckets) >= 10 and {len(b.slots) > 1 for b in buckets} == {True, False}
 
 
 def test_receiver_whose_collective_fails_falls_back_to_the_object_store(peers):
     learner, workers = peers
-    address = ray.get(learner.open_group.remote(3))
-    assert ray.get([learner.join_group.remote()]
-                   + [w.join_group.remote(address, rank) for rank, w in enumerate(workers, 1)], timeout=60) == [True] * 3
-    ray.get(learner.new_version.remote(3))
+    assert form_group(learner, workers) == [True, True, True]
+    learner.new_version(3)
+    held = ray.get([w.version.remote() for w in workers])
+    assert all(0 <= v < 3 for v in held)
     # The workers wait for a broadcast the learner never starts: they time out (3 s) and leave.
     failed = ray.get([w.recv.remote() for w in workers], timeout=60)
     for stats in failed:
         assert stats.error and "receiving weights failed" in stats.error
-        assert stats.version not in (3,)  # still the old version (or TORN), never the new one
+    # The header never came, so nothing was written: each still holds its old version (not TORN).
+    assert [s.version for s in failed] == held == ray.get([w.version.remote() for w in workers])
     # The learner's broadcast now fails too (its peers closed the group): it says so, quickly.
-    sent = ray.get(learner.send.remote(3), timeout=30)
+    sent = learner.send(3)
     assert sent.error is not None and sent.bytes == 0
     # Both catch up through the object store, bit-exact.
-    handle = ray.get(learner.publish.remote(3))
+    handle = learner.publish(3)
     caught_up = ray.get([w.receive.remote(handle) for w in workers], timeout=60)
     assert [(s.version, s.transport) for s in caught_up] == [(3, "object_store")] * 2
-    truth = ray.get(learner.state.remote())
     for w in workers:
-        assert_bit_exact(ray.get(w.state.remote()), truth)
+        assert_bit_exact(ray.get(w.state.remote()), cpu_state(learner.model))
     # Their next broadcast attempt reports the missing group instead of hanging.
     assert ray.get(workers[0].recv.remote()).error == "not in a weight group"
 
 
 def test_group_that_cannot_form_falls_back(peers):
     learner, workers = peers
-    address = ray.get(learner.open_group.remote(3))
     # Rank 2 never joins: the others give up after the timeout and report it.
-    joined = ray.get([learner.join_group.remote(), workers[0].join_group.remote(address, 1)], timeout=60)
-    assert joined == [False, False]
+    assert form_group(learner, workers[:1]) == [True, True]  # a 2-rank group forms ...
+    address = learner.publisher.open_group(3)  # ... a 3-rank one missing a worker does not
+    join = workers[0].join_group.remote(address, 1)
+    assert learner.publisher.join_group() is False
+    assert ray.get(join, timeout=60) is False
+    assert learner.send(4).error == "no weight group"
+
+
+def test_broadcast_broken_half_way_leaves_a_torn_worker_that_the_object_store_repairs(peers):
+    learner, workers = peers
+    assert form_group(learner, workers) == [True, True, True]
+    learner.new_version(5)
+    state = dict(learner.model.state_dict())
+    # The learner fails after the header and the first buckets: its last tensor has no data.
+    last = next(reversed(state))
+    state[last] = torch.empty(state[last].shape, dtype=state[last].dtype, device="meta")
+    recvs = [w.recv.remote() for w in workers]
+    sent = learner.publisher.send(5, state)
+    assert "broadcast of weights version 5 failed" in sent.error
+    for stats in ray.get(recvs, timeout=60):
+        assert stats.error and stats.version == TORN  # part of version 5 is in the model
+    handle = learner.publish(5)
+    assert [s.version for s in ray.get([w.receive.remote(handle) for w in workers], timeout=60)] == [5, 5]
+    for w in workers:
+        assert_bit_exact(ray.get(w.state.remote()), cpu_state(learner.model))

@@ -21,7 +21,7 @@ whose version is not v) are sent `publish(v)`'s handle, and so is a restarted wo
 from dlrl.weights.buckets import ALIGN, Bucket, Slot, plan_buckets
 from dlrl.weights.collective import CollectiveError, CollectiveReceiver, CollectiveSender, GroupAddress
 from dlrl.weights.endpoints import WeightPublisher, WeightReceiver
-from dlrl.weights.object_store import WeightHandle, publish, receive
+from dlrl.weights.object_store import WeightHandle, encode, publish, receive
 from dlrl.weights.update import (
     TORN,
     ManifestMismatchError,
@@ -52,6 +52,7 @@ __all__ = [
     "WeightUpdate",
     "check_manifest",
     "check_version",
+    "encode",
     "plan_buckets",
     "publish",
     "receive",

@@ -26,7 +26,6 @@ the group is closed: the caller falls back to the object store (see WeightReceiv
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import time
 import uuid
@@ -50,8 +49,6 @@ from dlrl.weights.update import (
     check_version,
     target_state,
 )
-
-log = logging.getLogger(__name__)
 
 Backend = Literal["gloo", "nccl"]
 MB = 1024 * 1024
@@ -132,10 +129,17 @@ class _Group:
         return data.cpu().numpy().tobytes()
 
     def close(self) -> None:
+        # Drop the backend here, not when this object is collected: a failed call's traceback can
+        # keep it alive, and a gloo group closes its sockets (which tells the peers at once,
+        # instead of after their timeout) only when the backend is destroyed.
+        pg, self.pg = self.pg, None
+        if pg is None:
+            return
         try:
-            self.pg.abort()  # frees NCCL communicators; a gloo group just drops its sockets
+            pg.abort()  # frees NCCL communicators (for gloo it does not close the sockets)
         except (RuntimeError, AttributeError, NotImplementedError):
             pass
+        del pg
 
 
 def _connect(address: GroupAddress, rank: int, store_factory, local_host: str) -> _Group:

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dlrl.config import WeightsSpec
 from dlrl.weights.collective import CollectiveError, CollectiveReceiver, CollectiveSender, GroupAddress
 from dlrl.weights.object_store import WeightHandle, publish, receive
 from dlrl.weights.update import TORN, SyncStats, check_manifest, check_version, target_state
@@ -40,6 +41,11 @@ class WeightPublisher:
         self.bucket_mb, self.backend, self.timeout_s = bucket_mb, backend, timeout_s
         self.latest: WeightHandle | None = None
         self.sender: CollectiveSender | None = None
+
+    @classmethod
+    def from_spec(cls, spec: WeightsSpec, timeout_s: float = 60.0) -> "WeightPublisher":
+        """From the job's `weights` section (`spec.weights`)."""
+        return cls(bucket_mb=spec.bucket_mb, timeout_s=timeout_s)
 
     def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> WeightHandle:
         """The object-store handle of `version` (put once; the latest is kept for catch-ups)."""

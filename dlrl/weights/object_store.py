@@ -44,18 +44,33 @@ class WeightHandle:
     def version(self) -> int:
         return self.update.version
 
+    @property
+    def stats(self) -> SyncStats:
+        """The publishing side's cost: seconds to encode and put, bytes put."""
+        return SyncStats(self.version, "object_store", self.publish_seconds, self.update.nbytes)
+
+
+def encode(version: int, state: Mapping[str, torch.Tensor]) -> tuple[WeightUpdate, list[np.ndarray]]:
+    """The manifest and the payload (raw bytes of each tensor, manifest order) of a state.
+
+    The arrays view CPU tensors without copying (tensors on a GPU are copied to the host first).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"weights must be a name -> tensor mapping, got {type(state).__name__}: publish "
+                        "in the process that holds the weights (the learner actor), not a reference to them")
+    update = WeightUpdate.of(version, state, "object_store")
+    return update, [byte_view(t.detach().to("cpu").contiguous()).numpy() for t in state.values()]
+
 
 def publish(version: int, state: Mapping[str, torch.Tensor]) -> WeightHandle:
     """Put `state` (any device) into the object store as weights version `version`.
 
-    The object is owned by the calling process (the learner actor) and lives while a handle to it
-    does: keep the latest handle so a restarted worker can catch up.
+    The object is owned by the calling process (the learner actor) and lives while that process
+    and a handle to it do: keep the latest handle so a restarted worker can catch up.
     """
     t0 = time.perf_counter()
-    update = WeightUpdate.of(version, state, "object_store")
-    # numpy views of CPU tensors (no copy here); ray.put copies them into shared memory once.
-    payload = [byte_view(t.detach().to("cpu").contiguous()).numpy() for t in state.values()]
-    ref = ray.put(payload)
+    update, payload = encode(version, state)
+    ref = ray.put(payload)  # the one copy: into shared memory
     return WeightHandle(update, [ref], time.perf_counter() - t0)
 
 
