@@ -113,29 +113,30 @@ class TrajectoryGroup:
         for name in ("policy_version", "mask_seed"):
             _check_int(getattr(self, name), name)
         timings = _check_timings(self.timings)
-        arrays: dict[str, dict[str, Any]] = {}
-        chunks: list[bytes] = []
-        offset = 0
-        for name, dtype, ndim in _ARRAYS:
-            value = getattr(self, name)
-            if value is None and name in _OPTIONAL_ARRAYS:
-                continue
+        present = [(name, dtype, ndim, getattr(self, name)) for name, dtype, ndim in _ARRAYS
+                   if not (name in _OPTIONAL_ARRAYS and getattr(self, name) is None)]
+        for name, dtype, ndim, value in present:
             # The dataclass normalised the arrays; a field reassigned since then must not be
             # silently cast (int64 -> int32 would wrap) into bytes that decode to something else.
-            if not isinstance(value, np.ndarray) or value.ndim != ndim or value.dtype.kind != np.dtype(dtype).kind \
-                    or value.dtype.itemsize != np.dtype(dtype).itemsize:
+            want = np.dtype(dtype)
+            if not isinstance(value, np.ndarray) or value.ndim != ndim or (value.dtype.kind, value.dtype.itemsize) \
+                    != (want.kind, want.itemsize):
                 raise WireError(f"{name} must be a {ndim}-D {dtype} array, got {getattr(value, 'dtype', type(value))}")
             if any(d > MAX_DIM for d in value.shape):
                 raise WireError(f"{name} shape {value.shape} exceeds the wire limit {MAX_DIM} per dimension")
-            raw = np.ascontiguousarray(value, dtype=np.dtype(dtype)).tobytes()
+        shape = self.completion_ids.shape
+        if self.rewards.shape != shape[:1] or (self.unmask_steps is not None and self.unmask_steps.shape != shape):
+            raise WireError(f"rewards {self.rewards.shape} / unmask_steps do not match completion_ids {shape}")
+        total = sum(value.nbytes for *_, value in present)
+        if total > MAX_PAYLOAD_BYTES:
+            raise WireError(f"group payload {total} bytes exceeds the wire limit {MAX_PAYLOAD_BYTES}")
+        arrays: dict[str, dict[str, Any]] = {}
+        chunks: list[bytes] = []
+        offset = 0
+        for name, dtype, _, value in present:
+            chunks.append(np.ascontiguousarray(value, dtype=np.dtype(dtype)).tobytes())
             arrays[name] = {"dtype": dtype, "shape": [int(d) for d in value.shape], "offset": offset}
-            chunks.append(raw)
-            offset += len(raw)
-        g = self.completion_ids.shape[0]
-        if self.rewards.shape != (g,) or (self.unmask_steps is not None and self.unmask_steps.shape != self.completion_ids.shape):
-            raise WireError(f"rewards {self.rewards.shape} / unmask_steps do not match completion_ids {self.completion_ids.shape}")
-        if offset > MAX_PAYLOAD_BYTES:
-            raise WireError(f"group payload {offset} bytes exceeds the wire limit {MAX_PAYLOAD_BYTES}")
+            offset += len(chunks[-1])
         header = json.dumps(
             {"group_id": self.group_id, "task": self.task, "prompt_id": self.prompt_id,
              "policy_version": int(self.policy_version), "mask_seed": int(self.mask_seed),
@@ -292,7 +293,8 @@ def _check_layout(arrays: Any) -> dict[str, tuple[str, tuple[int, ...], int, int
             if type(d) is not int or not 0 <= d <= MAX_DIM:
                 raise WireError(f"array {name!r} has dimension {_show(d)}, expected an integer in [0, {MAX_DIM}]")
         if spec["offset"] != offset or type(spec["offset"]) is not int:
-            raise WireError(f"array {name!r} is at offset {_show(spec['offset'])}, expected {offset} (arrays are contiguous)")
+            raise WireError(f"array {name!r} is at offset {_show(spec['offset'])}, expected {offset} "
+                            "(arrays are contiguous)")
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         offset += nbytes
         if offset > MAX_PAYLOAD_BYTES:
