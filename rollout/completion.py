@@ -93,12 +93,18 @@ def sample_completions(
     return np.concatenate(completions), np.concatenate(steps)
 
 
-def score(task: Task, text: str, ex: Example) -> float:
-    """The task's reward; a reward function that raises scores 0 and is logged (never fatal)."""
+def score(task: Task, text: str, ex: Example, errors: list[str] | None = None) -> float:
+    """The task's reward; a reward function that raises scores 0 and is logged (never fatal).
+
+    Rewards that run model text as code or maths bound their own time (dlrl.tasks.verify_process
+    kills a checker that loops) and score 0 on timeout. `errors` collects the example ids that failed.
+    """
     try:
         return float(task.reward(text, ex))
     except Exception:  # noqa: BLE001 - a broken reward must not kill a rollout worker
         log.exception("reward of task %s raised on example %s; scoring 0", task.name, ex.id)
+        if errors is not None:
+            errors.append(ex.id)
         return 0.0
 
 

@@ -1,8 +1,15 @@
 """The rollout worker: samples and scores groups of completions with the current policy weights.
 
-A plain class; the job driver runs it as a Ray actor. Each worker owns a shard of the training
-prompts and a cursor over it; it swaps weights only between generation calls (`set_weights`),
-never inside one, and stamps every group with the policy version that produced it.
+A plain class; the job driver runs it as a Ray actor (restarted by Ray when it crashes). Each
+worker owns a shard of the training prompts. What it generates for rollout batch b is a pure
+function of (seed, worker index, b, weights version): the prompts are positions
+[b*k, (b+1)*k) of the shard's epoch-shuffled order and the sampler's generator is seeded from
+(seed, index, b). So the batch index is the prompt cursor the driver checkpoints, a restarted
+actor redoes an unfinished batch with the same group ids (the learner drops the duplicates), and
+a resumed run regenerates exactly what the uninterrupted run generated.
+
+Weights are swapped only between generation calls (`set_weights`), never inside one, and every
+group is stamped with the policy version that produced it.
 """
 
 from __future__ import annotations
@@ -11,14 +18,17 @@ import random
 import time
 
 import numpy as np
+import ray
 import torch
 
 from dlrl.config import JobSpec
 from dlrl.diffusion import mix_seed
 from dlrl.models import load_model, special_ids
+from dlrl.queue import open_queue
 from dlrl.runtime import pick_device, set_threads
 from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
+from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.completion import (
     SamplingParams, decode_completion, encode_prompt, evaluate, sample_completions, score,
 )
@@ -29,9 +39,11 @@ EVAL_SEED = 1234
 
 
 class RolloutWorker:
-    def __init__(self, spec: JobSpec, index: int = 0, num_workers: int = 1) -> None:
+    def __init__(self, spec: JobSpec, index: int = 0, num_workers: int = 1, run_id: str | None = None) -> None:
         set_threads(spec.runtime.threads)
         self.spec, self.index = spec, index
+        self.run_id = run_id or spec.name
+        self.queue = None  # opened on first use: the queue client is per process, never shipped
         self.device = pick_device(spec.runtime.device)
         self.model, self.tokenizer = load_model(
             spec.model.path, dtype=spec.model.dtype, device=self.device,
@@ -44,44 +56,45 @@ class RolloutWorker:
         self.shard: list[Example] = train[index::num_workers]
         if not self.shard:
             raise ValueError(f"worker {index} of {num_workers} has no training prompts")
-        self.cursor = 0  # position in the shard's current epoch order
-        self.epoch = 0
-        self.order = self._epoch_order()
         self.version = 0
+        self.receiver = WeightReceiver(self.model, version=0)  # both transports write into the model
         r = spec.rollout
         self.params = SamplingParams(r.gen_length, r.block_length, r.steps, r.temperature,
                                      r.remasking, r.cfg_scale, r.batch_size)
-        self.generator = torch.Generator(device=self.device).manual_seed(mix_seed(spec.train.seed, index, 0x5A))
+        self._orders: dict[int, list[int]] = {}
+        self.reward_errors: list[str] = []
 
-    def _epoch_order(self) -> list[int]:
-        order = list(range(len(self.shard)))
-        random.Random(mix_seed(self.spec.train.seed, self.index, self.epoch)).shuffle(order)
-        return order
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.shard)))
+            random.Random(mix_seed(self.spec.train.seed, self.index, epoch)).shuffle(order)
+            self._orders = {epoch: order}  # batches move forward: one epoch's order is enough
+        return self._orders[epoch]
 
-    def _next_examples(self, n: int) -> list[Example]:
+    def examples(self, batch: int, n: int) -> list[Example]:
+        """The n prompts of rollout batch `batch`: positions [batch*n, (batch+1)*n) of the epochs' orders."""
         out = []
-        for _ in range(n):
-            if self.cursor == len(self.order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._epoch_order()
-            out.append(self.shard[self.order[self.cursor]])
-            self.cursor += 1
+        for pos in range(batch * n, (batch + 1) * n):
+            epoch, i = divmod(pos, len(self.shard))
+            out.append(self.shard[self._epoch_order(epoch)[i]])
         return out
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Load a published weights version (full state or LoRA adapter tensors)."""
+        """Load a weights version given as tensors (full state or LoRA adapter tensors)."""
         self.model.load_state_dict(state, strict=False)
-        self.version = version
+        self.version = self.receiver.version = version
         return version
 
-    def rollout(self, n_groups: int, step: int) -> list[TrajectoryGroup]:
-        """Sample G completions for each of the next n_groups prompts, score them."""
-        examples = self._next_examples(n_groups)
+    def rollout(self, n_groups: int, batch: int) -> list[TrajectoryGroup]:
+        """Sample G completions for each of the n_groups prompts of rollout batch `batch`, score them."""
+        examples = self.examples(batch, n_groups)
+        generator = torch.Generator(device=self.device).manual_seed(
+            mix_seed(self.spec.train.seed, self.index, batch, 0x5A))
         g = self.spec.rollout.group_size
         prompts = [encode_prompt(self.tokenizer, self.task, ex, self.spec.task.style) for ex in examples]
         t0 = time.perf_counter()
         completions, steps = sample_completions(
-            self.model, [p for p in prompts for _ in range(g)], self.ids, self.params, self.generator
+            self.model, [p for p in prompts for _ in range(g)], self.ids, self.params, generator
         )
         t_gen = time.perf_counter() - t0
         groups = []
@@ -89,33 +102,67 @@ class RolloutWorker:
             rows = slice(k * g, (k + 1) * g)
             texts = [decode_completion(self.tokenizer, c, self.ids) for c in completions[rows]]
             t1 = time.perf_counter()
-            rewards = [score(self.task, text, ex) for text in texts]
+            rewards = [score(self.task, text, ex, self.reward_errors) for text in texts]
             groups.append(TrajectoryGroup(
-                group_id=f"s{step}-w{self.index}-{k}",
+                group_id=f"{self.run_id}/b{batch}-w{self.index}-{k}",
                 task=self.task.name,
                 prompt_id=ex.id,
                 prompt_ids=np.asarray(prompt),
                 completion_ids=completions[rows],
                 rewards=np.asarray(rewards),
                 policy_version=self.version,
-                mask_seed=mix_seed(self.spec.train.seed, step, self.index, k),
+                mask_seed=mix_seed(self.spec.train.seed, batch, self.index, k),
                 unmask_steps=steps[rows],
                 timings={"generate": t_gen / len(examples), "reward": time.perf_counter() - t1},
             ))
         return groups
 
-    def rollout_to_queue(self, queue, n_groups: int, step: int) -> dict[str, float]:
-        """`rollout`, then put each group on the trajectory queue; returns rollout metrics."""
+    def sync_weights(self, handle: WeightHandle | None) -> dict[str, float]:
+        """Take the published version `handle` names from the object store, unless this worker holds
+        it already (it came by broadcast, or this is a second call for the same batch)."""
+        if handle is None:
+            return {"weight_sync_seconds": 0.0, "weight_sync_bytes": 0.0}
+        stats = self.receiver.receive(handle)
+        self.version = self.receiver.version
+        return stats.metrics()
+
+    def join_weight_group(self, address: GroupAddress, rank: int) -> bool:
+        """Join the learner's broadcast group (called on all members at once by the driver)."""
+        return self.receiver.join_group(address, rank)
+
+    def recv_weights(self) -> SyncStats:
+        """Take part in the learner's broadcast of its next version (between two batches)."""
+        stats = self.receiver.recv()
+        self.version = self.receiver.version
+        return stats
+
+    def rollout_to_queue(self, batch: int, n_groups: int, handle: WeightHandle | None = None) -> dict[str, float]:
+        """Rollout batch `batch` with the weights `handle` names, onto the trajectory queue.
+
+        Returns rollout metrics. A retried call (this actor was restarted by Ray) produces the
+        same group ids, so the learner trains on each group once.
+        """
+        sync = self.sync_weights(handle)
+        if self.queue is None:
+            self.queue = open_queue(self.spec, self.run_id, consumer=f"worker-{self.index}")
+        self.reward_errors = []
         t0 = time.perf_counter()
-        groups = self.rollout(n_groups, step)
+        groups = self.rollout(n_groups, batch)
         seconds = time.perf_counter() - t0
         for group in groups:
-            queue.put(group)
-        tokens = sum(gr.completion_ids.size for gr in groups)
-        return {"rollout_seconds": seconds, "rollout_tokens": tokens}
+            self.queue.put(group)
+        return {
+            "rollout_seconds": seconds,
+            "rollout_tokens": sum(gr.completion_ids.size for gr in groups),
+            "reward_errors": len(self.reward_errors),
+            "restarted": int(ray.get_runtime_context().was_current_actor_reconstructed),
+            **sync,
+        }
 
-    def evaluate(self, n: int, steps: int | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
+    def evaluate(self, n: int, steps: int | None = None, seed: int = EVAL_SEED,
+                 handle: WeightHandle | None = None) -> dict[str, float]:
         """Greedy mean reward on n held-out test examples (the same set every call)."""
+        self.sync_weights(handle)
         examples = self.task.examples("test", n, seed)
         params = SamplingParams(**{**self.params.__dict__, "steps": steps or self.params.steps,
                                    "remasking": self.spec.eval.remasking})

@@ -22,7 +22,7 @@ def spec(**rollout) -> JobSpec:
 def test_rollout_groups_are_scored_and_stamped():
     w = RolloutWorker(spec())
     w.version = 7
-    groups = w.rollout(3, step=5)
+    groups = w.rollout(3, batch=5)
     assert len({g.group_id for g in groups}) == 3
     assert len({g.mask_seed for g in groups}) == 3
     for g in groups:
@@ -34,12 +34,27 @@ def test_rollout_groups_are_scored_and_stamped():
         assert g.prompt_ids.tolist() == prompt
 
 
-def test_shards_are_disjoint_and_the_cursor_wraps():
+def test_shards_are_disjoint_and_batches_walk_through_epochs():
     a, b = RolloutWorker(spec(), 0, 2), RolloutWorker(spec(), 1, 2)
     assert not {e.id for e in a.shard} & {e.id for e in b.shard}
-    seen = [e.id for e in a._next_examples(len(a.shard) * 2)]
-    assert sorted(seen[:len(a.shard)]) == sorted(e.id for e in a.shard)
-    assert sorted(seen[len(a.shard):]) == sorted(e.id for e in a.shard)  # a new epoch
+    n = len(a.shard)
+    epoch0 = [e.id for e in a.examples(0, n)]
+    epoch1 = [e.id for e in a.examples(1, n)]
+    assert sorted(epoch0) == sorted(epoch1) == sorted(e.id for e in a.shard)
+    assert epoch0 != epoch1  # each epoch reshuffles
+    singles = [a.examples(b, 1)[0].id for b in range(n, 2 * n)]
+    assert singles == epoch1  # batch b of size k is positions [b*k, (b+1)*k) of the epochs' orders
+
+
+def test_a_batch_is_a_pure_function_of_its_index():
+    """What a restarted actor redoes, and what a resumed run regenerates, is what was lost."""
+    first = RolloutWorker(spec(), 1, 2).rollout(2, batch=4)
+    again = RolloutWorker(spec(), 1, 2).rollout(2, batch=4)
+    for g, h in zip(first, again):
+        assert g.group_id == h.group_id and g.mask_seed == h.mask_seed
+        assert np.array_equal(g.completion_ids, h.completion_ids) and np.array_equal(g.rewards, h.rewards)
+    other = RolloutWorker(spec(), 1, 2).rollout(2, batch=5)
+    assert [g.group_id for g in other] != [g.group_id for g in first]
 
 
 def test_evaluation_is_greedy_low_confidence_whatever_the_rollout_uses():

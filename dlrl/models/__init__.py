@@ -7,7 +7,7 @@ Importing this package registers the built-in model with the transformers Auto c
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
-from dlrl.models.checkpoint import save_checkpoint
+from dlrl.models.checkpoint import load_trainable, save_checkpoint
 from dlrl.models.forward import MASK_STYLE, diffusion_logits
 from dlrl.models.loading import CheckpointNotFoundError, load_model
 from dlrl.models.lora import LoraSpec, default_target_modules
@@ -31,6 +31,7 @@ __all__ = [
     "default_target_modules",
     "diffusion_logits",
     "load_model",
+    "load_trainable",
     "save_checkpoint",
     "special_ids",
 ]

@@ -31,3 +31,29 @@ def save_checkpoint(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_trainable(model: PreTrainedModel | PeftModel, path: str | Path) -> None:
+    """Load the tensors `save_checkpoint` wrote at `path` back into `model`, in place.
+
+    Resuming builds the policy exactly as a fresh run does (base + LoRA from the spec) and then
+    restores the trained tensors; the weights round-trip bit-exactly through safetensors.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {path}")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")

@@ -114,11 +114,13 @@ class TrajectoryQueue(Protocol):
 
 
 def default_capacity(spec: JobSpec) -> int:
-    """`queue.capacity`, else (max_staleness + 2) x prompts_per_step: room for the batch being
-    trained, the one being generated, and `max_staleness` more."""
+    """`queue.capacity`, else (max_staleness + 2 + checkpoint_every) x prompts_per_step: room for
+    the batch being trained, the one being generated, `max_staleness` more, and the batches of the
+    steps since the last checkpoint (the learner acknowledges them only once they are in one)."""
     if spec.queue.capacity is not None:
         return spec.queue.capacity
-    return (spec.runtime.max_staleness + 2) * spec.rollout.prompts_per_step
+    r = spec.runtime
+    return (r.max_staleness + 2 + r.checkpoint_every) * spec.rollout.prompts_per_step
 
 
 def open_queue(spec: JobSpec, job_id: str, *, consumer: str = "learner",
