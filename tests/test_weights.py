@@ -5,6 +5,8 @@ Run: .venv/bin/python -m pytest -q tests/test_weights.py
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -18,6 +20,7 @@ from dlrl.weights import (
     TensorSpec,
     WeightPublisher,
     WeightReceiver,
+    encode,
     plan_buckets,
     publish,
     receive,
@@ -154,6 +157,47 @@ def test_object_store_round_trip_is_bit_exact_and_moves_the_state_bytes(ray_clus
     assert (again.transport, again.bytes, receiver.version) == ("none", 0, 1)
 
 
+class Producer:
+    """A learner process that only encodes its state (mixed dtypes, bfloat16 included)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.state = {"w": torch.randn(64, 64, generator=g), "h": torch.randn(10, 3, generator=g).bfloat16(),
+                      "step": torch.tensor(3, dtype=torch.int64)}
+
+    def weight_payload(self, version: int):
+        return encode(version, self.state)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+def wait_dead(actor, timeout: float = 30.0) -> None:
+    """ray.kill is asynchronous: a call made right after it may still be served."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.get_state.remote(), timeout=timeout)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"actor still alive {timeout:.0f}s after ray.kill")
+
+
+def test_driver_owned_version_outlives_the_learner_process(ray_cluster):
+    producer = ray.remote(Producer).options(num_cpus=0.1).remote()
+    truth = ray.get(producer.get_state.remote(), timeout=60)
+    publisher = WeightPublisher()
+    handle = publisher.adopt(*producer.weight_payload.options(num_returns=2).remote(7))
+    assert (handle.version, publisher.latest) == (7, handle)
+    ray.kill(producer)  # the learner crashes; the driver owns version 7
+    wait_dead(producer)
+    target = {k: torch.zeros_like(v) for k, v in truth.items()}
+    stats = WeightReceiver(target).receive(handle)
+    assert (stats.version, stats.bytes) == (7, 64 * 64 * 4 + 30 * 2 + 8)
+    assert_bit_exact(target, truth)
+
+
 def test_lora_run_sends_adapters_only(ray_cluster):
     lora = LoraSpec(r=4, alpha=8)
     learner, _ = load_model(TINY, lora=lora)
@@ -182,14 +226,24 @@ def test_older_version_is_rejected_and_leaves_the_model_alone(ray_cluster):
     receiver = WeightReceiver(worker)
     receiver.receive(v2)
     held = cpu_state(worker)
-    with pytest.raises(StaleVersionError, match="version 1 is older than the held version 2"):
+    with pytest.raises(StaleVersionError, match=r"version 1 \(generation 0\) is older than the held version 2"):
         receiver.receive(v1)
     assert receiver.version == 2
     assert_bit_exact(cpu_state(worker), held)
     publisher = WeightPublisher()  # the learner side refuses to go back in time too
     publisher.publish(3, model.state_dict())
-    with pytest.raises(ValueError, match="older than the published"):
+    with pytest.raises(StaleVersionError):
         publisher.publish(2, model.state_dict())
+    # Unless the driver says the learner was rewound to an earlier checkpoint: a new generation.
+    perturb(model, 5)
+    publisher.rewind()
+    rewound = publisher.publish(1, model.state_dict())
+    assert (rewound.version, rewound.generation) == (1, 1)
+    stats = receiver.receive(rewound)
+    assert (stats.version, stats.generation, stats.transport) == (1, 1, "object_store")
+    assert_bit_exact(cpu_state(worker), cpu_state(model))
+    with pytest.raises(StaleVersionError):
+        receiver.receive(v2)  # the abandoned generation's versions are refused from now on
 
 
 def test_manifest_mismatch_is_an_error_not_a_partial_load(ray_cluster):
@@ -225,6 +279,19 @@ def test_gloo_broadcast_two_versions_bit_exact(peers):
     # The version already held, sent again: received (the group stays in step), not applied.
     _, received = broadcast(learner, workers, 2)
     assert [s.transport for s in received] == ["none", "none"]
+    # An older version: the workers refuse it, after taking part so that the group stays in step ...
+    recvs = [w.recv.remote() for w in workers]
+    assert learner.send(1).error is None
+    for ref in recvs:
+        with pytest.raises(StaleVersionError):
+            ray.get(ref, timeout=60)
+    # ... and take it once the learner is rewound to an earlier checkpoint (a new generation).
+    learner.publisher.rewind()
+    learner.new_version(11)
+    _, received = broadcast(learner, workers, 1)
+    assert [(s.version, s.generation, s.transport) for s in received] == [(1, 1, "collective")] * 2
+    for w in workers:
+        assert_bit_exact(ray.get(w.state.remote()), cpu_state(learner.model))
 
     manifest = [TensorSpec.of(k, v) for k, v in learner.model.state_dict().items()]
     buckets = plan_buckets(manifest, int(BUCKET_MB * 2**20))

@@ -7,10 +7,13 @@ LoRA runs publish the adapter tensors only (whatever state the learner hands ove
 Each sync reports `SyncStats` (seconds, bytes), which the driver logs as weight_sync_seconds /
 weight_sync_bytes.
 
-Driver wiring, object store (`spec.weights.sync = "object_store"`), per version v:
+Driver wiring, object store (`spec.weights.sync = "object_store"`), per version v: either the
+learner actor publishes (`WeightPublisher.publish(v, state)` returns the handle; the learner owns
+the object), or the driver does, owning the object so it outlives a learner crash:
 
-    handle = ray.get(learner.publish_weights.remote())        # WeightPublisher.publish(v, state)
-    stats = ray.get([w.receive_weights.remote(handle) for w in workers])   # WeightReceiver.receive
+    handle = publisher.adopt(*learner.weight_payload.options(num_returns=2).remote())
+    #   where Learner.weight_payload() returns dlrl.weights.encode(self.version, self.weights())
+    stats = ray.get([w.sync_weights.remote(handle) for w in workers])   # WeightReceiver.receive
 
 Collective (`"collective"`): once `address = WeightPublisher.open_group(n_workers + 1)`, then
 `join_group` on the learner and on every worker *in the same ray.get*; per version, `send` on the
@@ -21,7 +24,7 @@ whose version is not v) are sent `publish(v)`'s handle, and so is a restarted wo
 from dlrl.weights.buckets import ALIGN, Bucket, Slot, plan_buckets
 from dlrl.weights.collective import CollectiveError, CollectiveReceiver, CollectiveSender, GroupAddress
 from dlrl.weights.endpoints import WeightPublisher, WeightReceiver
-from dlrl.weights.object_store import WeightHandle, encode, publish, receive
+from dlrl.weights.object_store import WeightHandle, adopt, encode, publish, receive
 from dlrl.weights.update import (
     TORN,
     ManifestMismatchError,
@@ -50,6 +53,7 @@ __all__ = [
     "WeightPublisher",
     "WeightReceiver",
     "WeightUpdate",
+    "adopt",
     "check_manifest",
     "check_version",
     "encode",

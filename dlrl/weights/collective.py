@@ -153,6 +153,7 @@ def _connect(address: GroupAddress, rank: int, store_factory, local_host: str) -
 def _encode_header(update: WeightUpdate, bucket_bytes: int) -> bytes:
     return json.dumps({
         "version": update.version,
+        "generation": update.generation,
         "bucket_bytes": bucket_bytes,
         "manifest": [[t.name, list(t.shape), t.dtype] for t in update.manifest],
     }).encode()
@@ -163,7 +164,8 @@ def _decode_header(data: bytes) -> tuple[WeightUpdate, int]:
     try:
         header = json.loads(data)
         manifest = tuple(TensorSpec(str(n), tuple(int(d) for d in s), str(dt)) for n, s, dt in header["manifest"])
-        return WeightUpdate(int(header["version"]), manifest, "collective"), int(header["bucket_bytes"])
+        update = WeightUpdate(int(header["version"]), manifest, "collective", int(header["generation"]))
+        return update, int(header["bucket_bytes"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CollectiveError(f"malformed weights header: {exc}") from exc
 
@@ -191,7 +193,7 @@ class CollectiveSender:
         """Form the group; returns when every receiver has joined (CollectiveError on timeout)."""
         self.group = _connect(self.address, 0, lambda: self._store, self.address.host)
 
-    def send(self, version: int, state: Mapping[str, torch.Tensor]) -> SyncStats:
+    def send(self, version: int, state: Mapping[str, torch.Tensor], generation: int = 0) -> SyncStats:
         """Broadcast `state` as weights version `version` (every receiver must be in `recv_into`).
 
         Tensors already on the group's device (CUDA for NCCL) are read in place; others are copied
@@ -200,7 +202,7 @@ class CollectiveSender:
         if self.group is None:
             raise CollectiveError(f"weight group {self.address.name} is not joined or was closed")
         t0 = time.perf_counter()
-        update = WeightUpdate.of(version, state, "collective")
+        update = WeightUpdate.of(version, state, "collective", generation)
         tensors = list(state.values())
         group = self.group
         try:
@@ -210,7 +212,7 @@ class CollectiveSender:
         except (RuntimeError, dist.DistBackendError) as exc:
             self.close()
             raise CollectiveError(f"broadcast of weights version {version} failed: {exc}") from exc
-        return SyncStats(version, "collective", time.perf_counter() - t0, update.nbytes)
+        return SyncStats(version, "collective", time.perf_counter() - t0, update.nbytes, generation=generation)
 
     def _bucket_bytes(self, bucket: Bucket, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         device = self.group.device
@@ -243,12 +245,13 @@ class CollectiveReceiver:
             a.host, a.port, a.world_size, is_master=False, timeout=timedelta(seconds=a.timeout_s)
         ), self.local_host)
 
-    def recv_into(self, target: nn.Module | Mapping[str, torch.Tensor], held: int) -> SyncStats:
+    def recv_into(self, target: nn.Module | Mapping[str, torch.Tensor], held: int,
+                  held_generation: int = 0) -> SyncStats:
         """Receive the version being sent and write it into `target`'s tensors in place.
 
-        `held` is the version the target holds now: an equal version is received and discarded
-        (transport "none"), an older one or one that does not fit raises StaleVersionError /
-        ManifestMismatchError after the broadcast, with `target` untouched.
+        `held` (of `held_generation`) is the version the target holds now: an equal version is
+        received and discarded (transport "none"), an older one or one that does not fit raises
+        StaleVersionError / ManifestMismatchError after the broadcast, with `target` untouched.
         """
         if self.group is None:
             raise CollectiveError(f"weight group {self.address.name} is not joined or was closed")
@@ -261,13 +264,13 @@ class CollectiveReceiver:
             try:
                 state = target_state(target)
                 check_manifest(update, state)
-                apply = check_version(update.version, held)
+                apply = check_version(update.version, held, update.generation, held_generation)
                 tensors = [state[name] for name in update.names]
             except (StaleVersionError, ManifestMismatchError) as exc:
                 refusal = exc
-            for bucket in plan_buckets(update.manifest, bucket_bytes):
-                if apply:
-                    written = True
+            buckets = plan_buckets(update.manifest, bucket_bytes)
+            written = apply and bool(buckets)  # from the first bucket on, a failure leaves a torn mix
+            for bucket in buckets:
                 self._recv_bucket(bucket, tensors if apply else None)
         except (RuntimeError, dist.DistBackendError) as exc:
             self.close()
@@ -275,8 +278,9 @@ class CollectiveReceiver:
         if refusal is not None:
             raise refusal
         if not apply:
-            return SyncStats(held, "none", time.perf_counter() - t0, 0)
-        return SyncStats(update.version, "collective", time.perf_counter() - t0, update.nbytes)
+            return SyncStats(held, "none", time.perf_counter() - t0, 0, generation=held_generation)
+        return SyncStats(update.version, "collective", time.perf_counter() - t0, update.nbytes,
+                         generation=update.generation)
 
     def _recv_bucket(self, bucket: Bucket, tensors: Sequence[torch.Tensor] | None) -> None:
         device = self.group.device

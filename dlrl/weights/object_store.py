@@ -38,19 +38,25 @@ class WeightHandle:
 
     update: WeightUpdate
     refs: list[ray.ObjectRef]  # one ref; a list so Ray passes it through unresolved
-    publish_seconds: float
+    publish_seconds: float  # encode + put (or, adopted, the wait for the manifest)
 
     @property
     def version(self) -> int:
         return self.update.version
 
     @property
+    def generation(self) -> int:
+        return self.update.generation
+
+    @property
     def stats(self) -> SyncStats:
         """The publishing side's cost: seconds to encode and put, bytes put."""
-        return SyncStats(self.version, "object_store", self.publish_seconds, self.update.nbytes)
+        return SyncStats(self.version, "object_store", self.publish_seconds, self.update.nbytes,
+                         generation=self.generation)
 
 
-def encode(version: int, state: Mapping[str, torch.Tensor]) -> tuple[WeightUpdate, list[np.ndarray]]:
+def encode(version: int, state: Mapping[str, torch.Tensor],
+           generation: int = 0) -> tuple[WeightUpdate, list[np.ndarray]]:
     """The manifest and the payload (raw bytes of each tensor, manifest order) of a state.
 
     The arrays view CPU tensors without copying (tensors on a GPU are copied to the host first).
@@ -58,20 +64,35 @@ def encode(version: int, state: Mapping[str, torch.Tensor]) -> tuple[WeightUpdat
     if not isinstance(state, Mapping):
         raise TypeError(f"weights must be a name -> tensor mapping, got {type(state).__name__}: publish "
                         "in the process that holds the weights (the learner actor), not a reference to them")
-    update = WeightUpdate.of(version, state, "object_store")
+    update = WeightUpdate.of(version, state, "object_store", generation)
     return update, [byte_view(t.detach().to("cpu").contiguous()).numpy() for t in state.values()]
 
 
-def publish(version: int, state: Mapping[str, torch.Tensor]) -> WeightHandle:
+def publish(version: int, state: Mapping[str, torch.Tensor], generation: int = 0) -> WeightHandle:
     """Put `state` (any device) into the object store as weights version `version`.
 
     The object is owned by the calling process (the learner actor) and lives while that process
     and a handle to it do: keep the latest handle so a restarted worker can catch up.
     """
     t0 = time.perf_counter()
-    update, payload = encode(version, state)
+    update, payload = encode(version, state, generation)
     ref = ray.put(payload)  # the one copy: into shared memory
     return WeightHandle(update, [ref], time.perf_counter() - t0)
+
+
+def adopt(update_ref: ray.ObjectRef, payload_ref: ray.ObjectRef, timeout_s: float | None = 300.0) -> WeightHandle:
+    """The handle of a version another process encoded, for a caller that owns the references.
+
+    `update_ref, payload_ref = learner.weight_payload.options(num_returns=2).remote()`, where the
+    actor method returns `encode(version, state)`: Ray makes the caller (the driver) the owner of
+    a call's results, so the version outlives the learner process that produced it, and the
+    payload stays in the zero-copy format. Only the small manifest is fetched here.
+    """
+    t0 = time.perf_counter()
+    update = ray.get(update_ref, timeout=timeout_s)
+    if not isinstance(update, WeightUpdate):
+        raise TypeError(f"expected the WeightUpdate of encode(), got {type(update).__name__}")
+    return WeightHandle(update, [payload_ref], time.perf_counter() - t0)
 
 
 def receive(handle: WeightHandle, timeout_s: float | None = 300.0) -> tuple[dict[str, torch.Tensor], SyncStats]:
@@ -95,4 +116,5 @@ def receive(handle: WeightHandle, timeout_s: float | None = 300.0) -> tuple[dict
                                  f"{spec.nbytes} bytes")
             state[spec.name] = torch.from_numpy(array).view(dtype_of(spec.dtype)).view(spec.shape)
     moved = sum(a.nbytes for a in payload)
-    return state, SyncStats(handle.version, "object_store", time.perf_counter() - t0, moved)
+    return state, SyncStats(handle.version, "object_store", time.perf_counter() - t0, moved,
+                            generation=handle.generation)

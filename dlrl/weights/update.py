@@ -7,6 +7,10 @@ an older version than it holds (`StaleVersionError`), or tensors that do not mat
 `load_state_dict(strict=False)` would skip such tensors silently and leave a worker sampling with
 weights nobody trained; here that is an error naming the tensors.
 
+Versions are ordered by (generation, version). The generation counts deliberate rewinds: a
+driver that restarts a crashed learner from an earlier checkpoint publishes lower version numbers
+again, under a higher generation, and only that lets a worker go back.
+
 `SyncStats` is what each side measures and the driver logs (weight_sync_seconds/bytes).
 """
 
@@ -55,6 +59,8 @@ class WeightUpdate:
     version: int
     manifest: tuple[TensorSpec, ...]
     transport: Transport
+    generation: int = 0
+    """Rewinds of the learner before this version (see the module docstring)."""
 
     @property
     def nbytes(self) -> int:
@@ -65,10 +71,11 @@ class WeightUpdate:
         return [t.name for t in self.manifest]
 
     @classmethod
-    def of(cls, version: int, state: Mapping[str, torch.Tensor], transport: Transport) -> "WeightUpdate":
-        if version < 0:
-            raise ValueError(f"weight versions start at 0, got {version}")
-        return cls(version, tuple(TensorSpec.of(k, v) for k, v in state.items()), transport)
+    def of(cls, version: int, state: Mapping[str, torch.Tensor], transport: Transport,
+           generation: int = 0) -> "WeightUpdate":
+        if version < 0 or generation < 0:
+            raise ValueError(f"weight versions and generations start at 0, got {version}, {generation}")
+        return cls(version, tuple(TensorSpec.of(k, v) for k, v in state.items()), transport, generation)
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class SyncStats:
     error: str | None = None
     """Why the collective failed; the receiver then holds TORN or its old version and must be sent
     the version through the object store."""
+    generation: int = 0
+    """The generation of `version`."""
 
     def metrics(self) -> dict[str, float]:
         return {"weight_sync_seconds": self.seconds, "weight_sync_bytes": float(self.bytes)}
@@ -134,9 +143,11 @@ def check_manifest(update: WeightUpdate, target: Mapping[str, torch.Tensor]) -> 
                                     + "; ".join(lines))
 
 
-def check_version(incoming: int, held: int) -> bool:
+def check_version(incoming: int, held: int, incoming_generation: int = 0, held_generation: int = 0) -> bool:
     """True if `incoming` should be applied; False if it is the version already held (a no-op);
-    StaleVersionError if it is older (a receiver never moves back in policy time)."""
-    if incoming < held:
-        raise StaleVersionError(f"weights version {incoming} is older than the held version {held}")
-    return incoming > held
+    StaleVersionError if it is older (a receiver never moves back in policy time, except to a
+    version of a later generation: a deliberate rewind)."""
+    if (incoming_generation, incoming) < (held_generation, held):
+        raise StaleVersionError(f"weights version {incoming} (generation {incoming_generation}) is older than "
+                                f"the held version {held} (generation {held_generation})")
+    return (incoming_generation, incoming) > (held_generation, held)
