@@ -125,6 +125,7 @@ class RayHead:
     object_store_bytes: int = 200 * 1024 * 1024
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dlrl-ray-")))
     proc: subprocess.Popen | None = None
 
@@ -136,6 +137,11 @@ class RayHead:
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """The node's Prometheus endpoint (ray.util.metrics series, e.g. ray_dlrl_reward)."""
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
     @staticmethod
     def env() -> dict[str, str]:
         return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -146,6 +152,7 @@ class RayHead:
                 "--node-ip-address", LOOPBACK, "--num-cpus", str(self.num_cpus),
                 "--object-store-memory", str(self.object_store_bytes),
                 "--dashboard-host", LOOPBACK, "--dashboard-port", str(self.dashboard_port),
+                "--metrics-export-port", str(self.metrics_port),
                 "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.temp_dir),
                 "--disable-usage-stats"]
 

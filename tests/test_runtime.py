@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def tiny_spec(tmp_path: Path, name: str, **runtime) -> JobSpec:
     base["rollout"].update(prompts_per_step=4, group_size=4, num_workers=2)
     base["train"].update(steps=6, warmup_steps=0)
     base["eval"].update(every=100, steps=4)
-    base["runtime"].update(out_dir=str(tmp_path), threads=1, checkpoint_every=2, **runtime)
+    base["runtime"].update({"out_dir": str(tmp_path), "threads": 1, "checkpoint_every": 2, **runtime})
     return JobSpec.model_validate(base)
 
 
@@ -120,6 +121,45 @@ def monkeypatch_module():
 def test_uninterrupted_run_trains_every_group_once(uninterrupted):
     assert sorted(trained_groups(uninterrupted)) == expected_group_ids(uninterrupted)
     assert len(trained_groups(uninterrupted)) == len(set(trained_groups(uninterrupted)))
+
+
+def test_run_metrics_reach_rays_prometheus_endpoint(uninterrupted, ray_cluster):
+    """What the dashboard's metrics view shows: the run's series, tagged with the job."""
+    deadline = time.monotonic() + 30
+    while True:  # the metrics agent exports on a period of a few seconds
+        text = urllib.request.urlopen(ray_cluster.metrics_url, timeout=5).read().decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_dlrl_") and 'job="ref"' in ln]
+        names = {ln.split("{")[0] for ln in lines}
+        if {"ray_dlrl_reward", "ray_dlrl_queue_depth", "ray_dlrl_weight_sync_seconds"} <= names:
+            break
+        assert time.monotonic() < deadline, f"dlrl series missing from {ray_cluster.metrics_url}: {sorted(names)}"
+        time.sleep(1)
+    assert any(n.startswith("ray_dlrl_staleness") for n in names)
+
+
+def test_async_run_stays_within_its_staleness_bound(ray_cluster, tmp_path):
+    spec = tiny_spec(tmp_path, "async", ray_address=ray_cluster.address, max_staleness=1, checkpoint_every=0)
+    run(spec)
+    train = [r for r in read_metrics(tmp_path / "async" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(spec.train.steps))
+    assert max(r["max_staleness"] for r in train) == 1  # the workers did run ahead
+    assert all(r["max_staleness"] <= 1 and r["stale_dropped"] == 0 for r in train)
+    ids = trained_groups(spec)
+    assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
+
+
+def test_broadcast_weight_sync_matches_the_object_store(ray_cluster, redis_server, tmp_path, monkeypatch,
+                                                       uninterrupted):
+    """gloo broadcast between the learner and both workers: same run, same final weights."""
+    monkeypatch.setenv("DLRL_REDIS_URL", redis_server.url)
+    spec = tiny_spec(tmp_path, "ref", ray_address=ray_cluster.address)
+    spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"}),
+                                   "weights": spec.weights.model_copy(update={"sync": "collective"})})
+    run(spec)
+    train = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(r["weight_sync_transport"] == "collective" for r in train)
+    ref = weights(uninterrupted)
+    assert all(torch.equal(v, ref[k]) for k, v in weights(spec).items())
 
 
 def test_killed_rollout_actor_is_restarted_and_no_group_is_lost_or_repeated(ray_cluster, tmp_path):
