@@ -21,3 +21,12 @@ def set_threads(threads: int | None) -> None:
     rollout and learner actors take turns, so each may use every core (None)."""
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process's work: CUDA peak allocated on a GPU, else peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

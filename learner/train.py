@@ -25,7 +25,7 @@ import torch
 from dlrl.config import JobSpec
 from dlrl.models import load_model, load_trainable, save_checkpoint, special_ids
 from dlrl.queue import Delivery, TrajectoryQueue, open_queue
-from dlrl.runtime import pick_device, set_threads
+from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
 from learner.batch import collate
@@ -92,6 +92,7 @@ class Learner:
             reward_std_in_group=float(np.mean([np.std(g.rewards) for g in groups])),
             zero_adv_groups=sum(float(g.rewards.max() == g.rewards.min()) for g in groups) / len(groups),
             max_staleness=max(staleness),
+            learner_memory_bytes=peak_memory_bytes(self.device),
             staleness_hist={str(s): staleness.count(s) for s in sorted(set(staleness))},
         )
         return metrics

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 
 import numpy as np
 import ray
@@ -63,6 +64,7 @@ class RolloutWorker:
                                      r.remasking, r.cfg_scale, r.batch_size)
         self._orders: dict[int, list[int]] = {}
         self.reward_errors: list[str] = []
+        self._was_restarted: bool | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -155,9 +157,17 @@ class RolloutWorker:
             "rollout_seconds": seconds,
             "rollout_tokens": sum(gr.completion_ids.size for gr in groups),
             "reward_errors": len(self.reward_errors),
-            "restarted": int(ray.get_runtime_context().was_current_actor_reconstructed),
+            "restarted": int(self._restarted()),
             **sync,
         }
+
+    def _restarted(self) -> bool:
+        """Whether Ray restarted this actor after a crash (asked once; Ray warns on every call)."""
+        if self._was_restarted is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._was_restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        return self._was_restarted
 
     def evaluate(self, n: int, steps: int | None = None, seed: int = EVAL_SEED,
                  handle: WeightHandle | None = None) -> dict[str, float]:

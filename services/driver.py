@@ -270,6 +270,10 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
           flush=True)
     try:
         r.loop(r.start_learner())
+        queue = open_queue(r.spec, run_id, consumer="driver")
+        dead_letters = queue.dead_letters()
+        if spec.queue.backend == "ray":
+            queue.delete()  # the actor is detached; a finished run leaves nothing behind in the cluster
     finally:
         for actor in [*r.workers, r.learner]:
             if actor is not None:
@@ -285,10 +289,13 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         "eval_rewards": evals,
         "seconds": time.time() - log.t0,
         "checkpoint": str(r.checkpoint),
+        "dead_letters": len(dead_letters),
         "reward_png": str(png),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"dlrl: done in {summary['seconds'] / 60:.1f} min: held-out reward {summary['first_eval_reward']:.3f}"
           f" -> {summary['last3_eval_reward']:.3f} (mean of last 3 evals); checkpoint {r.checkpoint}; curve {png}",
           flush=True)
+    for d in dead_letters:
+        print(f"dlrl: dead-lettered queue entry {d.get('entry_id')}: {d.get('reason')}", flush=True)
     return summary
