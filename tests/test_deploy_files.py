@@ -774,10 +774,22 @@ def test_dockerfile():
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     workdirs = [rest for op, rest in instructions if op == "WORKDIR"]
     compose = load_compose()
-    targets = {v.split(":")[1] for n in DLRL_SERVICES for v in compose["services"][n]["volumes"]}
+    mounts = {v.split(":")[0]: v.split(":")[1] for n in DLRL_SERVICES for v in compose["services"][n]["volumes"]}
     # The shared run volume is the `runs` folder of the working directory: relative out_dir
     # "runs" (the JobSpec default) lands on it in every service.
-    assert targets == {workdirs[-1] + "/runs"}
+    assert mounts["dlrl-runs"] == workdirs[-1] + "/runs"
+    # A fresh named volume takes the owner of the image folder it is mounted on: every mount
+    # point must be created (and handed to the unprivileged user) by the image.
+    env: dict[str, str] = {}
+    for op, rest in instructions:
+        if op == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                env[key] = value
+    created = " ".join(re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m[1], m[0]), rest).replace('"', "")
+                       for op, rest in instructions if op == "RUN" and "mkdir" in rest and "chown" in rest)
+    for volume, target in mounts.items():
+        assert target in created.split(), f"{volume}: mount point {target} is not created by the image"
     exposed = {p for op, rest in instructions if op == "EXPOSE" for p in rest.split()}
     for name in DLRL_SERVICES:
         assert set(map(str, compose["services"][name].get("expose", []))) <= exposed, name
