@@ -113,6 +113,12 @@ class RedisProcess:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+LOOPBACK_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray replaces a loopback --node-ip-address by the machine's routable address unless its
+single-machine mode is on (the switch is named for the platforms where it is the default); a
+one-machine cluster for tests and benchmarks should not listen beyond loopback."""
+
+
 @dataclass
 class RayHead:
     """`ray start --head --block` on free loopback ports, with the dashboard and Jobs API.
@@ -144,7 +150,7 @@ class RayHead:
 
     @staticmethod
     def env() -> dict[str, str]:
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+        return {**os.environ, **LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def command(self) -> list[str]:
         ray = str(Path(sys.executable).with_name("ray"))
@@ -165,7 +171,7 @@ class RayHead:
         except BaseException:
             self.stop()
             raise
-        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.update(LOOPBACK_ENV)
         return self
 
     def _jobs_api_up(self) -> bool:

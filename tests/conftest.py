@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# A one-machine Ray cluster stays on loopback: read by Ray when it is imported, so set first.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
 import torch
 
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
