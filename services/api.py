@@ -25,6 +25,7 @@ import os
 import shlex
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,15 @@ from typing import Any, Literal
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from dlrl.config import JobSpec
 from services.jobstore import (TERMINAL, IdempotencyConflict, JobRecord, JobState, JobStore, new_job_id,
@@ -189,13 +194,19 @@ class RayJobs:
             # Ray answers once the job's supervisor actor exists: the first job on a fresh (or busy)
             # cluster can take tens of seconds, so submission gets a longer timeout than the rest.
             c.timeout_s = max(self.timeout_s, SUBMIT_TIMEOUT_S)
+            deadline = time.monotonic() + SUBMIT_TIMEOUT_S
             try:
-                return c.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                    runtime_env={"env_vars": env}, metadata=metadata)
-            except RuntimeError as exc:
-                if "already exists" in str(exc):  # a retry after Ray accepted it: same job
-                    return submission_id
-                raise
+                while True:
+                    try:
+                        return c.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                            runtime_env={"env_vars": env}, metadata=metadata)
+                    except RuntimeError as exc:
+                        if "already exists" in str(exc):  # a retry after Ray accepted it: same job
+                            return submission_id
+                        # A head node that just started has no job agent yet; Ray says to retry.
+                        if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(1.0)
             finally:
                 c.timeout_s = self.timeout_s
 
@@ -492,7 +503,21 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
 
 
 _ERR = {"model": ErrorResponse}
-_COMMON: dict[int | str, dict[str, Any]] = {401: _ERR, 503: _ERR}
+_INVALID = {"model": ValidationErrorResponse}
+_COMMON: dict[int | str, dict[str, Any]] = {401: _ERR, 422: _INVALID, 503: _ERR}
+_BAD_BODY = {"model": ErrorResponse, "description": "the body is not UTF-8 or its Content-Length is invalid"}
+
+
+def reject_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not take: a typo (?stat=RUNNING) must not silently
+    mean "no filter", as an unknown spec key must not silently fall back to a default."""
+    route = request.scope.get("route")
+    # The endpoint's own query parameters (its dependencies take none).
+    known = {p.alias for p in route.dependant.query_params} if isinstance(route, APIRoute) else set()
+    unknown = [k for k in request.query_params.keys() if k not in known]
+    if unknown:
+        raise RequestValidationError([{"type": "extra_forbidden", "loc": ("query", k),
+                                       "msg": "Unknown query parameter"} for k in unknown])
 
 
 def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
@@ -502,6 +527,7 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
     dashboard = (settings.dashboard_url or settings.ray_address).rstrip("/")
 
     app = FastAPI(title="dlrl job API", version=API_VERSION, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(reject_unknown_query)],
                   description="Submit, watch and stop RL jobs for diffusion language models. "
                               "Authenticate with `Authorization: Bearer <token>`.")
     app.state.settings, app.state.store, app.state.ray = settings, store, ray_jobs
@@ -513,6 +539,15 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
             detail="invalid request: " + "; ".join(f"{e.path}: {e.reason}" for e in errors[:10]),
             errors=errors).model_dump())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette's Allow names the methods of one route; HTTP wants all the path's methods.
+        allowed = [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+                   if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in app.router.routes)]
+        return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": f"job store (Redis) unavailable: {exc}"})
@@ -521,12 +556,13 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
     async def _ray_down(request: Request, exc: RayUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(exc)})
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
+    @app.get("/healthz", response_model=Health, responses={422: _INVALID}, tags=["health"])
     def healthz() -> Health:
         """The process serves HTTP (no token needed)."""
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["health"])
+    @app.get("/readyz", response_model=Readiness, responses={422: _INVALID, 503: {"model": Readiness}},
+             tags=["health"])
     async def readyz() -> JSONResponse:
         """Redis and the Ray Jobs API are reachable (no token needed); 503 otherwise."""
 
@@ -577,7 +613,7 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
     @api.post("/jobs", status_code=201, response_model=JobView,
               responses={200: {"model": JobView, "description": "replay of an earlier submission with the "
                                                                  "same Idempotency-Key and spec"},
-                         409: _ERR, 413: _ERR, 422: {"model": ValidationErrorResponse}, 429: _ERR})
+                         400: _BAD_BODY, 409: _ERR, 413: _ERR, 429: _ERR})
     def submit(spec: JobSpec, response: Response,
                idempotency_key: str | None = Header(
                    None, alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
@@ -619,10 +655,11 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return view(job, dashboard)
 
-    @api.get("/jobs", response_model=JobList, responses={422: {"model": ValidationErrorResponse}})
+    @api.get("/jobs", response_model=JobList)
     def list_jobs(state: JobState | None = Query(None, description="only jobs in this state"),
                   limit: int = Query(20, ge=1, le=200),
-                  cursor: int | None = Query(None, ge=0, description="next_cursor of the previous page")) -> JobList:
+                  cursor: int | None = Query(None, ge=0, le=2**53, description="next_cursor of the previous page"),
+                  ) -> JobList:
         """Jobs, newest first, a page at a time."""
         for job_id in store.ids_in("PENDING", "RUNNING"):  # so the state filter sees current states
             if (job := store.get(job_id)) is not None:
@@ -636,7 +673,7 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
         return view(refresh(load(job_id)), dashboard)
 
     @api.get("/jobs/{job_id}/metrics", response_model=MetricHistory,
-             responses={404: _ERR, 422: {"model": ValidationErrorResponse}})
+             responses={404: _ERR})
     def metrics(job_id: str, since: int | None = Query(None, ge=0, description="only records with step >= since"),
                 kind: Literal["train", "eval"] | None = Query(None),
                 limit: int = Query(10_000, ge=1, le=100_000)) -> MetricHistory:
@@ -645,9 +682,12 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
         records = store.metrics(job_id, since=since, kind=kind, limit=limit)
         return MetricHistory(job_id=job_id, count=len(records), records=records)
 
-    @api.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 404: _ERR,
-                        422: {"model": ValidationErrorResponse}})
+    # Errors are JSON like everywhere else, so the route's default class stays JSON; the text/plain
+    # 200 is documented by hand.
+    @api.get("/jobs/{job_id}/logs", response_model=None,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "the log text (a stream with follow=true)"},
+                        404: _ERR})
     async def logs(job_id: str, tail: int = Query(200, ge=0, le=1_000_000, description="last lines (0: all)"),
                    follow: bool = Query(False, description="stream the whole log until the job ends")) -> Response:
         """The Ray Job's log: its last `tail` lines, or (follow) a stream that ends with the job."""
@@ -670,7 +710,8 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
 
-    @api.post("/jobs/{job_id}/stop", status_code=202, response_model=JobView, responses={404: _ERR, 409: _ERR})
+    @api.post("/jobs/{job_id}/stop", status_code=202, response_model=JobView,
+              responses={400: _BAD_BODY, 404: _ERR, 409: _ERR, 413: _ERR})
     def stop(job_id: str) -> JobView:
         """Ask Ray to stop a pending or running job (it reaches STOPPED); 409 if it already ended."""
         job = refresh(load(job_id))
@@ -688,6 +729,15 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
         return CheckpointList(job_id=job.id, run_dir=job.run_dir, checkpoints=list_checkpoints(Path(job.run_dir)))
 
     app.include_router(api)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = FastAPI.openapi(app)
+            # FastAPI adds a JSON body to every 200; the log route's 200 is text only.
+            doc["paths"]["/v1/jobs/{job_id}/logs"]["get"]["responses"]["200"]["content"].pop("application/json", None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     # Outermost first: the token is checked before a byte of the body is read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BearerAuth, token=settings.token)

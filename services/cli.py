@@ -284,7 +284,7 @@ def wait(client: Any, job_id: str, poll_s: float = 2.0, quiet: bool = False, out
             if not quiet:
                 if tty:
                     out.write("\n")
-                if job.get("message"):
+                if job.get("message") and job["state"] != "SUCCEEDED":  # why it failed or stopped
                     out.write(f"{job['state']}: {job['message']}\n")
                 out.flush()
             return job

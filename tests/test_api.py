@@ -62,7 +62,8 @@ class ApiServer:
         return {"Authorization": f"Bearer {self.token}"}
 
     def http(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=30, **kwargs)
+        # Long enough for a submission to a just-started Ray head (the API waits for its job agent).
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=150, **kwargs)
 
     def start(self, timeout: float = 60.0) -> "ApiServer":
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -304,6 +305,10 @@ def test_all_errors_of_a_spec_are_listed_and_bad_queries_are_422(http: httpx.Cli
         assert r.status_code == 422 and r.json()["errors"][0]["path"] == field, r.text
     r = http.post("/v1/jobs", json={"name": "x"}, headers={"Idempotency-Key": "has spaces"})
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "header.Idempotency-Key"
+    r = http.get("/v1/jobs", params={"stat": "RUNNING"})  # a typo is not "no filter"
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "query.stat", r.text
+    r = http.delete("/v1/jobs")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "POST"}
 
 
 def test_oversized_body_is_413(http: httpx.Client):

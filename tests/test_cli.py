@@ -1,0 +1,124 @@
+"""The `dlrl` client commands against a real `dlrl serve` (real Ray, real Redis), and the server's
+refusal to start without a token.
+
+    dlrl submit spec.toml --wait     progress lines of steps and reward, exit 0 on SUCCEEDED, 1 otherwise
+    dlrl jobs / status / logs [-f] / checkpoints / stop
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dlrl.local_cluster import free_port
+from services.cli import progress_line
+from tests.test_api import TINY, ApiServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "train.steps=2", "--set", "eval.every=2", "--set", "eval.steps=5", "--set", "task.eval_size=4",
+         "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4", "--set", "rollout.steps=5",
+         "--set", "train.n_mc=2"]
+
+
+@pytest.fixture(scope="module")
+def api(redis_server, ray_cluster, tmp_path_factory) -> Iterator[ApiServer]:
+    server = ApiServer(redis_server.url, ray_cluster.dashboard_url, tmp_path_factory.mktemp("cli-runs")).start()
+    yield server
+    server.stop()
+
+
+def dlrl(api: ApiServer | None, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DLRL_API")}
+    if api is not None:
+        base.update(DLRL_API_URL=api.url, DLRL_API_TOKEN=api.token)
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_wait_shows_progress_and_the_other_commands_see_the_job(api: ApiServer):
+    run = dlrl(api, "submit", str(TINY), *SMALL, "--set", "name=cli-tiny", "--wait", "--poll", "0.5", timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    first = run.stdout.splitlines()[0]
+    assert first.startswith("submitted j-") and "(cli-tiny)" in first
+    job_id = first.split()[1]
+    bars = [line for line in run.stderr.splitlines() if line.startswith(("PENDING", "RUNNING", "SUCCEEDED"))]
+    assert bars[-1].startswith("SUCCEEDED") and "2/2 steps" in bars[-1] and "reward" in bars[-1] and "v2" in bars[-1]
+    assert any("[" in b and "reward" in b and b.startswith("RUNNING") for b in bars)  # seen while it ran
+
+    listed = dlrl(api, "jobs", "--state", "SUCCEEDED")
+    assert listed.returncode == 0 and job_id in listed.stdout and "cli-tiny" in listed.stdout
+    status = dlrl(api, "status", job_id)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "latest: reward" in status.stdout
+    logs = dlrl(api, "logs", job_id, "--tail", "0")
+    assert logs.returncode == 0 and "step    2/2" in logs.stdout
+    follow = dlrl(api, "logs", "-f", job_id)  # the job is over: the stream ends by itself
+    assert follow.returncode == 0 and "step    2/2" in follow.stdout
+    ckpt = dlrl(api, "checkpoints", job_id)
+    assert ckpt.returncode == 0 and ckpt.stdout.startswith("checkpoint ")
+    stop = dlrl(api, "stop", job_id)
+    assert stop.returncode == 1 and "HTTP 409" in stop.stderr and "already ended" in stop.stderr
+
+
+def test_submit_wait_exits_nonzero_when_the_job_fails(api: ApiServer):
+    run = dlrl(api, "submit", str(TINY), *SMALL, "--set", "name=cli-broken", "--set", "model.path=builtin:no-such-model",
+               "--wait", "--poll", "0.5", "-q", timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    job_id = run.stdout.strip()
+    assert job_id.startswith("j-")
+    status = dlrl(api, "status", job_id, "--json")
+    assert '"state": "FAILED"' in status.stdout
+    assert "no-such-model" in dlrl(api, "logs", job_id, "--tail", "0").stdout
+
+
+def test_client_errors_are_plain_messages(api: ApiServer):
+    bad = dlrl(api, "submit", str(TINY), "--set", "rollout.block_length=6")
+    assert bad.returncode == 2 and "rollout" in bad.stderr and "not a multiple" in bad.stderr  # caught locally
+    wrong = dlrl(api, "jobs", "--token", "wrong")
+    assert wrong.returncode == 1 and "HTTP 401" in wrong.stderr
+    unknown = dlrl(api, "status", "j-000000000000")
+    assert unknown.returncode == 1 and "HTTP 404" in unknown.stderr
+    down = dlrl(None, "jobs", "--api-url", f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 1 and "cannot reach the job API" in down.stderr
+
+
+def test_serve_refuses_to_start_open_unless_told_and_on_loopback(tmp_path, redis_server):
+    no_token = dlrl(None, "serve", "--port", str(free_port()), env={"DLRL_API_TOKEN": "", "DLRL_API_TOKEN_FILE": ""})
+    assert no_token.returncode == 2 and "no API token" in no_token.stderr
+    public = dlrl(None, "serve", "--host", "0.0.0.0", "--insecure-open", "--port", str(free_port()))
+    assert public.returncode == 2 and "loopback" in public.stderr
+    missing = dlrl(None, "serve", "--port", str(free_port()), env={"DLRL_API_TOKEN_FILE": str(tmp_path / "nope")})
+    assert missing.returncode == 2 and "DLRL_API_TOKEN_FILE" in missing.stderr
+
+    # A token from a secret file.
+    (tmp_path / "token").write_text("file-token-123\n")
+    server = ApiServer(redis_server.url, "http://127.0.0.1:1", tmp_path, token="")
+    server.env["DLRL_API_TOKEN_FILE"] = str(tmp_path / "token")
+    server.start()
+    try:
+        assert httpx.get(server.url + "/v1/jobs", timeout=10).status_code == 401
+        ok = httpx.get(server.url + "/v1/jobs", headers={"Authorization": "Bearer file-token-123"}, timeout=10)
+        assert ok.status_code == 200
+    finally:
+        server.stop()
+    # Open, on loopback, only when asked.
+    server = ApiServer(redis_server.url, "http://127.0.0.1:1", tmp_path, "--insecure-open", token="")
+    server.start()
+    try:
+        assert httpx.get(server.url + "/v1/jobs", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_progress_line():
+    job = {"state": "RUNNING", "progress": {"step": 3, "total_steps": 12, "fraction": 0.25},
+           "reward": 0.5312, "eval_reward": 0.42, "policy_version": 3}
+    assert progress_line(job, width=8) == "RUNNING    [##------]  3/12 steps  reward 0.531  eval 0.420  v3"
+    fresh = {"state": "PENDING", "progress": {"step": 0, "total_steps": 5, "fraction": 0.0},
+             "reward": None, "eval_reward": None, "policy_version": None}
+    assert progress_line(fresh, width=4) == "PENDING    [----]  0/5 steps"
