@@ -160,7 +160,7 @@ class RayJobs:
         self._client: Any = None
         self._lock = threading.Lock()
 
-    def _get(self) -> Any:
+    def connect(self) -> Any:
         with self._lock:
             if self._client is None:
                 cls = _timed_client_class()
@@ -172,7 +172,7 @@ class RayJobs:
             return self._client
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        client = self._get()
+        client = self.connect()
         try:
             return fn(client)
         except Exception as exc:
@@ -235,7 +235,7 @@ class RayJobs:
 
     async def follow(self, submission_id: str) -> AsyncIterator[str]:
         """The job's log from the start, then as it is written; ends when the job ends."""
-        client = self._get()
+        client = self.connect()
         async for chunk in client.tail_job_logs(submission_id):
             yield chunk
 
@@ -321,6 +321,7 @@ class CheckpointInfo(BaseModel):
     path: str
     """Relative to the run directory."""
     step: int | None
+    """Learner steps done when it was saved (from its resume state; None if it has none)."""
     policy_version: int | None
     size_bytes: int
     mtime: float
@@ -699,7 +700,7 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
             text = await run_in_threadpool(ray_jobs.logs, sid)
             lines = text.splitlines(keepends=True)
             return PlainTextResponse("".join(lines[-tail:] if tail else lines))
-        await run_in_threadpool(ray_jobs._get)  # 503 now, not a broken stream, when Ray is down
+        await run_in_threadpool(ray_jobs.connect)  # 503 now, not a broken stream, when Ray is down
 
         async def stream() -> AsyncIterator[str]:
             try:

@@ -2,7 +2,7 @@
 
     dlrl train deploy/jobs/tiny-sudoku.toml                 # the embedded default job, in this process
     dlrl train spec.toml --set train.steps=3 --set name=smoke
-    dlrl train spec.toml --resume                           # continue from <run>/state
+    dlrl train spec.toml --resume                           # continue from <run>/checkpoint
     dlrl validate spec.toml                                 # check a spec, print it resolved
 
     dlrl serve --host 127.0.0.1 --port 8000                 # the job API (DLRL_API_TOKEN, DLRL_REDIS_URL,
@@ -179,9 +179,6 @@ def _read_spec(args: argparse.Namespace) -> JobSpec | int:
 
 def _train(spec: JobSpec, args: argparse.Namespace) -> int:
     on_record = None
-    if os.environ.get("RAY_ADDRESS") and spec.runtime.ray_address is None:
-        # Inside a Ray Job: join the job's own cluster rather than starting a private one.
-        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"ray_address": "auto"})})
     if args.job_id:
         from services.jobstore import JobStore, MetricMirror
 
@@ -191,9 +188,14 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
             return 2
         store = JobStore.from_url(url, os.environ.get("DLRL_REDIS_PREFIX") or "dlrl")
         on_record = MetricMirror(store, args.job_id)
-    from services.driver import run  # heavy imports (ray, torch) only when training
+    from services.driver import ResumeError, run  # heavy imports (ray, torch) only when training
 
-    run(spec, resume=args.resume, on_record=on_record)
+    try:
+        # An API job's id names its queue: two jobs of the same name must not share (or purge) one.
+        run(spec, resume=args.resume, on_record=on_record, run_id=args.job_id)
+    except ResumeError as exc:
+        print(f"dlrl: cannot resume: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -207,6 +207,7 @@ def test_tiny_job_reaches_succeeded_with_metrics_across_an_api_restart(api: ApiS
 
     ckpts = http.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]
     assert [c["path"] for c in ckpts] == ["checkpoint"] and ckpts[0]["size_bytes"] > 100_000
+    assert ckpts[0]["step"] == 6 and ckpts[0]["policy_version"] == 6
     assert (Path(job["run_dir"]) / "checkpoint").is_dir() and Path(job["run_dir"]).parent == api.runs_dir / job_id
 
     log = http.get(f"/v1/jobs/{job_id}/logs", params={"tail": 0}).text

@@ -122,3 +122,8 @@ def test_progress_line():
     fresh = {"state": "PENDING", "progress": {"step": 0, "total_steps": 5, "fraction": 0.0},
              "reward": None, "eval_reward": None, "policy_version": None}
     assert progress_line(fresh, width=4) == "PENDING    [----]  0/5 steps"
+
+
+def test_train_resume_without_a_checkpoint_is_a_plain_error(tmp_path):
+    run = dlrl(None, "train", str(TINY), "--resume", "--set", f"runtime.out_dir={tmp_path}", "--set", "name=never-ran")
+    assert run.returncode == 2 and "cannot resume" in run.stderr, run.stderr[-2000:]
