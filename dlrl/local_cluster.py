@@ -159,6 +159,7 @@ class RayHead:
                 "--object-store-memory", str(self.object_store_bytes),
                 "--dashboard-host", LOOPBACK, "--dashboard-port", str(self.dashboard_port),
                 "--metrics-export-port", str(self.metrics_port),
+                "--dashboard-agent-listen-port", str(free_port()),  # Ray's fixed default may be taken
                 "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.temp_dir),
                 "--disable-usage-stats"]
 

@@ -26,6 +26,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -220,6 +223,13 @@ class Run:
         return step
 
 
+def stop_on_sigterm() -> None:
+    """`ray job stop` and `docker stop` send SIGTERM: exit through Python so the run's actors and
+    queue are cleaned up (`finally`) instead of dying with the process and leaking in the cluster."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def with_redis_url(spec: JobSpec) -> JobSpec:
     """The spec the actors get: the Redis URL resolved here, since Ray starts actor processes with
     the cluster's environment, not this process's (spec.json on disk keeps it unresolved)."""
@@ -268,16 +278,19 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
           f"{spec.rollout.num_workers} rollout worker(s), {spec.queue.backend} queue, "
           f"max_staleness {spec.runtime.max_staleness}, steps {start_step}->{spec.train.steps} -> {run_dir}",
           flush=True)
+    stop_on_sigterm()
+    queue = open_queue(r.spec, run_id, consumer="driver")
     try:
         r.loop(r.start_learner())
-        queue = open_queue(r.spec, run_id, consumer="driver")
         dead_letters = queue.dead_letters()
-        if spec.queue.backend == "ray":
-            queue.delete()  # the actor is detached; a finished run leaves nothing behind in the cluster
     finally:
         for actor in [*r.workers, r.learner]:
             if actor is not None:
                 ray.kill(actor)
+        if spec.queue.backend == "ray":
+            # The queue actor is detached; whether the run finished, failed or was stopped it must
+            # not outlive it (a resumed run regenerates what was in it; Redis keeps its stream).
+            queue.delete()
     png = plot_rewards(run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
     evals = [x["eval_reward"] for x in read_metrics(metrics_path) if x.get("kind") == "eval"]
     summary = {
