@@ -214,10 +214,3 @@ class JobSpec(Section):
     def from_toml(cls, path: str | Path) -> "JobSpec":
         with open(path, "rb") as f:
             return cls.model_validate(tomllib.load(f))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "JobSpec":
-        """A spec from TOML (what users write) or JSON (what a run leaves in spec.json)."""
-        if Path(path).suffix == ".json":
-            return cls.model_validate_json(Path(path).read_bytes())
-        return cls.from_toml(path)

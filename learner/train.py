@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ class Learner:
         )
         return metrics
 
-    def _accept(self, d: Delivery, batch_ids: set[str]) -> bool:
+    def _accept(self, d: Delivery, batch_ids: Container[str]) -> bool:
         """Whether a delivered group is trained on now; drops are counted and acknowledged at once."""
         g = d.group
         if g.group_id in self._trained_set or g.group_id in batch_ids:
@@ -137,7 +138,7 @@ class Learner:
             else:
                 arrived = self.queue.get(n_groups - len(taken), timeout=min(left, 5.0))
             for d in arrived:
-                if self._accept(d, set(taken)):
+                if self._accept(d, taken):
                     taken[d.group.group_id] = d
         waited = time.perf_counter() - t0
         chosen = sorted(taken.values(), key=lambda d: (d.group.policy_version, d.group.group_id))
@@ -179,7 +180,7 @@ class Learner:
         """Broadcast the current version (every worker calls recv_weights at the same time)."""
         return self.publisher.send(self.version, self.weights())
 
-    def save(self, path: str | Path, driver_state: dict | None = None) -> str:
+    def save(self, path: str | Path) -> str:
         """Atomically write an HF checkpoint plus the resume state to `path`, then acknowledge
         the queue entries of every step it contains (never earlier: a crash before the rename
         leaves them pending, to be re-read by the resumed run)."""
@@ -189,8 +190,10 @@ class Learner:
         save_checkpoint(self.model, self.tokenizer, tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / STATE_PT)
-        state = {"version": self.version, "trained_groups": self.trained, "counts": self.counts,
-                 "driver": driver_state or {}}
+        # One step per version, and rollout batch b is trained at step b: the version is also the
+        # step and the prompt cursor a resumed run starts from.
+        state = {"version": self.version, "step": self.version, "trained_groups": self.trained,
+                 "counts": self.counts}
         (tmp / STATE_JSON).write_text(json.dumps(state) + "\n")
         if path.exists():
             old = path.with_name(path.name + ".old")

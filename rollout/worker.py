@@ -57,7 +57,6 @@ class RolloutWorker:
         self.shard: list[Example] = train[index::num_workers]
         if not self.shard:
             raise ValueError(f"worker {index} of {num_workers} has no training prompts")
-        self.version = 0
         self.receiver = WeightReceiver(self.model, version=0)  # both transports write into the model
         r = spec.rollout
         self.params = SamplingParams(r.gen_length, r.block_length, r.steps, r.temperature,
@@ -81,10 +80,19 @@ class RolloutWorker:
             out.append(self.shard[self._epoch_order(epoch)[i]])
         return out
 
+    @property
+    def version(self) -> int:
+        """The weights version the model holds (the receiver tracks it, whichever way it came)."""
+        return self.receiver.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.receiver.version = value
+
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
         """Load a weights version given as tensors (full state or LoRA adapter tensors)."""
         self.model.load_state_dict(state, strict=False)
-        self.version = self.receiver.version = version
+        self.version = version
         return version
 
     def rollout(self, n_groups: int, batch: int) -> list[TrajectoryGroup]:
@@ -124,9 +132,7 @@ class RolloutWorker:
         it already (it came by broadcast, or this is a second call for the same batch)."""
         if handle is None:
             return {"weight_sync_seconds": 0.0, "weight_sync_bytes": 0.0}
-        stats = self.receiver.receive(handle)
-        self.version = self.receiver.version
-        return stats.metrics()
+        return self.receiver.receive(handle).metrics()
 
     def join_weight_group(self, address: GroupAddress, rank: int) -> bool:
         """Join the learner's broadcast group (called on all members at once by the driver)."""
@@ -134,9 +140,7 @@ class RolloutWorker:
 
     def recv_weights(self) -> SyncStats:
         """Take part in the learner's broadcast of its next version (between two batches)."""
-        stats = self.receiver.recv()
-        self.version = self.receiver.version
-        return stats
+        return self.receiver.recv()
 
     def rollout_to_queue(self, batch: int, n_groups: int, handle: WeightHandle | None = None) -> dict[str, float]:
         """Rollout batch `batch` with the weights `handle` names, onto the trajectory queue.

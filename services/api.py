@@ -406,8 +406,7 @@ def _checkpoint_step(path: Path) -> tuple[int | None, int | None]:
         return None, None
     if not isinstance(state, dict):
         return None, None
-    driver = state.get("driver") if isinstance(state.get("driver"), dict) else {}
-    step = driver.get("step", state.get("step"))
+    step = state.get("step")
     version = state.get("version")
     return (step if isinstance(step, int) else None), (version if isinstance(version, int) else None)
 

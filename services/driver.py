@@ -183,13 +183,13 @@ class Run:
             t_step = time.perf_counter()
             step += 1
             if spec.runtime.checkpoint_every and step % spec.runtime.checkpoint_every == 0:
-                ray.get(self.learner.save.remote(str(self.checkpoint), {"step": step}))
+                ray.get(self.learner.save.remote(str(self.checkpoint)))
             if step % spec.eval.every == 0:
                 plot_rewards(self.run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
         self._log_evals(evals, upto=total)
         final = self.workers[0].evaluate.remote(spec.task.eval_size, eval_steps, handle=handle)
         self.log.eval(total, ray.get(final))
-        ray.get(self.learner.save.remote(str(self.checkpoint), {"step": total}))
+        ray.get(self.learner.save.remote(str(self.checkpoint)))
 
     def _log_evals(self, evals: dict[int, ray.ObjectRef], upto: int) -> None:
         for s in sorted(k for k in evals if k <= upto):
@@ -269,17 +269,18 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         metrics_path.unlink(missing_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     start_ray(spec)
+    actor_spec = with_redis_url(spec)
+    queue = open_queue(actor_spec, run_id, consumer="driver")
     if not resume:
-        open_queue(with_redis_url(spec), run_id).purge()  # a fresh run must not train on an old run's groups
+        queue.purge()  # a fresh run must not train on an old run's groups
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record)
-    r = Run(with_redis_url(spec), run_dir, log, run_id)
+    r = Run(actor_spec, run_dir, log, run_id)
     print(f"dlrl: job {spec.name!r}: {spec.train.algorithm} on {spec.task.name}, model {spec.model.path}, "
           f"{spec.rollout.num_workers} rollout worker(s), {spec.queue.backend} queue, "
           f"max_staleness {spec.runtime.max_staleness}, steps {start_step}->{spec.train.steps} -> {run_dir}",
           flush=True)
     stop_on_sigterm()
-    queue = open_queue(r.spec, run_id, consumer="driver")
     try:
         r.loop(r.start_learner())
         dead_letters = queue.dead_letters()
