@@ -4,9 +4,10 @@ Each algorithm runs the shipped spec (deploy/jobs/tiny-sudoku.toml) with only `t
 changed (the naive ratio runs its n_t samples as one chunk, as it must keep them all alive), one
 after the other on the same machine. Writes bench/results/tiny_sudoku.json with each run's
 held-out curve, first evaluation, mean of the last three, gain, wall time and step time, plus
-the SFT curve of the starting checkpoint.
+the starting checkpoint's recipe and SFT curve; each run's reward curve is copied beside it as
+bench/results/tiny_sudoku_<algorithm>_reward.png.
 
-    python bench/tiny_sudoku.py                         # all three (about 40 minutes on 2 cores)
+    python bench/tiny_sudoku.py                         # all three (about 20 minutes on 2 cores)
     python bench/tiny_sudoku.py --algorithms bgpo --steps 50
 """
 
@@ -17,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,7 @@ SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
 ASSET = ROOT / "dlrl/assets/tiny-sudoku"
 
 
-def run_one(algorithm: str, steps: int | None, out_dir: Path) -> dict:
+def run_one(algorithm: str, steps: int | None, out_dir: Path, results: Path) -> dict:
     sets = ["--set", f"train.algorithm={algorithm}", "--set", f"name={algorithm}",
             "--set", f"runtime.out_dir={out_dir}"]
     if algorithm == "naive_elbo":
@@ -46,6 +48,7 @@ def run_one(algorithm: str, steps: int | None, out_dir: Path) -> dict:
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
+    shutil.copyfile(run / "reward.png", results / f"tiny_sudoku_{algorithm}_reward.png")
     return {
         "algorithm": algorithm,
         "steps": summary["steps"],
@@ -70,7 +73,8 @@ def main() -> None:
     p.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
     args = p.parse_args()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="dlrl-bench-"))
-    rows = [run_one(a, args.steps, runs_dir) for a in args.algorithms]
+    results = Path(args.out).parent
+    rows = [run_one(a, args.steps, runs_dir, results) for a in args.algorithms]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     sft = json.loads((ASSET / "sft_curve.json").read_text())
     result = {
@@ -81,7 +85,8 @@ def main() -> None:
                     "python": platform.python_version()},
         "spec": str(SPEC.relative_to(ROOT)),
         "start_checkpoint": {"path": "builtin:tiny-sudoku", "sft_recipe": sft["recipe"],
-                             "sft_saved_at_step": sft["saved_at_step"], "sft_curve": sft["curve"]},
+                             "teacher": sft["teacher"], "sft_saved_at_step": sft["saved_at_step"],
+                             "sft_curve": sft["curve"]},
         "runs": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
