@@ -6,7 +6,7 @@ cluster address and the Redis URL differ from the spec), and compares its held-o
 single-process BGPO run in bench/results/tiny_sudoku.json. Writes
 bench/results/tiny_sudoku_distributed.json and the run's reward curve PNG beside it.
 
-    python bench/tiny_sudoku_distributed.py            # 300 steps (about 15 min on 2 cores)
+    python bench/tiny_sudoku_distributed.py            # 150 steps (about 8 min on 2 cores)
 """
 
 from __future__ import annotations

@@ -115,6 +115,11 @@ class TrainSpec(Section):
     warmup_steps: int = Field(0, ge=0)
     """Linear learning-rate warm-up: Adam's first steps are sign-like (as large as lr on every
     weight whatever the gradient's size), which jolts an already-trained policy."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warm-up, to lr * final_lr_ratio at the last step: the last steps
+    then move the policy less, so the run does not end on its noisiest updates."""
+    final_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The decayed learning rate at the last step, as a fraction of lr (not used when constant)."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.99)

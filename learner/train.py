@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Container
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
 from learner.batch import collate
+from learner.schedule import lr_factor
 from learner.step import train_step
 
 STATE_JSON = "trainer_state.json"
@@ -57,9 +59,10 @@ class Learner:
         t = spec.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / (t.warmup_steps + 1))
-        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_factor, warmup_steps=t.warmup_steps, total_steps=t.steps, decay=t.lr_decay,
+            final_ratio=t.final_lr_ratio,
+        ))
         self.version = 0
         self.trained: list[str] = []  # group ids, in the order they were trained on
         self._trained_set: set[str] = set()

@@ -122,3 +122,39 @@ def test_reward_reads_the_last_answer_tag():
 def test_reward_on_a_huge_completion_is_fast_and_zero():
     assert get_task("sudoku").reward("x" * 10**7, EX) == 0.0
     assert get_task("sudoku").reward("1234341221434321" + "x" * 10**7, EX) == 1.0
+
+
+def _build_script():
+    """scripts/build_tiny_sudoku.py as a module (scripts/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_tiny_sudoku.py"
+    spec = importlib.util.spec_from_file_location("build_tiny_sudoku", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_starting_checkpoints_sloppy_teacher_fills_rows_only():
+    row_fill = _build_script().row_fill
+    # one blank per row: the row alone decides it, so the row fill is the solution
+    assert row_fill(PUZZLE) == SOLUTION
+    # row 0 "..34" -> missing {1, 2} in ascending order: right; row 1 "3..2" -> "3142", wrong
+    # (the solution's row is 3412): columns and boxes are ignored
+    puzzle = "..34" + "3..2" + "2143" + "4321"
+    assert row_fill(puzzle) == "1234" + "3142" + "2143" + "4321"
+    ex = Example(id="two", question={"puzzle": puzzle}, answer={"solution": SOLUTION})
+    assert get_task("sudoku").score("\n".join([row_fill(puzzle)[i:i + 4] for i in range(0, 16, 4)]), ex) == 0.5
+
+
+def test_the_shipped_start_is_an_sft_plateau_below_the_teacher():
+    """The claim the default job rests on: more SFT on the teacher no longer helps."""
+    import json
+    from pathlib import Path
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "dlrl/assets/tiny-sudoku/sft_curve.json").read_text())
+    saved = record["saved_eval_reward"]
+    after = [c["eval_reward"] for c in record["curve"] if c["step"] > record["saved_at_step"]]
+    assert saved <= 0.6 < record["teacher"]["held_out_reward"]
+    assert len(after) >= 4 and max(after) <= saved + 0.05 and sum(after) / len(after) <= saved + 0.02
