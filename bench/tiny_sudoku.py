@@ -9,6 +9,7 @@ bench/results/tiny_sudoku_<algorithm>_reward.png.
 
     python bench/tiny_sudoku.py                         # all three (about 20 minutes on 2 cores)
     python bench/tiny_sudoku.py --algorithms bgpo --steps 50
+    python bench/tiny_sudoku.py --algorithms bgpo --seeds 1 2 --out bench/results/tiny_sudoku_seeds.json
 """
 
 from __future__ import annotations
@@ -27,30 +28,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dlrl.config import JobSpec  # noqa: E402
 from services.progress import read_metrics  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
 ASSET = ROOT / "dlrl/assets/tiny-sudoku"
 
 
-def run_one(algorithm: str, steps: int | None, out_dir: Path, results: Path) -> dict:
-    sets = ["--set", f"train.algorithm={algorithm}", "--set", f"name={algorithm}",
+def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, results: Path) -> dict:
+    name = algorithm if seed is None else f"{algorithm}-seed{seed}"
+    sets = ["--set", f"train.algorithm={algorithm}", "--set", f"name={name}",
             "--set", f"runtime.out_dir={out_dir}"]
+    if seed is not None:  # seeds prompt order, sampling noise and MC masks; not the start or eval set
+        sets += ["--set", f"train.seed={seed}"]
     if algorithm == "naive_elbo":
         sets += ["--set", "train.mc_chunk=4"]
     if steps:
         sets += ["--set", f"train.steps={steps}"]
     cmd = [sys.executable, "-m", "services.cli", "train", str(SPEC), *sets]
-    print(f"== {algorithm}: {' '.join(cmd[2:])}", flush=True)
+    print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
-    run = out_dir / algorithm
+    run = out_dir / name
     summary = json.loads((run / "summary.json").read_text())
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    shutil.copyfile(run / "reward.png", results / f"tiny_sudoku_{algorithm}_reward.png")
+    shutil.copyfile(run / "reward.png", results / f"tiny_sudoku_{name}_reward.png")
     return {
         "algorithm": algorithm,
+        "seed": JobSpec.from_toml(SPEC).train.seed if seed is None else seed,
         "steps": summary["steps"],
         "first_eval_reward": summary["first_eval_reward"],
         "last3_eval_reward": summary["last3_eval_reward"],
@@ -69,12 +75,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithms", nargs="+", default=["bgpo", "naive_elbo", "diffu_grpo"])
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the spec's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the spec's)")
     p.add_argument("--out", default=str(ROOT / "bench/results/tiny_sudoku.json"))
     p.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
     args = p.parse_args()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="dlrl-bench-"))
     results = Path(args.out).parent
-    rows = [run_one(a, args.steps, runs_dir, results) for a in args.algorithms]
+    rows = [run_one(a, seed, args.steps, runs_dir, results)
+            for a in args.algorithms for seed in (args.seeds or [None])]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     sft = json.loads((ASSET / "sft_curve.json").read_text())
     result = {
@@ -91,7 +99,7 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
-        print(f"{r['algorithm']:11s} held-out {r['first_eval_reward']:.3f} -> {r['last3_eval_reward']:.3f}"
+        print(f"{r['algorithm']:11s} seed {r['seed']}  held-out {r['first_eval_reward']:.3f} -> {r['last3_eval_reward']:.3f}"
               f" (gain {r['gain']:+.3f})  {r['wall_seconds'] / 60:.1f} min, {r['mean_step_seconds']:.2f} s/step")
     print(f"wrote {args.out}")
 
