@@ -40,6 +40,7 @@ import pytest
 
 import dlrl  # noqa: F401  (sets RAY_AUTH_MODE before anything imports ray)
 from services.cli import load_spec
+from tests.test_api import wait_for
 from tests.test_deploy_files import (DOCKERFILE, REPO, dockerfile_instructions, example_env, load_compose,
                                      service_secret_paths)
 
@@ -301,15 +302,6 @@ def localize(compose: dict, root: Path, secret_values: dict[str, str]) -> Locali
 # --- the test --------------------------------------------------------------------------------
 
 
-def _wait(predicate, deadline: float, what: str, every: float = 1.0) -> Any:
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not before the test's deadline")
-
-
 def test_localize_maps_only_hosts_ports_volumes_and_secrets(tmp_path: Path):
     """The mapping itself, on the real compose file: nothing else of a command changes."""
     values = {"DLRL_API_TOKEN": "api-token", "REDIS_PASSWORD": "redispw", "RAY_AUTH_TOKEN": "raytoken"}
@@ -386,7 +378,7 @@ def test_compose_services_run_a_tiny_job_end_to_end():
                 job = http.get(f"/v1/jobs/{job_id}").json()
                 return job if job["state"] in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-            job = _wait(finished, deadline, f"job {job_id} to end", every=2.0)
+            job = wait_for(finished, deadline - time.monotonic(), f"job {job_id} to end", every=2.0)
             logs = http.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}).text
             assert job["state"] == "SUCCEEDED", f"{job}\n{logs}"
             assert job["progress"]["step"] == 2 and job["reward"] is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dlrl.tasks import Example, get_task
-from dlrl.tasks.sudoku import all_grids, count_solutions, solve, split_grids, sudoku_task
+from dlrl.tasks.sudoku import all_grids, count_solutions, rows, solve, split_grids, sudoku_task
 
 # rows 1234 / 3412 / 2143 / 4321: every row, column and 2×2 box is a permutation of 1..4
 SOLUTION = "1234341221434321"
@@ -145,7 +145,7 @@ def test_the_starting_checkpoints_sloppy_teacher_fills_rows_only():
     puzzle = "..34" + "3..2" + "2143" + "4321"
     assert row_fill(puzzle) == "1234" + "3142" + "2143" + "4321"
     ex = Example(id="two", question={"puzzle": puzzle}, answer={"solution": SOLUTION})
-    assert get_task("sudoku").score("\n".join([row_fill(puzzle)[i:i + 4] for i in range(0, 16, 4)]), ex) == 0.5
+    assert get_task("sudoku").score("\n".join(rows(row_fill(puzzle))), ex) == 0.5
 
 
 def test_the_shipped_start_is_an_sft_plateau_below_the_teacher():
