@@ -16,9 +16,17 @@ from functools import lru_cache
 
 import torch
 
+from dlrl.models.kv_cache import KVCache
+
 # model_type -> how the family takes padding: "2d" key-padding mask, or "4d" boolean (B,1,T,T).
 # The built-in model takes either; "2d" lets it derive per-row positions itself.
 MASK_STYLE = {"llada": "2d", "Dream": "4d", "dlrl_bidirectional": "2d"}
+
+# model_type -> by how many positions the model's raw logits lag the tokens they predict. Dream
+# (like the Qwen2 it starts from) predicts token i from hidden state i - 1; its published
+# generation code shifts the logits right by one (position 0 keeps its own). Models return their
+# published raw logits; this module aligns them, so callers always get logits[:, i] for token i.
+LOGIT_SHIFT = {"Dream": 1}
 
 
 @lru_cache(maxsize=None)
@@ -58,8 +66,9 @@ def diffusion_logits(
     shifted positions; RoPE scores depend only on position differences, so the logits agree up to
     rounding.
     """
+    shift = LOGIT_SHIFT.get(_model_type(model), 0)
     if attention_mask is None or bool(attention_mask.all()):
-        return model(input_ids).logits
+        return align_logits(model(input_ids).logits, shift)
     inner = _unwrapped(model)
     model_type = getattr(getattr(inner, "config", None), "model_type", "")
     kwargs: dict = {}
@@ -69,4 +78,52 @@ def diffusion_logits(
         kwargs["attention_mask"] = attention_mask
     else:
         kwargs["attention_mask"] = padding_to_4d(attention_mask)
-    return model(input_ids, **kwargs).logits
+    return align_logits(model(input_ids, **kwargs).logits, shift)
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    return getattr(getattr(_unwrapped(model), "config", None), "model_type", "")
+
+
+def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
+    """Raw logits (B, T, V) -> logits[:, i] for token i: shift right by `shift`, the first kept."""
+    if shift == 0:
+        return logits
+    return torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)
+
+
+def cached_diffusion_logits(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    kv_cache: KVCache,
+    start: int,
+    end: int,
+) -> torch.Tensor:
+    """Logits (B, end - start, V) for positions [start, end) of x (B, T), through `kv_cache`.
+
+    start = 0 on an empty cache is the full forward that fills it. Otherwise only positions
+    [start - shift, end) are forwarded (a model whose logits lag by `shift` needs the hidden state
+    before the first position it predicts) and attend to the cached keys/values of the others.
+    attention_mask: (B, T) 1/0 padding mask of the whole sequence, or None. Native families only:
+    the model's forward must take `kv_cache` and `cache_start` (dlrl.models.kv_cache).
+    """
+    shift = LOGIT_SHIFT.get(_model_type(model), 0)
+    first = 0 if start == 0 else start - shift
+    if first < 0:
+        raise ValueError(f"a block step at {start} needs position {first}: refresh from 0 first")
+    b = x.shape[0]
+    if attention_mask is None:
+        positions = torch.arange(first, end, device=x.device).expand(b, -1)
+        mask = None
+    else:
+        positions = padding_positions(attention_mask)[:, first:end]
+        keep = attention_mask.bool()
+        width = max(len(kv_cache), end)  # keys attended after this call's update
+        mask = keep[:, None, None, :width].expand(-1, 1, end - first, -1)
+    out = model(x[:, first:end], attention_mask=mask, position_ids=positions,
+                kv_cache=kv_cache, cache_start=first).logits  # (B, end - first, V)
+    if start == 0:
+        return align_logits(out, shift)
+    return out[:, start - first - shift: end - first - shift] if shift else out
