@@ -9,6 +9,7 @@ same flags the compose services use.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -123,8 +124,11 @@ one-machine cluster for tests and benchmarks should not listen beyond loopback."
 class RayHead:
     """`ray start --head --block` on free loopback ports, with the dashboard and Jobs API.
 
-    Token authentication stays on (Ray's default for `ray start`); clients in this process and
-    its children find the token through RAY_AUTH_MODE=token, which `env()` supplies.
+    Token authentication stays on (Ray's default for `ray start`). `ray start` does not make a
+    token (only `ray.init()` of a local cluster does), so unless the caller names one
+    (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) the head gets a fresh random token in its own temp
+    dir, never the user's ~/.ray/auth_token; clients in this process and its children find it
+    through the variables `env()` supplies, which `start()` also sets in this process.
     """
 
     num_cpus: int = 2
@@ -148,9 +152,18 @@ class RayHead:
         """The node's Prometheus endpoint (ray.util.metrics series, e.g. ray_dlrl_reward)."""
         return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
-    @staticmethod
-    def env() -> dict[str, str]:
-        return {**os.environ, **LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+    def token_env(self) -> dict[str, str]:
+        """RAY_AUTH_TOKEN_PATH of this head's token, unless the environment already names one."""
+        if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            return {}
+        path = self.temp_dir / "auth_token"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_hex(32))
+        return {"RAY_AUTH_TOKEN_PATH": str(path)}
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **LOOPBACK_ENV, **self.token_env(), "RAY_USAGE_STATS_ENABLED": "0"}
 
     def command(self) -> list[str]:
         ray = str(Path(sys.executable).with_name("ray"))
@@ -172,7 +185,7 @@ class RayHead:
         except BaseException:
             self.stop()
             raise
-        os.environ.update(LOOPBACK_ENV)
+        os.environ.update({**LOOPBACK_ENV, **self.token_env()})
         return self
 
     def _jobs_api_up(self) -> bool:

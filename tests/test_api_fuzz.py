@@ -16,7 +16,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from services.api import ApiSettings, create_app
 from tests.test_api import ApiServer, tiny_spec
@@ -46,9 +46,11 @@ def test_generated_requests_never_get_a_5xx(case, fuzz_api: ApiServer):
     # With the token: every check (no 5xx, documented status codes, response schemas, and that the
     # API refuses the same request without the token) but one: JSON Schema cannot say JobSpec's
     # cross-field rules (steps a multiple of the blocks, mc_chunk <= n_mc), so a schema-valid
-    # body may rightly be 422.
+    # body may rightly be 422. Nor can it judge negative cases here: `headers=` puts back the token
+    # a negative case removed, so its request is valid and rightly 200 (schemathesis 4.32 reports
+    # that as ST201); the 422s for invalid bodies, ids and queries are tested one by one elsewhere.
     response = case.call_and_validate(base_url=fuzz_api.url, headers=fuzz_api.headers, timeout=30,
-                                      excluded_checks=[positive_data_acceptance])
+                                      excluded_checks=[positive_data_acceptance, negative_data_rejection])
     assert response.status_code < 500, response.text
 
 
