@@ -1,0 +1,295 @@
+"""Run model-written Python in a contained child process and judge, unforgeably, whether it passed.
+
+Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_program(source)` runs it
+
+- inside **bubblewrap** (`bwrap`, the sandbox Flatpak uses) with new network, PID, IPC and UTS
+  namespaces: no network at all (not even 127.0.0.1: the namespace has only a down loopback), no
+  view of host processes (so `os.kill` of the parent or of a worker cannot reach them), and a
+  filesystem of read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev,
+  and a size-capped tmpfs as the working directory (/sandbox; /tmp points there).  Nothing of the
+  host's /etc, /root, /home, /work, Ray or Redis files is mounted;
+- as a fresh random unprivileged uid when the caller is root (`setpriv`, with no_new_privs and an
+  empty capability bounding set), so even a mount mistake could not hand root to the program;
+- under rlimits set by `prlimit` on the interpreter: CPU seconds, address space, processes
+  (a fork bomb hits the process cap), open files, file size, no core dumps;
+- with a wall-clock deadline: on expiry the whole process group is SIGKILLed, and since the
+  program runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
+- with a scrubbed environment (`PATH`, `LANG`, `HOME` only: no Redis password, Ray token or
+  other secret of the worker's environment) and the interpreter in isolated mode (`-I`);
+- with stdout + stderr capped: a program that writes more than `max_output_bytes` is killed.
+
+**Judging a pass.**  A fixed harness reads a per-run random nonce from stdin (with the program
+after it), closes stdin, executes the program, and only after it *returned normally* writes the
+nonce to a copy of stdout it saved beforehand.  The parent counts a pass only if the exit status
+is 0 and the nonce is in stdout.  `sys.exit(0)`, `os._exit(0)`, an exception, a killed process,
+or printing "passed"/"OK" all fail: the nonce never appears in the program's source, arguments or
+environment.  Not contained: a program that deliberately searches the interpreter's own memory
+(`gc.get_objects()`, frame inspection) runs in the same process as the harness and could find the
+nonce, and one that monkeypatches builtins the tests rely on can fool those tests; the sandbox
+guarantees the host is unharmed, not that a hostile program cannot fake its own test result.
+
+**Fallbacks.**  If bwrap is missing or cannot create namespaces (e.g. a container whose seccomp
+profile blocks them), `unshare` from util-linux is tried (network + PID namespaces only: the
+program then sees the host filesystem, read-only only in so far as the dropped uid lacks write
+permission; its cwd is a private host temporary directory).  If neither works, `run_program`
+raises `SandboxUnavailable` unless the operator sets `DLRL_SANDBOX_UNISOLATED=1`, which runs the
+program with rlimits, uid drop, scrubbed environment and timeouts but WITH network access and the
+host filesystem — only for machines that hold nothing worth protecting.
+
+Not contained in any mode: CPU cache / timing side channels, kernel exploits, and disk or memory
+pressure up to the caps (tmpfs size, address space per process × process cap).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+UNISOLATED_ENV = "DLRL_SANDBOX_UNISOLATED"
+"""Set to "1" to run code rewards without namespaces when neither bwrap nor unshare works."""
+SANDBOX_DIR = "/sandbox"
+"""Working directory of the program inside bwrap (a size-capped tmpfs)."""
+PYTHON_MOUNT = "/python"
+"""Where bwrap mounts this interpreter's installation (read-only)."""
+MAX_SOURCE_BYTES = 1 << 20
+
+# The harness: nonce first (stdin line 1), program after; stdin is then /dev/null.  The nonce is
+# written to a saved copy of fd 1 only after exec() returned; any BaseException exits 1.
+HARNESS = r"""
+import os, sys
+_data = sys.stdin.buffer.read()
+_fd = os.open(os.devnull, os.O_RDONLY); os.dup2(_fd, 0); os.close(_fd)
+_nl = _data.index(b"\n")
+_nonce, _src = _data[:_nl] + b"\n", _data[_nl + 1:].decode("utf-8")
+del _data, _nl
+_report = os.dup(1)
+try:
+    exec(compile(_src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    sys.stdout.flush()
+    sys.stderr.flush()
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    os._exit(1)
+os.write(_report, b"\n" + _nonce)
+os._exit(0)
+"""
+
+
+class SandboxUnavailable(RuntimeError):
+    """No working isolation mechanism here and the operator did not opt in to running unisolated."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource caps of one run. Defaults fit HumanEval / MBPP tests with a wide margin."""
+
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_bytes: int = 1 << 30
+    """Address space (RLIMIT_AS) of each process."""
+    max_procs: int = 32
+    max_open_files: int = 64
+    max_file_bytes: int = 16 << 20
+    tmpfs_bytes: int = 64 << 20
+    """Size of the working directory under bwrap (all files together)."""
+    max_output_bytes: int = 1 << 20
+    """stdout + stderr; more than this and the program is killed (and fails)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    passed: bool
+    status: str
+    """"passed", "failed" (nonzero exit or no nonce), "timeout" or "output_limit"."""
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+
+
+@functools.lru_cache(maxsize=1)
+def backend() -> str:
+    """The isolation this host supports: "bwrap", "unshare" or "none" (probed once)."""
+    for name in ("bwrap", "unshare"):
+        if shutil.which(name) is None:
+            continue
+        try:
+            if _probe(name):
+                return name
+        except (OSError, subprocess.SubprocessError):
+            logger.debug("sandbox backend %s failed its probe", name, exc_info=True)
+        logger.warning("sandbox: %s is installed but cannot create namespaces here", name)
+    return "none"
+
+
+def _probe(name: str) -> bool:
+    """True if `name` can run a program that sees no network interface but loopback (down)."""
+    with tempfile.TemporaryDirectory(prefix="dlrl-sbx-probe-") as tmp:
+        cmd = _command(name, tmp, Limits(), uid=None) + ["-c", "import socket; print('ok')"]
+        done = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True, timeout=30)
+    return done.returncode == 0 and done.stdout.strip() == b"ok"
+
+
+def _clean_env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": SANDBOX_DIR,
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _python_inside(name: str) -> str:
+    """The interpreter path as the sandbox sees it (bwrap mounts its installation at /python)."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if name != "bwrap":
+        return exe
+    return os.path.join(PYTHON_MOUNT, os.path.relpath(exe, os.path.realpath(sys.base_prefix)))
+
+
+def _uid_drop(uid: int | None) -> list[str]:
+    if uid is None:
+        return []
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+            "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+def _prlimit(limits: Limits, uid: int | None) -> list[str]:
+    nproc = limits.max_procs
+    if uid is None and os.getuid() != 0:  # our own uid: RLIMIT_NPROC counts our other processes
+        nproc += _count_processes(os.getuid())
+    return ["prlimit", f"--cpu={limits.cpu_s}", f"--as={limits.memory_bytes}",
+            f"--nproc={nproc}", f"--nofile={limits.max_open_files}",
+            f"--fsize={limits.max_file_bytes}", "--core=0", "--"]
+
+
+def _count_processes(uid: int) -> int:
+    count = 0
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def _command(name: str, host_tmp: str, limits: Limits, uid: int | None) -> list[str]:
+    """argv up to (and including) the interpreter; the caller appends its arguments."""
+    inner = _uid_drop(uid) + _prlimit(limits, uid) + [_python_inside(name), "-I"]
+    if name == "bwrap":
+        prefix = os.path.realpath(sys.base_prefix)
+        mounts = ["--ro-bind", "/usr", "/usr"]
+        for link in ("bin", "lib", "lib64", "sbin"):
+            if os.path.islink(f"/{link}"):
+                mounts += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+            elif os.path.isdir(f"/{link}"):
+                mounts += ["--ro-bind", f"/{link}", f"/{link}"]
+        return ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--die-with-parent", "--new-session", *mounts,
+                "--ro-bind", prefix, PYTHON_MOUNT, "--proc", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", SANDBOX_DIR,
+                "--symlink", SANDBOX_DIR, "/tmp", "--chdir", SANDBOX_DIR, "--", *inner]
+    if name == "unshare":
+        user = [] if os.getuid() == 0 else ["--user", "--map-root-user"]
+        return ["unshare", *user, "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+                "--", *inner]
+    return inner
+
+
+def run_program(source: str, limits: Limits = Limits()) -> Result:
+    """Run `source` (a whole Python program, e.g. a solution followed by its asserts) contained.
+
+    passed is True only if the program ran to its end without an exception or exit (see the
+    module docstring for how that is judged).  Raises SandboxUnavailable when there is no
+    isolation and `DLRL_SANDBOX_UNISOLATED=1` is not set; never raises for anything the program
+    does."""
+    name = backend()
+    if name == "none" and os.environ.get(UNISOLATED_ENV) != "1":
+        raise SandboxUnavailable(
+            "no sandbox: neither bwrap nor unshare can create a network namespace on this host "
+            "(install bubblewrap, or allow user namespaces); refusing to run model-written code. "
+            f"Set {UNISOLATED_ENV}=1 to run it without isolation at your own risk.")
+    data = source.encode("utf-8", "replace")
+    if len(data) > MAX_SOURCE_BYTES:
+        return Result(False, "failed", None, "", "program too long", 0.0)
+    nonce = secrets.token_hex(16).encode()
+    uid = 2_000_000 + secrets.randbelow(1_000_000) if os.getuid() == 0 else None
+    with tempfile.TemporaryDirectory(prefix="dlrl-sbx-") as tmp:
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        cmd = _command(name, tmp, limits, uid) + ["-c", HARNESS]
+        return _supervise(cmd, tmp, nonce + b"\n" + data, nonce, limits)
+
+
+def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Limits) -> Result:
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_clean_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+    out, err, total, status = bytearray(), bytearray(), 0, None
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    deadline = start + limits.wall_s
+    while streams:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            status = "timeout"
+            break
+        ready, _, _ = select.select(list(streams), [], [], remaining)
+        for fd in ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                del streams[fd]
+                continue
+            total += len(chunk)
+            buf = streams[fd]
+            buf += chunk[:max(0, limits.max_output_bytes - len(buf))]
+        if total > limits.max_output_bytes:
+            status = "output_limit"
+            break
+    if status is not None:
+        _kill_group(proc)
+    try:
+        returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+        _kill_group(proc)
+        returncode = proc.wait()
+    _kill_group(proc)  # leftovers in the group (the unisolated mode has no PID namespace)
+    for pipe in (proc.stdout, proc.stderr):
+        pipe.close()
+    passed = status is None and returncode == 0 and out.endswith(b"\n" + nonce + b"\n")
+    if status is None:
+        status = "passed" if passed else "failed"
+    text = out.decode("utf-8", "replace").replace(nonce.decode(), "<pass>")
+    return Result(passed, status, returncode, text, err.decode("utf-8", "replace"),
+                  time.monotonic() - start)
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
