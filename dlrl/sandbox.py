@@ -135,6 +135,20 @@ def backend() -> str:
     return "none"
 
 
+def require() -> None:
+    """Raise `SandboxUnavailable` unless programs can be contained here (or the operator opted
+    in to unisolated runs); code tasks call it when they are built, so a host without isolation
+    fails loudly instead of scoring every completion 0."""
+    if backend() == "none" and os.environ.get(UNISOLATED_ENV) != "1":
+        raise SandboxUnavailable(
+            "no sandbox: neither bwrap nor unshare can create a network namespace on this host "
+            "(install bubblewrap, or allow user namespaces); refusing to run model-written code. "
+            f"Set {UNISOLATED_ENV}=1 to run it without isolation at your own risk.")
+    if backend() == "none":
+        logger.warning("sandbox: running model-written code WITHOUT isolation (%s=1)",
+                       UNISOLATED_ENV)
+
+
 def _probe(name: str) -> bool:
     """True if `name` can run a program that sees no network interface but loopback (down)."""
     with tempfile.TemporaryDirectory(prefix="dlrl-sbx-probe-") as tmp:
@@ -213,12 +227,8 @@ def run_program(source: str, limits: Limits = Limits()) -> Result:
     module docstring for how that is judged).  Raises SandboxUnavailable when there is no
     isolation and `DLRL_SANDBOX_UNISOLATED=1` is not set; never raises for anything the program
     does."""
+    require()
     name = backend()
-    if name == "none" and os.environ.get(UNISOLATED_ENV) != "1":
-        raise SandboxUnavailable(
-            "no sandbox: neither bwrap nor unshare can create a network namespace on this host "
-            "(install bubblewrap, or allow user namespaces); refusing to run model-written code. "
-            f"Set {UNISOLATED_ENV}=1 to run it without isolation at your own risk.")
     data = source.encode("utf-8", "replace")
     if len(data) > MAX_SOURCE_BYTES:
         return Result(False, "failed", None, "", "program too long", 0.0)
