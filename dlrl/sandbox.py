@@ -29,12 +29,14 @@ nonce, and one that monkeypatches builtins the tests rely on can fool those test
 guarantees the host is unharmed, not that a hostile program cannot fake its own test result.
 
 **Fallbacks.**  If bwrap is missing or cannot create namespaces (e.g. a container whose seccomp
-profile blocks them), `unshare` from util-linux is tried (network + PID namespaces only: the
-program then sees the host filesystem, read-only only in so far as the dropped uid lacks write
-permission; its cwd is a private host temporary directory).  If neither works, `run_program`
-raises `SandboxUnavailable` unless the operator sets `DLRL_SANDBOX_UNISOLATED=1`, which runs the
-program with rlimits, uid drop, scrubbed environment and timeouts but WITH network access and the
-host filesystem — only for machines that hold nothing worth protecting.
+profile blocks them), `unshare` from util-linux is tried: network, PID, IPC, UTS and mount
+namespaces, fresh size-capped tmpfs mounts over /tmp, /var/tmp and /dev/shm (the cwd is the new
+/tmp), and the same uid drop and caps — but the rest of the host filesystem stays visible, so
+world-readable files can be read and world-writable ones outside those three written.  If
+neither works, `require()` / `run_program` raise `SandboxUnavailable` unless the operator sets
+`DLRL_SANDBOX_UNISOLATED=1`, which runs the program with rlimits, uid drop (when root), scrubbed
+environment, output cap and timeouts but WITH network access and the host filesystem, in a
+private host temporary directory — only for machines that hold nothing worth protecting.
 
 Not contained in any mode: CPU cache / timing side channels, kernel exploits, and disk or memory
 pressure up to the caps (tmpfs size, address space per process × process cap).
@@ -120,41 +122,82 @@ class Result:
     wall_s: float
 
 
+BACKENDS = ("bwrap", "unshare")
+"""Isolating backends, best first; "none" (opt-in only) runs without namespaces."""
+TOOLS = {"bwrap": ("bwrap", "prlimit", "setpriv"), "unshare": ("unshare", "prlimit", "setpriv"),
+         "none": ("prlimit", "setpriv")}
+"""Programs each backend needs (all from util-linux but bwrap; setpriv only when root)."""
+
+
 @functools.lru_cache(maxsize=1)
 def backend() -> str:
-    """The isolation this host supports: "bwrap", "unshare" or "none" (probed once)."""
-    for name in ("bwrap", "unshare"):
-        if shutil.which(name) is None:
-            continue
-        try:
-            if _probe(name):
-                return name
-        except (OSError, subprocess.SubprocessError):
-            logger.debug("sandbox backend %s failed its probe", name, exc_info=True)
-        logger.warning("sandbox: %s is installed but cannot create namespaces here", name)
+    """The best isolation this host supports: "bwrap", "unshare" or "none" (probed once)."""
+    for name in BACKENDS:
+        if works(name):
+            return name
     return "none"
 
 
-def require() -> None:
-    """Raise `SandboxUnavailable` unless programs can be contained here (or the operator opted
-    in to unisolated runs); code tasks call it when they are built, so a host without isolation
-    fails loudly instead of scoring every completion 0."""
-    if backend() == "none" and os.environ.get(UNISOLATED_ENV) != "1":
+@functools.lru_cache(maxsize=None)
+def works(name: str) -> bool:
+    """True if backend `name` has its tools and runs a program here (probed once per process)."""
+    missing = [tool for tool in TOOLS[name] if _tool(tool) is None
+               and not (tool == "setpriv" and os.getuid() != 0)]
+    if missing:
+        logger.info("sandbox backend %s unavailable: %s not installed", name, ", ".join(missing))
+        return False
+    try:
+        with tempfile.TemporaryDirectory(prefix="dlrl-sbx-probe-") as tmp:
+            uid = _run_uid()
+            if uid is not None:
+                os.chown(tmp, uid, uid)
+            cmd = _command(name, Limits(), uid) + ["-c", "print('ok')"]
+            done = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True,
+                                  timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        logger.warning("sandbox backend %s failed its probe", name, exc_info=True)
+        return False
+    if done.returncode != 0 or done.stdout.strip() != b"ok":
+        logger.warning("sandbox backend %s cannot run here (exit %s): %s", name,
+                       done.returncode, done.stderr.decode(errors="replace")[-300:])
+        return False
+    return True
+
+
+def _run_uid() -> int | None:
+    """A fresh unprivileged uid for one run when we are root (none in use: processes of distinct
+    runs cannot signal each other, and RLIMIT_NPROC counts one run's processes only)."""
+    return 2_000_000 + secrets.randbelow(1_000_000) if os.getuid() == 0 else None
+
+
+def _tool(name: str) -> str | None:
+    return shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def require(name: str | None = None) -> str:
+    """The backend to use (`name`, or the best available), or `SandboxUnavailable` if there is
+    no isolation here and the operator did not opt in to unisolated runs.  Code tasks call it
+    when they are built, so such a host fails loudly instead of scoring every completion 0."""
+    chosen = name or backend()
+    if chosen != "none":
+        if not works(chosen):
+            raise SandboxUnavailable(f"sandbox backend {chosen!r} does not work on this host")
+        return chosen
+    if os.environ.get(UNISOLATED_ENV) != "1":
         raise SandboxUnavailable(
             "no sandbox: neither bwrap nor unshare can create a network namespace on this host "
             "(install bubblewrap, or allow user namespaces); refusing to run model-written code. "
             f"Set {UNISOLATED_ENV}=1 to run it without isolation at your own risk.")
-    if backend() == "none":
-        logger.warning("sandbox: running model-written code WITHOUT isolation (%s=1)",
-                       UNISOLATED_ENV)
+    if _tool("prlimit") is None:
+        raise SandboxUnavailable("prlimit (util-linux) is needed even for unisolated runs")
+    _warn_unisolated()
+    return "none"
 
 
-def _probe(name: str) -> bool:
-    """True if `name` can run a program that sees no network interface but loopback (down)."""
-    with tempfile.TemporaryDirectory(prefix="dlrl-sbx-probe-") as tmp:
-        cmd = _command(name, tmp, Limits(), uid=None) + ["-c", "import socket; print('ok')"]
-        done = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True, timeout=30)
-    return done.returncode == 0 and done.stdout.strip() == b"ok"
+@functools.lru_cache(maxsize=1)
+def _warn_unisolated() -> None:
+    logger.warning("sandbox: running model-written code WITHOUT isolation (%s=1): it has the "
+                   "network and the host filesystem", UNISOLATED_ENV)
 
 
 def _clean_env() -> dict[str, str]:
@@ -163,17 +206,33 @@ def _clean_env() -> dict[str, str]:
 
 
 def _python_inside(name: str) -> str:
-    """The interpreter path as the sandbox sees it (bwrap mounts its installation at /python)."""
+    """The interpreter path as the sandbox sees it.  bwrap mounts this process's installation at
+    /python; the other modes need one the dropped uid can reach (a pyenv build under a 0700
+    /root is not), so they fall back to the system /usr/bin/python3."""
     exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    if name != "bwrap":
+    if name == "bwrap":
+        return os.path.join(PYTHON_MOUNT,
+                            os.path.relpath(exe, os.path.realpath(sys.base_prefix)))
+    if os.getuid() != 0 or _reachable_by_others(exe):
         return exe
-    return os.path.join(PYTHON_MOUNT, os.path.relpath(exe, os.path.realpath(sys.base_prefix)))
+    return os.path.realpath("/usr/bin/python3")
+
+
+def _reachable_by_others(path: str) -> bool:
+    """True if a uid with no rights but "other" can execute `path` (every parent searchable)."""
+    parts = path.split(os.sep)
+    dirs = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))]
+    try:
+        return (all(os.stat(d).st_mode & 0o001 for d in dirs)
+                and bool(os.stat(path).st_mode & 0o001))
+    except OSError:
+        return False
 
 
 def _uid_drop(uid: int | None) -> list[str]:
     if uid is None:
         return []
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+    return [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
             "--inh-caps=-all", "--bounding-set=-all", "--"]
 
 
@@ -181,7 +240,7 @@ def _prlimit(limits: Limits, uid: int | None) -> list[str]:
     nproc = limits.max_procs
     if uid is None and os.getuid() != 0:  # our own uid: RLIMIT_NPROC counts our other processes
         nproc += _count_processes(os.getuid())
-    return ["prlimit", f"--cpu={limits.cpu_s}", f"--as={limits.memory_bytes}",
+    return [_tool("prlimit"), f"--cpu={limits.cpu_s}", f"--as={limits.memory_bytes}",
             f"--nproc={nproc}", f"--nofile={limits.max_open_files}",
             f"--fsize={limits.max_file_bytes}", "--core=0", "--"]
 
@@ -197,7 +256,7 @@ def _count_processes(uid: int) -> int:
     return count
 
 
-def _command(name: str, host_tmp: str, limits: Limits, uid: int | None) -> list[str]:
+def _command(name: str, limits: Limits, uid: int | None) -> list[str]:
     """argv up to (and including) the interpreter; the caller appends its arguments."""
     inner = _uid_drop(uid) + _prlimit(limits, uid) + [_python_inside(name), "-I"]
     if name == "bwrap":
@@ -208,36 +267,41 @@ def _command(name: str, host_tmp: str, limits: Limits, uid: int | None) -> list[
                 mounts += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
             elif os.path.isdir(f"/{link}"):
                 mounts += ["--ro-bind", f"/{link}", f"/{link}"]
-        return ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                "--die-with-parent", "--new-session", *mounts,
+        return [_tool("bwrap"), "--unshare-net", "--unshare-pid", "--unshare-ipc",
+                "--unshare-uts", "--die-with-parent", "--new-session", *mounts,
                 "--ro-bind", prefix, PYTHON_MOUNT, "--proc", "/proc", "--dev", "/dev",
                 "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", SANDBOX_DIR,
                 "--symlink", SANDBOX_DIR, "/tmp", "--chdir", SANDBOX_DIR, "--", *inner]
     if name == "unshare":
+        # Fresh size-capped tmpfs over the world-writable places, and cwd there; the rest of the
+        # host filesystem stays visible (protected only by the dropped uid's permissions).
+        mount = (f"for d in /tmp /var/tmp /dev/shm; do [ -d $d ] && mount -t tmpfs -o "
+                 f"size={limits.tmpfs_bytes},mode=1777,nosuid,nodev tmpfs $d || exit 97; done; "
+                 'cd /tmp && exec "$@"')
         user = [] if os.getuid() == 0 else ["--user", "--map-root-user"]
-        return ["unshare", *user, "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-                "--", *inner]
+        return [_tool("unshare"), *user, "--mount", "--net", "--pid", "--ipc", "--uts",
+                "--fork", "--kill-child", "--mount-proc", "--", "/bin/sh", "-c", mount, "sh",
+                *inner]
     return inner
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Result:
+def run_program(source: str, limits: Limits = Limits(), backend_name: str | None = None) -> Result:
     """Run `source` (a whole Python program, e.g. a solution followed by its asserts) contained.
 
     passed is True only if the program ran to its end without an exception or exit (see the
     module docstring for how that is judged).  Raises SandboxUnavailable when there is no
     isolation and `DLRL_SANDBOX_UNISOLATED=1` is not set; never raises for anything the program
-    does."""
-    require()
-    name = backend()
+    does.  `backend_name` forces a backend (tests run the attack suite against each)."""
+    name = require(backend_name)
     data = source.encode("utf-8", "replace")
     if len(data) > MAX_SOURCE_BYTES:
         return Result(False, "failed", None, "", "program too long", 0.0)
     nonce = secrets.token_hex(16).encode()
-    uid = 2_000_000 + secrets.randbelow(1_000_000) if os.getuid() == 0 else None
+    uid = _run_uid()
     with tempfile.TemporaryDirectory(prefix="dlrl-sbx-") as tmp:
         if uid is not None:
             os.chown(tmp, uid, uid)
-        cmd = _command(name, tmp, limits, uid) + ["-c", HARNESS]
+        cmd = _command(name, limits, uid) + ["-c", HARNESS]
         return _supervise(cmd, tmp, nonce + b"\n" + data, nonce, limits)
 
 
