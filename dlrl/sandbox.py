@@ -36,7 +36,9 @@ world-readable files can be read and world-writable ones outside those three wri
 neither works, `require()` / `run_program` raise `SandboxUnavailable` unless the operator sets
 `DLRL_SANDBOX_UNISOLATED=1`, which runs the program with rlimits, uid drop (when root), scrubbed
 environment, output cap and timeouts but WITH network access and the host filesystem, in a
-private host temporary directory — only for machines that hold nothing worth protecting.
+private host temporary directory (when root, every process of the run's fresh uid is killed
+afterwards, so a `setsid()` child does not linger) — only for machines that hold nothing worth
+protecting.
 
 Not contained in any mode: CPU cache / timing side channels, kernel exploits, and disk or memory
 pressure up to the caps (tmpfs size, address space per process × process cap).
@@ -61,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 UNISOLATED_ENV = "DLRL_SANDBOX_UNISOLATED"
 """Set to "1" to run code rewards without namespaces when neither bwrap nor unshare works."""
+BACKEND_ENV = "DLRL_SANDBOX_BACKEND"
+"""Optional: "bwrap", "unshare" or "none" to use that backend instead of the best one found
+("none" still needs DLRL_SANDBOX_UNISOLATED=1)."""
 SANDBOX_DIR = "/sandbox"
 """Working directory of the program inside bwrap (a size-capped tmpfs)."""
 PYTHON_MOUNT = "/python"
@@ -110,6 +115,12 @@ class Limits:
     max_output_bytes: int = 1 << 20
     """stdout + stderr; more than this and the program is killed (and fails)."""
 
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in vars(self).items() if not (isinstance(v, (int, float))
+                                                            and 0 < v < float("inf"))}
+        if bad:
+            raise ValueError(f"sandbox limits must be finite and positive, got {bad}")
+
 
 @dataclass(frozen=True)
 class Result:
@@ -131,7 +142,13 @@ TOOLS = {"bwrap": ("bwrap", "prlimit", "setpriv"), "unshare": ("unshare", "prlim
 
 @functools.lru_cache(maxsize=1)
 def backend() -> str:
-    """The best isolation this host supports: "bwrap", "unshare" or "none" (probed once)."""
+    """The best isolation this host supports: "bwrap", "unshare" or "none" (probed once), or
+    the one `DLRL_SANDBOX_BACKEND` names."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in (*BACKENDS, "none"):
+            raise ValueError(f"{BACKEND_ENV}={forced!r}; expected one of {(*BACKENDS, 'none')}")
+        return forced
     for name in BACKENDS:
         if works(name):
             return name
@@ -245,15 +262,28 @@ def _prlimit(limits: Limits, uid: int | None) -> list[str]:
             f"--fsize={limits.max_file_bytes}", "--core=0", "--"]
 
 
-def _count_processes(uid: int) -> int:
-    count = 0
+def _processes_of(uid: int) -> list[int]:
+    pids = []
     for pid in os.listdir("/proc"):
         try:
             if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
-                count += 1
+                pids.append(int(pid))
         except OSError:
             pass
-    return count
+    return pids
+
+
+def _count_processes(uid: int) -> int:
+    return len(_processes_of(uid))
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (a run's own fresh uid, so nothing else is hit)."""
+    for pid in _processes_of(uid):
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def _command(name: str, limits: Limits, uid: int | None) -> list[str]:
@@ -302,7 +332,11 @@ def run_program(source: str, limits: Limits = Limits(), backend_name: str | None
         if uid is not None:
             os.chown(tmp, uid, uid)
         cmd = _command(name, limits, uid) + ["-c", HARNESS]
-        return _supervise(cmd, tmp, nonce + b"\n" + data, nonce, limits)
+        try:
+            return _supervise(cmd, tmp, nonce + b"\n" + data, nonce, limits)
+        finally:
+            if uid is not None:
+                _kill_uid(uid)  # whatever escaped the group (setsid) in the unisolated mode
 
 
 def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Limits) -> Result:
