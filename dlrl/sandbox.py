@@ -72,26 +72,31 @@ PYTHON_MOUNT = "/python"
 """Where bwrap mounts this interpreter's installation (read-only)."""
 MAX_SOURCE_BYTES = 1 << 20
 
-# The harness: nonce first (stdin line 1), program after; stdin is then /dev/null.  The nonce is
-# written to a saved copy of fd 1 only after exec() returned; any BaseException exits 1.
+# The harness: nonce first (stdin line 1), program after; stdin is then /dev/null.  The nonce is a
+# local of `_run` (not a module global a program could read as `__main__._nonce`), written to a
+# saved copy of fd 1 only after exec() returned; any BaseException exits 1.
 HARNESS = r"""
 import os, sys
-_data = sys.stdin.buffer.read()
-_fd = os.open(os.devnull, os.O_RDONLY); os.dup2(_fd, 0); os.close(_fd)
-_nl = _data.index(b"\n")
-_nonce, _src = _data[:_nl] + b"\n", _data[_nl + 1:].decode("utf-8")
-del _data, _nl
-_report = os.dup(1)
-try:
-    exec(compile(_src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-    sys.stdout.flush()
-    sys.stderr.flush()
-except BaseException:
-    import traceback
-    traceback.print_exc()
-    os._exit(1)
-os.write(_report, b"\n" + _nonce)
-os._exit(0)
+def _run():
+    data = sys.stdin.buffer.read()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    nl = data.index(b"\n")
+    nonce, src = data[:nl] + b"\n", data[nl + 1:].decode("utf-8")
+    del data
+    report = os.dup(1)
+    try:
+        exec(compile(src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+    os.write(report, b"\n" + nonce)
+    os._exit(0)
+_run()
 """
 
 

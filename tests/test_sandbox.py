@@ -207,8 +207,9 @@ def test_a_detached_child_does_not_outlive_the_run(backend):
     "import atexit, os\natexit.register(lambda: os._exit(0))\nraise ValueError",
     "import os\nos.close(1)\nos.close(2)",
     "import os, sys\nprint(open('/proc/self/cmdline').read())\nprint(sys.stdin.read())\nos._exit(0)",
+    "import __main__, os\nfor v in vars(__main__).values():\n    print(v)\nos._exit(0)",
 ], ids=["sys.exit", "os._exit", "SystemExit", "print-marker", "atexit", "close-stdout",
-        "read-nonce"])
+        "read-stdin-and-cmdline", "print-harness-globals"])
 def test_faking_success_fails(backend, source):
     if source.startswith("import os\nos.close"):
         source += "\nraise SystemExit(0)"  # closes the pipes, then leaves early
