@@ -83,6 +83,13 @@ def test_wrong_or_hostile_humaneval_completions_score_0(completion):
     assert task.reward(completion, ex) == 0.0
 
 
+def test_a_main_demo_block_after_the_solution_does_not_run():
+    task = code_task("humaneval", path=str(DATA / "humaneval_slice.jsonl"), timeout_s=3)
+    (ex,) = [ex for ex in task.examples("test") if ex.id.endswith("-0")]
+    demo = "\n\nif __name__ == '__main__':\n    input()\n    while True:\n        pass\n"
+    assert task.reward(task.target(ex) + demo, ex) == 1.0
+
+
 def test_wrong_mbpp_solution_scores_0():
     task = code_task("mbpp", path=str(DATA / "mbpp_slice.jsonl"))
     (ex,) = [ex for ex in task.examples("test") if ex.id.endswith("-17")]
