@@ -50,7 +50,7 @@ import functools
 import logging
 import os
 import secrets
-import select
+import selectors
 import shutil
 import subprocess
 import sys
@@ -360,8 +360,7 @@ def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Lim
         if remaining <= 0:
             status = "timeout"
             break
-        ready, _, _ = select.select(list(streams), [], [], remaining)
-        for fd in ready:
+        for fd in _ready(list(streams), remaining):
             chunk = os.read(fd, 65536)
             if not chunk:
                 del streams[fd]
@@ -372,15 +371,13 @@ def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Lim
         if total > limits.max_output_bytes:
             status = "output_limit"
             break
-    if status is not None:
-        _kill_group(proc)
-    try:
-        returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
+    if status is None and not _exited(proc, deadline):
         status = "timeout"
-        _kill_group(proc)
-        returncode = proc.wait()
-    _kill_group(proc)  # leftovers in the group (the unisolated mode has no PID namespace)
+    # The leader is at most a zombie until proc.wait() below, so its pid (= the group id) cannot
+    # have been reused: killing the group never hits an unrelated process.  This also ends what
+    # is left in the group (the unisolated mode has no PID namespace to do it).
+    _kill_group(proc)
+    returncode = proc.wait()
     for pipe in (proc.stdout, proc.stderr):
         pipe.close()
     passed = status is None and returncode == 0 and out.endswith(b"\n" + nonce + b"\n")
@@ -389,6 +386,26 @@ def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Lim
     text = out.decode("utf-8", "replace").replace(nonce.decode(), "<pass>")
     return Result(passed, status, returncode, text, err.decode("utf-8", "replace"),
                   time.monotonic() - start)
+
+
+def _exited(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait until `proc` exits or `deadline`, without reaping it (WNOWAIT)."""
+    while True:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        if info is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+def _ready(fds: list[int], timeout: float) -> list[int]:
+    """The readable fds of `fds` within `timeout` (poll/epoll: fds above 1024 are fine, which
+    select() is not, and Ray workers hold many)."""
+    with selectors.DefaultSelector() as sel:
+        for fd in fds:
+            sel.register(fd, selectors.EVENT_READ)
+        return [key.fd for key, _ in sel.select(timeout)]
 
 
 def _feed(pipe, data: bytes) -> None:
