@@ -3,8 +3,8 @@
 Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_program(source)` runs it
 
 - inside **bubblewrap** (`bwrap`, the sandbox Flatpak uses) with new network, PID, IPC and UTS
-  namespaces: no network at all (not even 127.0.0.1: the namespace has only a down loopback), no
-  view of host processes (so `os.kill` of the parent or of a worker cannot reach them), and a
+  namespaces: no network beyond the namespace's own loopback (the host's 127.0.0.1 services,
+  Redis and Ray among them, are unreachable), no view of host processes (so `os.kill` of the parent or of a worker cannot reach them), and a
   filesystem of read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev,
   and a size-capped tmpfs as the working directory (/sandbox; /tmp points there).  Nothing of the
   host's /etc, /root, /home, /work, Ray or Redis files is mounted;
@@ -21,10 +21,10 @@ Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_program(
 **Judging a pass.**  A fixed harness reads a per-run random nonce from stdin (with the program
 after it), closes stdin, executes the program, and only after it *returned normally* writes the
 nonce to a copy of stdout it saved beforehand.  The parent counts a pass only if the exit status
-is 0 and the nonce is in stdout.  `sys.exit(0)`, `os._exit(0)`, an exception, a killed process,
+is 0 and stdout ends with the nonce.  `sys.exit(0)`, `os._exit(0)`, an exception, a killed process,
 or printing "passed"/"OK" all fail: the nonce never appears in the program's source, arguments or
 environment.  Not contained: a program that deliberately searches the interpreter's own memory
-(`gc.get_objects()`, frame inspection) runs in the same process as the harness and could find the
+(`gc.get_objects()`, `sys._getframe(1).f_locals`) runs in the same process as the harness and could find the
 nonce, and one that monkeypatches builtins the tests rely on can fool those tests; the sandbox
 guarantees the host is unharmed, not that a hostile program cannot fake its own test result.
 
@@ -40,8 +40,10 @@ private host temporary directory (when root, every process of the run's fresh ui
 afterwards, so a `setsid()` child does not linger) — only for machines that hold nothing worth
 protecting.
 
-Not contained in any mode: CPU cache / timing side channels, kernel exploits, and disk or memory
-pressure up to the caps (tmpfs size, address space per process × process cap).
+Not contained in any mode: CPU cache / timing side channels, kernel exploits (the program may
+still create user namespaces of its own where the kernel allows them), and disk or memory
+pressure up to the caps (tmpfs size, address space per process × process cap).  A legitimate
+program that prints more than the output cap fails.
 """
 
 from __future__ import annotations
