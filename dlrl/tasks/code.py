@@ -11,7 +11,8 @@ a JSON list).
 Prompts.  HumanEval compact = the problem's own prompt (signature + docstring), which a base
 model continues with the function body (Chen et al. 2021); chat = an instruction with that
 prompt in a ```python block, asking for the whole function back in one.  MBPP compact = the
-prompt of Austin et al. 2021 (task text, its tests, "[BEGIN]"), ended by "[DONE]"; chat = the
+zero-shot form of Austin et al. 2021's prompt (task text, its tests, "[BEGIN]"; the paper adds
+three solved examples, task ids 2-4, in front), ended by "[DONE]"; chat = the
 same text as an instruction asking for a ```python block.  Targets are the reference solutions.
 
 Extraction (`extract_code`): the first fenced block (```python, ```py or bare ```; an unclosed
