@@ -8,9 +8,13 @@ PY=${PYTHON:-python3}
 TORCH=${DLRL_TORCH:-2.13.0}
 stamp=.venv/.dlrl-installed
 # The tests and the distributed job talk to a real redis-server (Debian package; not started here).
-if ! command -v redis-server >/dev/null; then
+# Code rewards (HumanEval / MBPP) run model-written programs under bubblewrap (dlrl/sandbox.py).
+missing=""
+command -v redis-server >/dev/null || missing="$missing redis-server"
+command -v bwrap >/dev/null || missing="$missing bubblewrap"
+if [ -n "$missing" ]; then
   SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -15,6 +15,7 @@ import importlib
 from functools import partial
 from typing import Callable
 
+from dlrl.tasks.code import code_task
 from dlrl.tasks.countdown import countdown_task
 from dlrl.tasks.math_task import math_task
 from dlrl.tasks.sudoku import sudoku_task
@@ -26,6 +27,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "gsm8k": partial(math_task, dataset="gsm8k"),
     "math500": partial(math_task, dataset="math500"),
     "math": math_task,  # needs path=... (or dataset=...)
+    "humaneval": partial(code_task, dataset="humaneval"),
+    "mbpp": partial(code_task, dataset="mbpp"),
+    "mbpp_sanitized": partial(code_task, dataset="mbpp_sanitized"),
 }
 """Name → factory; the factory's keyword arguments are the task's options."""
 

@@ -1,0 +1,429 @@
+"""Run model-written Python in a contained child process and judge, unforgeably, whether it passed.
+
+Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_program(source)` runs it
+
+- inside **bubblewrap** (`bwrap`, the sandbox Flatpak uses) with new network, PID, IPC and UTS
+  namespaces: no network beyond the namespace's own loopback (the host's 127.0.0.1 services,
+  Redis and Ray among them, are unreachable), no view of host processes (so `os.kill` of the parent or of a worker cannot reach them), and a
+  filesystem of read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev,
+  and a size-capped tmpfs as the working directory (/sandbox; /tmp points there).  Nothing of the
+  host's /etc, /root, /home, /work, Ray or Redis files is mounted;
+- as a fresh random unprivileged uid when the caller is root (`setpriv`, with no_new_privs and an
+  empty capability bounding set), so even a mount mistake could not hand root to the program;
+- under rlimits set by `prlimit` on the interpreter: CPU seconds, address space, processes
+  (a fork bomb hits the process cap), open files, file size, no core dumps;
+- with a wall-clock deadline: on expiry the whole process group is SIGKILLed, and since the
+  program runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
+- with a scrubbed environment (`PATH`, `LANG`, `HOME` only: no Redis password, Ray token or
+  other secret of the worker's environment) and the interpreter in isolated mode (`-I`);
+- with stdout + stderr capped: a program that writes more than `max_output_bytes` is killed.
+
+**Judging a pass.**  A fixed harness reads a per-run random nonce from stdin (with the program
+after it), closes stdin, executes the program, and only after it *returned normally* writes the
+nonce to a copy of stdout it saved beforehand.  The parent counts a pass only if the exit status
+is 0 and stdout ends with the nonce.  `sys.exit(0)`, `os._exit(0)`, an exception, a killed process,
+or printing "passed"/"OK" all fail: the nonce never appears in the program's source, arguments or
+environment.  Not contained: a program that deliberately searches the interpreter's own memory
+(`gc.get_objects()`, `sys._getframe(1).f_locals`) runs in the same process as the harness and could find the
+nonce, and one that monkeypatches builtins the tests rely on can fool those tests; the sandbox
+guarantees the host is unharmed, not that a hostile program cannot fake its own test result.
+
+**Fallbacks.**  If bwrap is missing or cannot create namespaces (e.g. a container whose seccomp
+profile blocks them), `unshare` from util-linux is tried: network, PID, IPC, UTS and mount
+namespaces, fresh size-capped tmpfs mounts over /tmp, /var/tmp and /dev/shm (the cwd is the new
+/tmp), and the same uid drop and caps — but the rest of the host filesystem stays visible, so
+world-readable files can be read and world-writable ones outside those three written.  If
+neither works, `require()` / `run_program` raise `SandboxUnavailable` unless the operator sets
+`DLRL_SANDBOX_UNISOLATED=1`, which runs the program with rlimits, uid drop (when root), scrubbed
+environment, output cap and timeouts but WITH network access and the host filesystem, in a
+private host temporary directory (when root, every process of the run's fresh uid is killed
+afterwards, so a `setsid()` child does not linger) — only for machines that hold nothing worth
+protecting.
+
+Not contained in any mode: CPU cache / timing side channels, kernel exploits (the program may
+still create user namespaces of its own where the kernel allows them), and disk or memory
+pressure up to the caps (tmpfs size, address space per process × process cap).  A legitimate
+program that prints more than the output cap fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+UNISOLATED_ENV = "DLRL_SANDBOX_UNISOLATED"
+"""Set to "1" to run code rewards without namespaces when neither bwrap nor unshare works."""
+BACKEND_ENV = "DLRL_SANDBOX_BACKEND"
+"""Optional: "bwrap", "unshare" or "none" to use that backend instead of the best one found
+("none" still needs DLRL_SANDBOX_UNISOLATED=1)."""
+SANDBOX_DIR = "/sandbox"
+"""Working directory of the program inside bwrap (a size-capped tmpfs)."""
+PYTHON_MOUNT = "/python"
+"""Where bwrap mounts this interpreter's installation (read-only)."""
+MAX_SOURCE_BYTES = 1 << 20
+
+# The harness: nonce first (stdin line 1), program after; stdin is then /dev/null.  The nonce is a
+# local of `_run` (not a module global a program could read as `__main__._nonce`), written to a
+# saved copy of fd 1 only after exec() returned; any BaseException exits 1.  The program's
+# __name__ is "program", so a completion's `if __name__ == "__main__":` demo (which may read
+# input or loop) does not run, as evaluation harnesses strip such blocks.
+HARNESS = r"""
+import os, sys
+def _run():
+    data = sys.stdin.buffer.read()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    nl = data.index(b"\n")
+    nonce, src = data[:nl] + b"\n", data[nl + 1:].decode("utf-8")
+    del data
+    report = os.dup(1)
+    try:
+        exec(compile(src, "program.py", "exec"), {"__name__": "program", "__builtins__": __builtins__})
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+    os.write(report, b"\n" + nonce)
+    os._exit(0)
+_run()
+"""
+
+
+class SandboxUnavailable(RuntimeError):
+    """No working isolation mechanism here and the operator did not opt in to running unisolated."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource caps of one run. Defaults fit HumanEval / MBPP tests with a wide margin."""
+
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_bytes: int = 1 << 30
+    """Address space (RLIMIT_AS) of each process."""
+    max_procs: int = 32
+    max_open_files: int = 64
+    max_file_bytes: int = 16 << 20
+    tmpfs_bytes: int = 64 << 20
+    """Size of the working directory under bwrap (all files together)."""
+    max_output_bytes: int = 1 << 20
+    """stdout + stderr; more than this and the program is killed (and fails)."""
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in vars(self).items() if not (isinstance(v, (int, float))
+                                                            and 0 < v < float("inf"))}
+        if bad:
+            raise ValueError(f"sandbox limits must be finite and positive, got {bad}")
+
+
+@dataclass(frozen=True)
+class Result:
+    passed: bool
+    status: str
+    """"passed", "failed" (nonzero exit or no nonce), "timeout" or "output_limit"."""
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+
+
+BACKENDS = ("bwrap", "unshare")
+"""Isolating backends, best first; "none" (opt-in only) runs without namespaces."""
+TOOLS = {"bwrap": ("bwrap", "prlimit", "setpriv"), "unshare": ("unshare", "prlimit", "setpriv"),
+         "none": ("prlimit", "setpriv")}
+"""Programs each backend needs (all from util-linux but bwrap; setpriv only when root)."""
+
+
+@functools.lru_cache(maxsize=1)
+def backend() -> str:
+    """The best isolation this host supports: "bwrap", "unshare" or "none" (probed once), or
+    the one `DLRL_SANDBOX_BACKEND` names."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in (*BACKENDS, "none"):
+            raise ValueError(f"{BACKEND_ENV}={forced!r}; expected one of {(*BACKENDS, 'none')}")
+        return forced
+    for name in BACKENDS:
+        if works(name):
+            return name
+    return "none"
+
+
+@functools.lru_cache(maxsize=None)
+def works(name: str) -> bool:
+    """True if backend `name` has its tools and runs a program here (probed once per process)."""
+    missing = [tool for tool in TOOLS[name] if _tool(tool) is None
+               and not (tool == "setpriv" and os.getuid() != 0)]
+    if missing:
+        logger.info("sandbox backend %s unavailable: %s not installed", name, ", ".join(missing))
+        return False
+    try:
+        with tempfile.TemporaryDirectory(prefix="dlrl-sbx-probe-") as tmp:
+            uid = _run_uid()
+            if uid is not None:
+                os.chown(tmp, uid, uid)
+            cmd = _command(name, Limits(), uid) + ["-c", "print('ok')"]
+            done = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True,
+                                  timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        logger.warning("sandbox backend %s failed its probe", name, exc_info=True)
+        return False
+    if done.returncode != 0 or done.stdout.strip() != b"ok":
+        logger.warning("sandbox backend %s cannot run here (exit %s): %s", name,
+                       done.returncode, done.stderr.decode(errors="replace")[-300:])
+        return False
+    return True
+
+
+def _run_uid() -> int | None:
+    """A fresh unprivileged uid for one run when we are root (none in use: processes of distinct
+    runs cannot signal each other, and RLIMIT_NPROC counts one run's processes only)."""
+    return 2_000_000 + secrets.randbelow(1_000_000) if os.getuid() == 0 else None
+
+
+def _tool(name: str) -> str | None:
+    return shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def require(name: str | None = None) -> str:
+    """The backend to use (`name`, or the best available), or `SandboxUnavailable` if there is
+    no isolation here and the operator did not opt in to unisolated runs.  Code tasks call it
+    when they are built, so such a host fails loudly instead of scoring every completion 0."""
+    chosen = name or backend()
+    if chosen != "none":
+        if not works(chosen):
+            raise SandboxUnavailable(f"sandbox backend {chosen!r} does not work on this host")
+        return chosen
+    if os.environ.get(UNISOLATED_ENV) != "1":
+        raise SandboxUnavailable(
+            "no sandbox: neither bwrap nor unshare can create a network namespace on this host "
+            "(install bubblewrap, or allow user namespaces); refusing to run model-written code. "
+            f"Set {UNISOLATED_ENV}=1 to run it without isolation at your own risk.")
+    if _tool("prlimit") is None:
+        raise SandboxUnavailable("prlimit (util-linux) is needed even for unisolated runs")
+    _warn_unisolated()
+    return "none"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unisolated() -> None:
+    logger.warning("sandbox: running model-written code WITHOUT isolation (%s=1): it has the "
+                   "network and the host filesystem", UNISOLATED_ENV)
+
+
+def _clean_env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": SANDBOX_DIR,
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _python_inside(name: str) -> str:
+    """The interpreter path as the sandbox sees it.  bwrap mounts this process's installation at
+    /python; the other modes need one the dropped uid can reach (a pyenv build under a 0700
+    /root is not), so they fall back to the system /usr/bin/python3."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if name == "bwrap":
+        return os.path.join(PYTHON_MOUNT,
+                            os.path.relpath(exe, os.path.realpath(sys.base_prefix)))
+    if os.getuid() != 0 or _reachable_by_others(exe):
+        return exe
+    return os.path.realpath("/usr/bin/python3")
+
+
+def _reachable_by_others(path: str) -> bool:
+    """True if a uid with no rights but "other" can execute `path` (every parent searchable)."""
+    parts = path.split(os.sep)
+    dirs = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))]
+    try:
+        return (all(os.stat(d).st_mode & 0o001 for d in dirs)
+                and bool(os.stat(path).st_mode & 0o001))
+    except OSError:
+        return False
+
+
+def _uid_drop(uid: int | None) -> list[str]:
+    if uid is None:
+        return []
+    return [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+            "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+def _prlimit(limits: Limits, uid: int | None) -> list[str]:
+    nproc = limits.max_procs
+    if uid is None and os.getuid() != 0:  # our own uid: RLIMIT_NPROC counts our other processes
+        nproc += _count_processes(os.getuid())
+    return [_tool("prlimit"), f"--cpu={limits.cpu_s}", f"--as={limits.memory_bytes}",
+            f"--nproc={nproc}", f"--nofile={limits.max_open_files}",
+            f"--fsize={limits.max_file_bytes}", "--core=0", "--"]
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def _count_processes(uid: int) -> int:
+    return len(_processes_of(uid))
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (a run's own fresh uid, so nothing else is hit)."""
+    for pid in _processes_of(uid):
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+def _command(name: str, limits: Limits, uid: int | None) -> list[str]:
+    """argv up to (and including) the interpreter; the caller appends its arguments."""
+    inner = _uid_drop(uid) + _prlimit(limits, uid) + [_python_inside(name), "-I"]
+    if name == "bwrap":
+        prefix = os.path.realpath(sys.base_prefix)
+        mounts = ["--ro-bind", "/usr", "/usr"]
+        for link in ("bin", "lib", "lib64", "sbin"):
+            if os.path.islink(f"/{link}"):
+                mounts += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+            elif os.path.isdir(f"/{link}"):
+                mounts += ["--ro-bind", f"/{link}", f"/{link}"]
+        return [_tool("bwrap"), "--unshare-net", "--unshare-pid", "--unshare-ipc",
+                "--unshare-uts", "--die-with-parent", "--new-session", *mounts,
+                "--ro-bind", prefix, PYTHON_MOUNT, "--proc", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", SANDBOX_DIR,
+                "--symlink", SANDBOX_DIR, "/tmp", "--chdir", SANDBOX_DIR, "--", *inner]
+    if name == "unshare":
+        # Fresh size-capped tmpfs over the world-writable places, and cwd there; the rest of the
+        # host filesystem stays visible (protected only by the dropped uid's permissions).
+        mount = (f"for d in /tmp /var/tmp /dev/shm; do [ -d $d ] && mount -t tmpfs -o "
+                 f"size={limits.tmpfs_bytes},mode=1777,nosuid,nodev tmpfs $d || exit 97; done; "
+                 'cd /tmp && exec "$@"')
+        user = [] if os.getuid() == 0 else ["--user", "--map-root-user"]
+        return [_tool("unshare"), *user, "--mount", "--net", "--pid", "--ipc", "--uts",
+                "--fork", "--kill-child", "--mount-proc", "--", "/bin/sh", "-c", mount, "sh",
+                *inner]
+    return inner
+
+
+def run_program(source: str, limits: Limits = Limits(), backend_name: str | None = None) -> Result:
+    """Run `source` (a whole Python program, e.g. a solution followed by its asserts) contained.
+
+    passed is True only if the program ran to its end without an exception or exit (see the
+    module docstring for how that is judged).  Raises SandboxUnavailable when there is no
+    isolation and `DLRL_SANDBOX_UNISOLATED=1` is not set; never raises for anything the program
+    does.  `backend_name` forces a backend (tests run the attack suite against each)."""
+    name = require(backend_name)
+    data = source.encode("utf-8", "replace")
+    if len(data) > MAX_SOURCE_BYTES:
+        return Result(False, "failed", None, "", "program too long", 0.0)
+    nonce = secrets.token_hex(16).encode()
+    uid = _run_uid()
+    with tempfile.TemporaryDirectory(prefix="dlrl-sbx-") as tmp:
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        cmd = _command(name, limits, uid) + ["-c", HARNESS]
+        try:
+            return _supervise(cmd, tmp, nonce + b"\n" + data, nonce, limits)
+        finally:
+            if uid is not None:
+                _kill_uid(uid)  # whatever escaped the group (setsid) in the unisolated mode
+
+
+def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Limits) -> Result:
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_clean_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+    out, err, total, status = bytearray(), bytearray(), 0, None
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    deadline = start + limits.wall_s
+    while streams:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            status = "timeout"
+            break
+        for fd in _ready(list(streams), remaining):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                del streams[fd]
+                continue
+            total += len(chunk)
+            buf = streams[fd]
+            buf += chunk[:max(0, limits.max_output_bytes - len(buf))]
+        if total > limits.max_output_bytes:
+            status = "output_limit"
+            break
+    if status is None and not _exited(proc, deadline):
+        status = "timeout"
+    # The leader is at most a zombie until proc.wait() below, so its pid (= the group id) cannot
+    # have been reused: killing the group never hits an unrelated process.  This also ends what
+    # is left in the group (the unisolated mode has no PID namespace to do it).
+    _kill_group(proc)
+    returncode = proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        pipe.close()
+    passed = status is None and returncode == 0 and out.endswith(b"\n" + nonce + b"\n")
+    if status is None:
+        status = "passed" if passed else "failed"
+    text = out.decode("utf-8", "replace").replace(nonce.decode(), "<pass>")
+    return Result(passed, status, returncode, text, err.decode("utf-8", "replace"),
+                  time.monotonic() - start)
+
+
+def _exited(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait until `proc` exits or `deadline`, without reaping it (WNOWAIT)."""
+    while True:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        if info is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+def _ready(fds: list[int], timeout: float) -> list[int]:
+    """The readable fds of `fds` within `timeout` (poll/epoll: fds above 1024 are fine, which
+    select() is not, and Ray workers hold many)."""
+    with selectors.DefaultSelector() as sel:
+        for fd in fds:
+            sel.register(fd, selectors.EVENT_READ)
+        return [key.fd for key, _ in sel.select(timeout)]
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
