@@ -208,16 +208,16 @@ def test_dlrl_eval_twice_gives_identical_json(tmp_path):
     same summary but for its "run" block."""
     outs = []
     for run in ("a", "b"):
-        r = dlrl("eval", TINY, "--protocol", str(EVAL / "tiny-sudoku.toml"), "--limit", "12",
+        r = dlrl("eval", TINY, "--protocol", str(EVAL / "tiny-sudoku.toml"), "--limit", "8",
                  "--out", str(tmp_path / run))
         assert r.returncode == 0, r.stderr
-        assert "| builtin:tiny-sudoku | sudoku | 12 |" in r.stdout
+        assert "| builtin:tiny-sudoku | sudoku | 8 |" in r.stdout
         outs.append(tmp_path / run)
     a, b = (json.loads((o / "summary.json").read_text()) for o in outs)
     assert without_run(a) == without_run(b)
     assert (outs[0] / "results.jsonl").read_bytes() == (outs[1] / "results.jsonl").read_bytes()
     assert a["protocol"]["sha256"] == EvalProtocol.from_toml(EVAL / "tiny-sudoku.toml").sha256
-    assert a["n"] == 12 and 0.0 < a["mean_reward"] < 1.0 and a["score"] == a["mean_reward"]
+    assert a["n"] == 8 and 0.0 < a["mean_reward"] < 1.0 and a["score"] == a["mean_reward"]
 
 
 SAMPLED = GOOD.replace("temperature = 0.0", "temperature = 1.0").replace(
