@@ -200,7 +200,7 @@ def _summary(protocol: EvalProtocol, manifest: dict, records: list[dict], second
                "accuracy": sum(1 for r in rewards if r >= 1.0) / len(rewards), "pass_at_k": pass_k}
     headline = pass_k[str(protocol.sampling.k[0])] if protocol.metric == "pass@k" else metrics[protocol.metric]
     return {
-        "protocol": {"name": protocol.name, "file": Path(protocol.path).name if protocol.path else None,
+        "protocol": {"name": protocol.name, "file": _shown_path(protocol.path),
                      "sha256": protocol.sha256, "settings": protocol.model_dump(mode="json")},
         "model": manifest["model"], "task": manifest["task"], "data": manifest["data"],
         "n": len(records), "n_samples": n_samples, "metric": protocol.metric, "score": headline,
@@ -211,6 +211,14 @@ def _summary(protocol: EvalProtocol, manifest: dict, records: list[dict], second
                 "python": platform.python_version(), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "seconds": round(seconds, 3)},
     }
+
+
+def _shown_path(path: str | None) -> str | None:
+    """A protocol path relative to the repository when it lies inside it (stable across clones)."""
+    if path is None:
+        return None
+    full = Path(path).resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else full.name
 
 
 def resolve_task(task_name: str | None, protocol: EvalProtocol) -> Task:
@@ -290,6 +298,6 @@ def markdown_table(summaries: list[dict], best: str | None = None) -> str:
         model = f"**{s['model']}** (best)" if best is not None and s["model"] == best else s["model"]
         cells = [model, s["task"], str(s["n"]), s["metric"], f"{s['score']:.4f}", f"{s['mean_reward']:.4f}",
                  f"{s['accuracy']:.4f}", *[f"{s['pass_at_k'][k]:.4f}" for k in ks],
-                 f"{s['protocol']['file']} ({s['protocol']['sha256'][:12]})"]
+                 f"{Path(s['protocol']['file'] or '-').name} ({s['protocol']['sha256'][:12]})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
