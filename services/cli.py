@@ -13,6 +13,9 @@
     dlrl logs ID [-f]
     dlrl stop ID
     dlrl checkpoints ID
+
+    dlrl eval builtin:tiny-sudoku --protocol deploy/eval/tiny-sudoku.toml [--out DIR] [--limit N]
+    dlrl eval runs/<run> --protocol deploy/eval/gsm8k.toml   # every checkpoint; names the best
 """
 
 from __future__ import annotations
@@ -122,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("job_id")
     logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     logs.add_argument("--tail", type=int, default=200, help="last lines (0: all)")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (or every checkpoint of a run) under a protocol file")
+    ev.add_argument("model", help="checkpoint folder, run directory, `builtin:<name>` or hub id")
+    ev.add_argument("--protocol", required=True, help="protocol file (deploy/eval/*.toml)")
+    ev.add_argument("--task", default=None, help="task name (default: the protocol's; must agree with it)")
+    ev.add_argument("--out", default=None, help="output folder (default: runs/eval/<protocol>/<model>)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N examples of the eval set")
+    ev.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own model code")
     return parser
 
 
@@ -129,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command in ("train", "validate", "submit"):
         spec = _read_spec(args)
         if isinstance(spec, int):
@@ -212,6 +228,40 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"dlrl serve: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """`dlrl eval`: one model, or a run directory (no config.json of its own) whose checkpoints
+    are all evaluated and the best named. Prints the markdown table; the JSON is in --out."""
+    from pathlib import Path
+
+    from rollout.evaluation import EvalProtocol, ProtocolError, ResumeMismatch, evaluate_checkpoint, evaluate_run
+
+    try:
+        protocol = EvalProtocol.from_toml(args.protocol)
+    except ProtocolError as exc:
+        print(f"dlrl eval: {exc}", file=sys.stderr)
+        return 2
+    model = Path(args.model)
+    is_run = model.is_dir() and not any((model / m).is_file() for m in ("config.json", "adapter_config.json"))
+    label = model.name if model.is_dir() else args.model.replace(":", "_").replace("/", "_")
+    out = Path(args.out) if args.out else Path("runs/eval") / protocol.name / label
+    kwargs = dict(out_dir=out, resume=not args.no_resume, limit=args.limit, device=args.device,
+                  dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    try:
+        if is_run:
+            summary = evaluate_run(model, args.task, protocol, **kwargs)
+        else:
+            summary = evaluate_checkpoint(args.model, args.task, protocol, **kwargs)
+    except (ProtocolError, ResumeMismatch, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"dlrl eval: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write((out / "summary.md").read_text())
+    if is_run:
+        print(f"best: {summary['best_checkpoint']} (step {summary['best_step']}), "
+              f"{summary['metric']} {summary['score']:.4f}")
+    print(f"results: {out / 'summary.json'}")
     return 0
 
 
