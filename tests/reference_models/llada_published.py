@@ -25,16 +25,21 @@ from torch import nn
 
 
 class PublishedRMSLayerNorm(nn.Module):
-    def __init__(self, d: int, eps: float) -> None:
+    """Bias iff bias_for_layer_norm, or include_bias when that is None (LayerNormBase)."""
+
+    def __init__(self, c) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = c.rms_norm_eps
+        self.weight = nn.Parameter(torch.ones(c.d_model))
+        use_bias = c.include_bias if c.bias_for_layer_norm is None else c.bias_for_layer_norm
+        self.bias = nn.Parameter(torch.zeros(c.d_model)) if use_bias else None
 
     def forward(self, x):
         og = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(og)
+        x = x.to(og)
+        return self.weight * x + self.bias if self.bias is not None else self.weight * x
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float):
@@ -57,8 +62,8 @@ class PublishedLLaDABlock(nn.Module):
         d, hd = c.d_model, c.d_model // c.n_heads
         kv = c.effective_n_kv_heads
         qkv_bias = c.include_bias | c.include_qkv_bias
-        self.attn_norm = PublishedRMSLayerNorm(d, c.rms_norm_eps)
-        self.ff_norm = PublishedRMSLayerNorm(d, c.rms_norm_eps)
+        self.attn_norm = PublishedRMSLayerNorm(c)
+        self.ff_norm = PublishedRMSLayerNorm(c)
         self.q_proj = nn.Linear(d, d, bias=qkv_bias)
         self.k_proj = nn.Linear(d, kv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, kv * hd, bias=qkv_bias)
@@ -105,7 +110,7 @@ class PublishedLLaDAModel(nn.Module):
         mods = dict(
             wte=nn.Embedding(c.embedding_size or c.vocab_size, c.d_model),
             blocks=nn.ModuleList(PublishedLLaDABlock(c) for _ in range(c.n_layers)),
-            ln_f=PublishedRMSLayerNorm(c.d_model, c.rms_norm_eps),
+            ln_f=PublishedRMSLayerNorm(c),
         )
         if not c.weight_tying:
             mods["ff_out"] = nn.Linear(c.d_model, c.embedding_size or c.vocab_size, bias=c.include_bias)
