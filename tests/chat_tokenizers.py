@@ -32,7 +32,8 @@ LLADA_TEMPLATE = (
     "{{ bos_token if messages else '' }}"
     "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    # An expression, not template text: Jinja drops a template's trailing newline.
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
 )
 DREAM_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -55,7 +56,7 @@ def _char_tokenizer(specials: dict[int, str], published_ids: bool, **roles: str)
         for _, token in ordered:
             vocab[token] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("\n|."), behavior="isolated")  # "." skips newlines
     core.decoder = decoders.Fuse()
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in ordered])
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", padding_side="left", **roles)
