@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel
 
 import dlrl.models.forward as forward
+import dlrl.models.dream as dream_module
 import dlrl.models.llada as llada_module
 from dlrl.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, diffusion_logits, load_model
 from dlrl.models.forward import cached_diffusion_logits, padding_positions, padding_to_4d
@@ -224,7 +225,7 @@ def interleaved_rope(x, cos, sin):
 def test_rope_variant_is_caught(family, monkeypatch):
     native, ref = native_and_reference(family)
     ids, _ = batch()
-    module = llada_module if family == "llada" else __import__("dlrl.models.dream", fromlist=["x"])
+    module = llada_module if family == "llada" else dream_module
     with torch.no_grad():
         expected = reference_logits(family, ref, ids, None)
         monkeypatch.setattr(module, "apply_rope", interleaved_rope)

@@ -7,7 +7,8 @@ out, because it is what `check_checkpoint` compares a checkpoint against before 
 transformers only warns about missing weights and initialises them at random, which for an 8B
 checkpoint with a renamed tensor would silently train a broken model.
 
-`read_checkpoint` reads a single `model.safetensors` or the shards an index names.
+`checkpoint_names` reads the names of a single `model.safetensors` or of the shards an index
+names; transformers' `from_pretrained` then loads the tensors (meta-device init, dtype, shards).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
-from torch import Tensor
 from transformers import PretrainedConfig
 
 INDEX = "model.safetensors.index.json"
@@ -111,19 +111,3 @@ def check_checkpoint(directory: str | Path, config: PretrainedConfig) -> None:
             f"{directory} is not in the published {config.model_type} layout for its config.json: "
             f"missing {len(missing)} tensors {missing[:4]}, unexpected {len(unexpected)} {unexpected[:4]}"
         )
-
-
-def read_checkpoint(directory: str | Path, config: PretrainedConfig) -> dict[str, Tensor]:
-    """The checkpoint's tensors under native names (single file or shards), checked first."""
-    check_checkpoint(directory, config)
-    names = published_names(config)
-    state: dict[str, Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in checkpoint_names(directory).items():
-        if name in names:
-            by_file.setdefault(file, []).append(name)
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for key in keys:
-                state[names[key]] = f.get_tensor(key)
-    return state
