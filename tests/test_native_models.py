@@ -301,6 +301,21 @@ def test_published_layout_loads_natively(tmp_path, family, shards):
         assert max_diff(diffusion_logits(model.eval(), ids, mask), diffusion_logits(native, ids, mask)) == 0
 
 
+def test_remote_tokenizer_class_is_not_run_for_a_native_family(tmp_path):
+    """Dream's tokenizer_config names its own DreamTokenizer (tokenization_dream.py); the native
+    path loads the fast tokenizer from tokenizer.json instead of running that file."""
+    ckpt, _ = write_published_checkpoint(tmp_path, "Dream", shards=False)
+    cfg_path = ckpt / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg.update(tokenizer_class="DreamTokenizer",
+                   auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    cfg_path.write_text(json.dumps(tok_cfg))
+    (ckpt / "tokenization_dream.py").write_text("raise RuntimeError('remote code ran')\n")
+    _, tokenizer = load_model(ckpt)
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == tokenizer.eos_token_id
+    assert tokenizer("ab", add_special_tokens=False)["input_ids"] == llada_tokenizer()("ab", add_special_tokens=False)["input_ids"]
+
+
 def test_renamed_tensor_is_a_clear_error(tmp_path):
     ckpt, native = write_published_checkpoint(tmp_path, "llada", shards=False)
     state = dict(native.state_dict())

@@ -28,6 +28,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from dlrl.models.dream import DreamConfig, DreamModel
@@ -174,11 +175,26 @@ def load_model(
             name, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
         )
     model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = _load_tokenizer(name, trust_remote_code, native=family is not None)
     tokenizer.padding_side = "left"
     if lora is not None:
         model = apply_lora(model, lora)
     return model, tokenizer
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool, *, native: bool) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer. A native family whose tokenizer_config names a remote tokenizer
+    class (Dream ships tokenization_dream.py, a Qwen2 BPE tokenizer) gets the plain fast tokenizer
+    from its tokenizer.json instead of running that code."""
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if not native or trust_remote_code:
+            raise
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(name)
+        except (OSError, ValueError):
+            raise exc from None
 
 
 def _load_native(name: str, family: str, dtype: torch.dtype | str) -> PreTrainedModel:
