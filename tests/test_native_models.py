@@ -114,19 +114,24 @@ def test_llada_matches_published_forward(variant):
                         reference_logits("llada", ref, ids, mask)[mask.bool()]) <= TOL
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4}, {"tie_word_embeddings": True}])
+def dream_pair(**overrides):
+    """(native, reference) Dream; a tied native model has no lm_head, the reference's is the embedding."""
+    if not overrides.get("tie_word_embeddings"):
+        return native_and_reference("Dream", **overrides)
+    cfg = tiny_dream_config(**overrides)
+    native, ref = randomize(DreamModel(cfg)), PublishedDreamModel(cfg)
+    ref.load_state_dict(native.state_dict() | {"lm_head.weight": native.model.embed_tokens.weight}, strict=True)
+    return native, ref.eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4}, {"tie_word_embeddings": True}],
+                         ids=["published", "mha", "tied"])
 def test_dream_matches_published_forward(overrides):
-    native, ref = native_and_reference("Dream", **overrides) if not overrides.get("tie_word_embeddings") \
-        else (None, None)
-    if native is None:  # tied: the published head is lm_head tied to the embedding
-        cfg = tiny_dream_config(tie_word_embeddings=True)
-        native, ref = randomize(DreamModel(cfg)), PublishedDreamModel(cfg).eval()
-        state = dict(native.state_dict(), **{"lm_head.weight": native.model.embed_tokens.weight})
-        ref.load_state_dict(state, strict=True)
+    native, ref = dream_pair(**overrides)
     ids, mask = batch()
+    real = mask.bool()
     with torch.no_grad():
         assert max_diff(diffusion_logits(native, ids), reference_logits("Dream", ref, ids, None)) <= TOL
-        real = mask.bool()
         assert max_diff(diffusion_logits(native, ids, mask)[real],
                         reference_logits("Dream", ref, ids, mask)[real]) <= TOL
 
