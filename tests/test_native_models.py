@@ -347,3 +347,11 @@ def test_saved_checkpoint_reloads_with_plain_transformers(tmp_path, family):
     with torch.no_grad():
         assert max_diff(reloaded(ids).logits, native(ids).logits) == 0
 
+
+
+def test_family_is_read_from_model_type_or_architectures():
+    from dlrl.models.loading import native_family
+
+    assert native_family({"model_type": "llada"}) == "llada"
+    assert native_family({"architectures": ["DreamModel"]}) == "Dream"  # a config without model_type
+    assert native_family({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}) is None
