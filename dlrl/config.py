@@ -37,8 +37,9 @@ class ModelSpec(Section):
     """Local directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or builtin:<name> (shipped asset)."""
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     """Parameter dtype. On CUDA, bfloat16 with float32 master weights is not done: use float32 + autocast."""
-    trust_remote_code: bool = True
-    """Needed for LLaDA / Dream checkpoints, whose modeling code ships with the weights."""
+    trust_remote_code: bool = False
+    """Run modeling code shipped with a checkpoint (never needed for LLaDA / Dream, which load
+    through dlrl's native code); off by default because it executes the repository's Python."""
     lora: LoraSpec | None = None
     """Train a LoRA adapter instead of all weights; checkpoints then hold the adapter only."""
 

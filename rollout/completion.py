@@ -33,12 +33,18 @@ class SamplingParams:
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, task: Task, ex: Example, style: str) -> list[int]:
-    """Token ids of the example's prompt; 'chat' style goes through the tokenizer's chat template."""
+    """Token ids of the example's prompt; 'chat' style goes through the tokenizer's chat template.
+
+    The template is rendered to text and then tokenized: `apply_chat_template(tokenize=True)`
+    returns a list of ids on transformers 4 but a BatchEncoding (a dict) on 5, whose list() is its
+    keys. add_special_tokens=False because the template already writes BOS where the model wants
+    it (LLaDA's <|startoftext|>); a tokenizer that adds one itself would double it.
+    """
     text = task.prompt(ex, style)
     if style == "chat" and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        ))
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

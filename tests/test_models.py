@@ -1,5 +1,5 @@
 """Model adapters: save/load round trips, bidirectional + padding semantics, special ids, the
-remote-code path (LLaDA-like and Dream-like tiny models written here), LoRA checkpoints, errors.
+opt-in remote-code path (a tiny non-native family written here), LoRA checkpoints, errors.
 
 Run: .venv/bin/pytest tests/test_models.py -q   (the gpu test runs with -m gpu)
 """
@@ -18,9 +18,14 @@ from peft import PeftModel
 from tokenizers import AddedToken
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from dlrl.config import JobSpec
 from dlrl.models import (
     BidirectionalModel,
     CheckpointNotFoundError,
+    DreamConfig,
+    DreamModel,
+    LLaDAConfig,
+    LLaDAModelLM,
     LoraSpec,
     build_char_tokenizer,
     build_tiny,
@@ -29,7 +34,7 @@ from dlrl.models import (
     save_checkpoint,
     special_ids,
 )
-from dlrl.models.forward import padding_to_4d
+from dlrl.models.loading import RemoteCodeRequiredError
 from dlrl.models.lora import apply_lora
 
 
@@ -153,16 +158,18 @@ def test_special_ids_without_mask_or_pad():
     assert special_ids(PretrainedConfig(mask_token_id=4, eos_token_id=1), tok).pad_id == 1
 
 
-# --- remote code (trust_remote_code) --------------------------------------------------------
+# --- remote code (trust_remote_code, opt-in) ----------------------------------------------
 
-# A LLaDA-shaped model: same module names as modeling_llada.py (model.transformer.blocks[i]
-# .{q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out}, head model.transformer.ff_out), no
-# position_ids argument (positions 0..T-1), and LLaDA's 2-D mask handling, which breaks on 4-D.
-TINY_LLADA_CONFIG = '''
+# A family dlrl has no native code for, shipped with its own modeling file (Qwen2 module names):
+# it takes position_ids and only a 4-D boolean mask, the default style for unknown families.
+# (LLaDA and Dream are native now: tests/test_native_models.py.)
+REMOTE_TYPE = "dlrl_test_remote"
+
+TINY_REMOTE_CONFIG = '''
 from transformers import PretrainedConfig
 
-class TinyLLaDAConfig(PretrainedConfig):
-    model_type = "llada"
+class TinyRemoteConfig(PretrainedConfig):
+    model_type = "dlrl_test_remote"
 
     def __init__(self, vocab_size=104, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64,
                  mask_token_id=2, pad_token_id=0, eos_token_id=1, **kwargs):
@@ -171,92 +178,22 @@ class TinyLLaDAConfig(PretrainedConfig):
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
 '''
 
-ROTARY = '''
-def rotary(x, pos):
-    d = x.shape[-1]
-    ang = pos.float()[:, None, :, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()), -1).flatten(-2)
-'''
-
-TINY_LLADA_MODELING = '''
-import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-from .configuration_tinyllada import TinyLLaDAConfig
-''' + ROTARY + '''
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        d = c.d_model
-        self.h = c.n_heads
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
-        self.attn_out = nn.Linear(d, d, bias=False)
-        self.ff_proj = nn.Linear(d, c.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(d, c.mlp_hidden, bias=False)
-        self.ff_out = nn.Linear(c.mlp_hidden, d, bias=False)
-
-    def forward(self, x, pos, bias):
-        b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.h, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(rotary(q, pos), rotary(k, pos), v, attn_mask=bias)
-        x = x + self.attn_out(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
-
-
-class TinyLLaDAModel(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(c.vocab_size, c.d_model),
-            blocks=nn.ModuleList(Block(c) for _ in range(c.n_layers)),
-            ln_f=nn.LayerNorm(c.d_model),
-            ff_out=nn.Linear(c.d_model, c.vocab_size, bias=False),
-        ))
-
-    def forward(self, input_ids, attention_mask=None):
-        b, t = input_ids.shape
-        bias = None
-        if attention_mask is not None and 0.0 in attention_mask:  # as in modeling_llada.py
-            attention_mask = attention_mask.to(dtype=torch.float).view(b, -1)[:, None, None, :]
-            bias = (1.0 - attention_mask) * torch.finfo(attention_mask.dtype).min
-        pos = torch.arange(t).expand(b, t)
-        x = self.transformer.wte(input_ids)
-        for block in self.transformer.blocks:
-            x = block(x, pos, bias)
-        return self.transformer.ff_out(self.transformer.ln_f(x))
-
-
-class TinyLLaDAModelLM(PreTrainedModel):
-    config_class = TinyLLaDAConfig
-    base_model_prefix = "model"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = TinyLLaDAModel(config)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask=None, labels=None, return_dict=None):
-        return CausalLMOutputWithPast(logits=self.model(input_ids, attention_mask))
-'''
-
-# A Dream-shaped model (Qwen2 names): takes position_ids and only a 4-D boolean mask.
-TINY_DREAM_CONFIG = TINY_LLADA_CONFIG.replace("TinyLLaDAConfig", "TinyDreamConfig").replace(
-    '"llada"', '"Dream"')
-
-TINY_DREAM_MODELING = '''
+TINY_REMOTE_MODELING = '''
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .configuration_tinydream import TinyDreamConfig
-''' + ROTARY + '''
+from .configuration_tinyremote import TinyRemoteConfig
+
+
+def rotary(x, pos):
+    d = x.shape[-1]
+    ang = pos.float()[:, None, :, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()), -1).flatten(-2)
+
 
 class Layer(nn.Module):
     def __init__(self, c):
@@ -276,8 +213,8 @@ class Layer(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class TinyDreamModel(PreTrainedModel):
-    config_class = TinyDreamConfig
+class TinyRemoteModel(PreTrainedModel):
+    config_class = TinyRemoteConfig
     base_model_prefix = "model"
 
     def __init__(self, config):
@@ -293,7 +230,7 @@ class TinyDreamModel(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.dtype != torch.bool):
-            raise ValueError("TinyDream expects a (B, 1, T, T) boolean attention mask")
+            raise ValueError("TinyRemote expects a (B, 1, T, T) boolean attention mask")
         b, t = input_ids.shape
         pos = torch.arange(t).expand(b, t) if position_ids is None else position_ids
         x = self.embed_tokens(input_ids)
@@ -302,15 +239,8 @@ class TinyDreamModel(PreTrainedModel):
         return MaskedLMOutput(logits=self.lm_head(self.norm(x)))
 '''
 
-REMOTE = {
-    "llada": ("tinyllada", TINY_LLADA_CONFIG, TINY_LLADA_MODELING,
-              {"AutoConfig": "configuration_tinyllada.TinyLLaDAConfig",
-               "AutoModel": "modeling_tinyllada.TinyLLaDAModelLM",
-               "AutoModelForCausalLM": "modeling_tinyllada.TinyLLaDAModelLM"}),
-    "Dream": ("tinydream", TINY_DREAM_CONFIG, TINY_DREAM_MODELING,
-              {"AutoConfig": "configuration_tinydream.TinyDreamConfig",
-               "AutoModel": "modeling_tinydream.TinyDreamModel"}),
-}
+REMOTE_AUTO_MAP = {"AutoConfig": "configuration_tinyremote.TinyRemoteConfig",
+                   "AutoModel": "modeling_tinyremote.TinyRemoteModel"}
 
 
 @pytest.fixture(scope="module")
@@ -324,41 +254,34 @@ def modules_cache(tmp_path_factory):
         yield cache
 
 
-def write_remote_checkpoint(root: Path, family: str) -> tuple[Path, torch.nn.Module]:
-    """Write the family's source files + config.json, build the model through trust_remote_code,
-    and save it (weights, code, tokenizer) like a hub checkpoint; returns (dir, model)."""
-    stem, config_src, modeling_src, auto_map = REMOTE[family]
-    src = root / f"{stem}_src"
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory, modules_cache) -> tuple[Path, torch.nn.Module]:
+    """Write the source files + config.json, build the model through trust_remote_code, and save
+    it (weights, code, tokenizer) like a hub checkpoint; returns (dir, model)."""
+    root = tmp_path_factory.mktemp("remote")
+    src = root / "tinyremote_src"
     src.mkdir()
-    (src / f"configuration_{stem}.py").write_text(textwrap.dedent(config_src))
-    (src / f"modeling_{stem}.py").write_text(textwrap.dedent(modeling_src))
-    tokenizer = build_char_tokenizer()
+    (src / "configuration_tinyremote.py").write_text(textwrap.dedent(TINY_REMOTE_CONFIG))
+    (src / "modeling_tinyremote.py").write_text(textwrap.dedent(TINY_REMOTE_MODELING))
     # A mask id that differs from the tokenizer's proves the config is what special_ids reads.
     (src / "config.json").write_text(json.dumps(
-        {"model_type": family, "auto_map": auto_map, "vocab_size": 104, "mask_token_id": 7}))
+        {"model_type": REMOTE_TYPE, "auto_map": REMOTE_AUTO_MAP, "vocab_size": 104, "mask_token_id": 7}))
     config = AutoConfig.from_pretrained(src, trust_remote_code=True)
     torch.manual_seed(0)
     model = AutoModel.from_config(config, trust_remote_code=True)
-    ckpt = root / stem
+    ckpt = root / "tinyremote"
     model.save_pretrained(ckpt)  # copies the modeling/configuration files in too
-    tokenizer.save_pretrained(ckpt)
+    build_char_tokenizer().save_pretrained(ckpt)
     return ckpt, model.eval()
 
 
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory, modules_cache):
-    root = tmp_path_factory.mktemp("remote")
-    return {family: write_remote_checkpoint(root, family) for family in REMOTE}
-
-
-@pytest.mark.parametrize("family", ["llada", "Dream"])
-def test_remote_code_model_loads_offline_and_runs(remote, family, monkeypatch):
+def test_remote_code_model_loads_offline_and_runs(remote, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ckpt, built = remote[family]
-    assert (ckpt / "model.safetensors").is_file() and (ckpt / f"modeling_{REMOTE[family][0]}.py").is_file()
-    model, tokenizer = load_model(ckpt)
+    ckpt, built = remote
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "modeling_tinyremote.py").is_file()
+    model, tokenizer = load_model(ckpt, trust_remote_code=True)
     model.eval()
-    assert type(model).__name__ == type(built).__name__ and model.config.model_type == family
+    assert type(model).__name__ == "TinyRemoteModel" and model.config.model_type == REMOTE_TYPE
     assert special_ids(model, tokenizer).mask_id == 7
 
     texts = ["ab", "hello there"]
@@ -375,21 +298,28 @@ def test_remote_code_model_loads_offline_and_runs(remote, family, monkeypatch):
     torch.testing.assert_close(diffusion_logits(model, garbage, mask)[real], logits[real], rtol=0, atol=1e-6)
 
 
-def test_mask_style_matters_for_remote_families(remote):
-    """The family table is not decorative: each tiny family rejects the other style."""
+def test_remote_code_is_opt_in(remote, monkeypatch):
+    """Off by default (load_model and JobSpec): a clear error naming the job-spec field, and the
+    checkpoint's Python never runs."""
+    ckpt, _ = remote
+    assert JobSpec().model.trust_remote_code is False
+    with pytest.raises(RemoteCodeRequiredError, match=r"model\.trust_remote_code = true"):
+        load_model(ckpt)
+    with pytest.raises(RemoteCodeRequiredError):
+        load_model(ckpt, trust_remote_code=False)
+
+
+def test_unknown_family_gets_a_4d_mask_and_position_ids(remote):
+    """The family table is not decorative: the remote model rejects a 2-D mask, and
+    diffusion_logits hands it a 4-D one with positions counted from each row's first token."""
     ids = torch.tensor([[0, 0, 5, 6], [4, 5, 6, 7]])
     mask = (ids != 0).long()
-    llada, _ = remote["llada"]
-    dream, _ = remote["Dream"]
-    llada_model, _ = load_model(llada)
-    with pytest.raises(RuntimeError):
-        llada_model(ids, attention_mask=padding_to_4d(mask))
-    dream_model, tokenizer = load_model(dream)
+    model, _ = load_model(remote[0], trust_remote_code=True)
     with pytest.raises(ValueError, match="boolean"):
-        dream_model(ids, attention_mask=mask)
-    seen = record_position_ids(dream_model)
-    diffusion_logits(dream_model, ids, mask)
-    assert seen[-1].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]  # counted from each row's first token
+        model(ids, attention_mask=mask)
+    seen = record_position_ids(model)
+    diffusion_logits(model, ids, mask)
+    assert seen[-1].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
 def record_position_ids(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -437,25 +367,39 @@ def test_lora_adapter_only_checkpoint_round_trip(tiny_dir, tmp_path):
     torch.testing.assert_close(diffusion_logits(reloaded.eval(), ids, mask), expected, rtol=0, atol=1e-6)
 
 
-def test_lora_defaults_for_remote_families(remote):
-    llada, _ = load_model(remote["llada"][0], lora=LoraSpec(r=2))
+@pytest.fixture(scope="module")
+def native_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init native LLaDA and Dream checkpoints with the char tokenizer."""
+    tokenizer = build_char_tokenizer()
+    ids = dict(mask_token_id=tokenizer.mask_token_id, pad_token_id=0, eos_token_id=1)
+    llada = LLaDAModelLM(LLaDAConfig(d_model=32, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                                     vocab_size=104, embedding_size=104, **ids))
+    dream = DreamModel(DreamConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                   num_hidden_layers=2, intermediate_size=64, vocab_size=104, bos_token_id=0, **ids))
+    root = tmp_path_factory.mktemp("native")
+    return {name: save_checkpoint(m, tokenizer, root / name) for name, m in (("llada", llada), ("Dream", dream))}
+
+
+def test_lora_defaults_for_native_families(native_dirs):
+    llada, _ = load_model(native_dirs["llada"], lora=LoraSpec(r=2))
     wrapped = {n for n, m in llada.named_modules() if hasattr(m, "lora_A")}
     suffixes = {n.rsplit(".", 1)[-1] for n in wrapped}
     assert suffixes == {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}
     assert not any(n.endswith("transformer.ff_out") for n in wrapped)  # LLaDA's head shares the name
 
-    dream, tokenizer = load_model(remote["Dream"][0], lora=LoraSpec(r=2))  # "all-linear"
+    dream, tokenizer = load_model(native_dirs["Dream"], lora=LoraSpec(r=2))  # "all-linear"
     wrapped = {n.rsplit(".", 1)[-1] for n, m in dream.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     # position_ids still reach the model through the peft wrapper, and rows match alone
     perturb_lora(dream)
     dream.eval()
     seen = record_position_ids(dream)
-    ids, mask = left_padded(tokenizer, ["xy", "long"])
+    ids, mask = left_padded(tokenizer, ["xyz", "long"])
     logits = diffusion_logits(dream, ids, mask)
-    assert seen[-1] is not None and seen[-1].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
-    alone = tokenizer("xy", return_tensors="pt").input_ids
-    torch.testing.assert_close(logits[0, -2:], dream(alone).logits[0], rtol=0, atol=1e-5)
+    assert seen[-1] is not None and seen[-1].tolist() == [[0, 0, 1, 2], [0, 1, 2, 3]]
+    alone = tokenizer("xyz", return_tensors="pt").input_ids
+    # Dream's logits lag one position: the first real token's come from the pad before it.
+    torch.testing.assert_close(logits[0, -2:], diffusion_logits(dream, alone)[0, -2:], rtol=0, atol=1e-5)
 
 
 def test_adapter_needs_a_named_base(tmp_path):

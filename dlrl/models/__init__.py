@@ -1,12 +1,15 @@
-"""Model adapters: the built-in masked-diffusion model, loading remote-code dLLMs, LoRA, ids.
+"""Model adapters: the built-in model, native LLaDA and Dream, loading, LoRA, special ids.
 
-Importing this package registers the built-in model with the transformers Auto classes, so
-`AutoModel.from_pretrained(dir)` (and `load_model(dir)`) open a saved tiny checkpoint.
+Importing this package registers the built-in model and the native LLaDA / Dream classes with the
+transformers Auto classes, so plain `AutoModel.from_pretrained(dir)` (and `load_model(dir)`) open
+a saved checkpoint of any of them without remote code.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
+from dlrl.models.dream import DreamConfig, DreamModel
+from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
 from dlrl.models.checkpoint import load_trainable, save_checkpoint
 from dlrl.models.forward import MASK_STYLE, diffusion_logits
 from dlrl.models.loading import CheckpointNotFoundError, load_model
@@ -18,12 +21,20 @@ from dlrl.models.tokenizer import build_char_tokenizer
 AutoConfig.register(BidirectionalConfig.model_type, BidirectionalConfig, exist_ok=True)
 AutoModel.register(BidirectionalConfig, BidirectionalModel, exist_ok=True)
 AutoModelForMaskedLM.register(BidirectionalConfig, BidirectionalModel, exist_ok=True)
+for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForMaskedLM.register(_config, _model, exist_ok=True)
 
 __all__ = [
     "MASK_STYLE",
     "BidirectionalConfig",
     "BidirectionalModel",
     "CheckpointNotFoundError",
+    "DreamConfig",
+    "DreamModel",
+    "LLaDAConfig",
+    "LLaDAModelLM",
     "LoraSpec",
     "SpecialIds",
     "build_char_tokenizer",

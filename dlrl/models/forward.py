@@ -3,9 +3,9 @@
 The sampler and the learner both call `diffusion_logits`; it is the only place that knows how a
 model family wants its padding mask. A 2-D padding mask silently turns many HF models causal, so
 families that take a mask get an explicit 4-D (B, 1, T, T) boolean one (the default for unknown
-families). LLaDA's remote code only understands a 2-D key-padding mask — it reshapes it with
-`.view(B, -1)[:, None, None, :]` into an additive bias and is non-causal by construction — so it
-gets that. Dream's generation code builds a 4-D boolean (B, 1, T, T) mask from the padding mask
+families). LLaDA's published convention is a 2-D key-padding mask (its modeling file reshapes it
+with `.view(B, -1)[:, None, None, :]` into an additive bias, non-causal by construction), so it
+gets that; the native LLaDA (dlrl/models/llada.py) also takes position ids. Dream's generation code builds a 4-D boolean (B, 1, T, T) mask from the padding mask
 and passes it straight to SDPA (True = may attend), and takes `position_ids`.
 """
 

@@ -1,9 +1,14 @@
 """Load any supported masked-diffusion checkpoint as (model, tokenizer).
 
-One entry point for the built-in model, remote-code dLLMs (LLaDA: model_type "llada"; Dream:
-model_type "Dream"), and adapter-only LoRA checkpoints written by `save_checkpoint`. The Auto
-class comes from the config's `auto_map` (remote code) or from the registered mappings
-(built-in), so nothing here switches on a model name.
+One entry point for the built-in model, the native LLaDA / Dream families, other dLLMs through
+their remote code (opt-in), and adapter-only LoRA checkpoints written by `save_checkpoint`.
+
+The class is chosen from config.json alone, read as data: a `model_type` or `architectures` entry
+of a native family (NATIVE) loads our own code even when the checkpoint also ships modeling files
+(the published LLaDA and Dream repositories do, and their code does not run under transformers 5);
+otherwise a config with an `auto_map` needs `trust_remote_code` (off by default: it runs Python
+from the checkpoint), and anything else goes through the registered Auto mappings. Native
+checkpoints load strictly: a missing or unexpected tensor is an error, not a random init.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
+from dlrl.models.dream import DreamConfig, DreamModel
+from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
 from dlrl.models.lora import LoraSpec, apply_lora
+from dlrl.models.published import OPTIONAL, check_checkpoint
 
 # Preferred Auto classes, best first. A masked-diffusion model is a masked LM; LLaDA's remote code
 # maps AutoModel and AutoModelForCausalLM to the same LM class and Dream maps only AutoModel (its
@@ -48,8 +57,31 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 """Shipped checkpoints (`builtin:<name>` -> dlrl/assets/<name>), built by scripts/ in this repo."""
 
 
+NATIVE: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "llada": (LLaDAConfig, LLaDAModelLM),
+    "Dream": (DreamConfig, DreamModel),
+}
+"""model_type -> (config class, model class) of the families with native code."""
+NATIVE_ARCHITECTURES = {model.__name__: model_type for model_type, (_, model) in NATIVE.items()}
+"""Published `architectures` names (LLaDAModelLM, DreamModel) -> model_type."""
+
+
 class CheckpointNotFoundError(OSError):
     """A model name is neither a loadable local directory nor a reachable hub repository."""
+
+
+class RemoteCodeRequiredError(ValueError):
+    """The checkpoint's family has no native code and remote code was not allowed."""
+
+
+def native_family(config: dict) -> str | None:
+    """The native model_type for a config.json dict (by model_type, then architectures), or None."""
+    if config.get("model_type") in NATIVE:
+        return config["model_type"]
+    for arch in config.get("architectures") or ():
+        if arch in NATIVE_ARCHITECTURES:
+            return NATIVE_ARCHITECTURES[arch]
+    return None
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
@@ -104,7 +136,7 @@ def load_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
     lora: LoraSpec | None = None,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """Load a checkpoint (local dir or hub id) onto `device` in `dtype`; returns (model, tokenizer).
@@ -125,18 +157,60 @@ def load_model(
             return _load_adapter(path.resolve(), dtype=dtype, device=device,
                                  trust_remote_code=trust_remote_code, lora=lora)
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config_dict, _ = PretrainedConfig.get_config_dict(name)  # JSON only: runs no code
     except (OSError, HFValidationError) as exc:
         raise _not_found(name, exc) from exc
-    model = auto_class_for(config).from_pretrained(
-        name, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    family = native_family(config_dict)
+    if family is not None:
+        model = _load_native(name, family, dtype)
+    else:
+        if config_dict.get("auto_map") and not trust_remote_code:
+            raise RemoteCodeRequiredError(
+                f"{name} (model_type {config_dict.get('model_type')!r}) has no native dlrl code and "
+                f"ships its own modeling code; set model.trust_remote_code = true in the job spec "
+                f"(trust_remote_code=True) to run it, if you trust that repository"
+            )
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = auto_class_for(config).from_pretrained(
+            name, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        )
     model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = _load_tokenizer(name, trust_remote_code, native=family is not None)
     tokenizer.padding_side = "left"
     if lora is not None:
         model = apply_lora(model, lora)
     return model, tokenizer
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool, *, native: bool) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer. A native family whose tokenizer_config names a remote tokenizer
+    class (Dream ships tokenization_dream.py, a Qwen2 BPE tokenizer) gets the plain fast tokenizer
+    from its tokenizer.json instead of running that code."""
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if not native or trust_remote_code:
+            raise
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(name)
+        except (OSError, ValueError):
+            raise exc from None
+
+
+def _load_native(name: str, family: str, dtype: torch.dtype | str) -> PreTrainedModel:
+    """A native family's model, strictly: every published tensor present, nothing unknown."""
+    config_cls, model_cls = NATIVE[family]
+    config = config_cls.from_pretrained(name)
+    if Path(name).is_dir():
+        check_checkpoint(name, config)  # the explicit published name map, before any weight is read
+    model, info = model_cls.from_pretrained(
+        name, config=config, dtype=resolve_dtype(dtype), output_loading_info=True
+    )
+    unexpected = set(info["unexpected_keys"]) - OPTIONAL.get(family, set())
+    if info["missing_keys"] or unexpected:
+        raise ValueError(f"{name} does not match the native {family} model: missing "
+                         f"{sorted(info['missing_keys'])[:4]}, unexpected {sorted(unexpected)[:4]}")
+    return model
 
 
 def _load_adapter(
