@@ -13,8 +13,9 @@ started. Its rules (services/README.md lists them too):
   import path ("module:factory") is refused unless listed. Options must be the factory's own
   keyword arguments, with small JSON values; an option naming a file must lie in `data_root`;
 - models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
-  an adapter folder's base model obeys the same rule. `trust_remote_code=true` is refused unless
-  the operator allows it (built-in models are the package's own code: it is switched off for them);
+  an adapter folder's base model obeys the same rule. Jobs load no remote code unless the operator
+  allows it: `trust_remote_code=true` in a spec is refused (for a built-in model, the package's own
+  code, it is switched off), and left at its default it is switched off;
 - `queue.redis_url` and `runtime.ray_address` are the server's: a spec that sets them is refused
   (the job gets the server's Redis in its environment and joins the server's Ray cluster);
 - every size field is at most the server's limit (`limits`, stricter than JobSpec's bounds).
@@ -244,10 +245,11 @@ def _model(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]
     if reason := _model_refusal(model.path, policy):
         errors.append(("model.path", reason))
     if model.trust_remote_code and not policy.allow_trust_remote_code:
-        if not builtin:
+        # Asked for: refused. Left at the default: switched off (a built-in is the package's own code).
+        if not builtin and "trust_remote_code" in model.model_fields_set:
             errors.append(("model.trust_remote_code", "remote code is not allowed over the API (the operator "
                                                       "enables it with allow_trust_remote_code)"))
-        model = model.model_copy(update={"trust_remote_code": False})  # a built-in is the package's own code
+        model = model.model_copy(update={"trust_remote_code": False})
     targets = model.lora.target_modules if model.lora is not None else None
     names = [targets] if isinstance(targets, str) else targets or []
     for i, target in enumerate(names):
