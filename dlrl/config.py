@@ -2,7 +2,10 @@
 
 The TOML file given to `dlrl train`, the body of `POST /v1/jobs` and the Python object are the
 same pydantic model. It is flat on purpose: one level of sections, a docstring per field,
-validation in the type. Unknown keys are errors (a typo must not silently fall back to a default).
+validation in the type. Unknown keys are errors (a typo must not silently fall back to a default),
+types are strict ("5" or true is no integer), numbers finite, and every size field has an upper
+bound (`le=`) generous enough for the command line; the job API applies stricter limits of its own
+(services.admission).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class ModelSpec(Section):
 
 class TaskSpec(Section):
     name: str = Field("sudoku", min_length=1, max_length=256)
-    """Registered task name (sudoku, countdown, math) or an import path 'pkg.module:factory'."""
+    """Registered task name (sudoku, countdown, math) or an import path 'pkg.module:factory'
+    (import paths only where allowed: see dlrl.tasks.get_task)."""
     style: Literal["compact", "chat"] = "compact"
     """Prompt style: 'compact' for tiny character-level models, 'chat' for instruct models."""
     options: dict[str, Any] = Field(default_factory=dict, max_length=64)

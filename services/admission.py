@@ -70,8 +70,8 @@ _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.|]{1,512}")
 """LoRA targets over the API: names, "." and "|" only, so a regex target cannot backtrack
 catastrophically (no quantifiers or groups)."""
-_PATH_OPTION = re.compile(r"(?:.*_)?(?:path|file|dir|root|paths|files)")
-"""Task option keys that name files: their values must lie in the data root."""
+_PATH_OPTION = re.compile(r"path|file|dir|root|folder", re.IGNORECASE)
+"""Task option keys that name files (found anywhere in the key): their values must lie in the data root."""
 MAX_OPTION_NUMBER = 1_000_000
 MAX_OPTION_STRING = 4096
 MAX_OPTION_ITEMS = 256
@@ -190,7 +190,7 @@ def _task(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]])
         where = f"task.options.{key}"
         if (reason := _small_json(value)) is not None:
             errors.append((where, reason))
-        elif _PATH_OPTION.fullmatch(key):
+        elif _PATH_OPTION.search(key):
             checked = _data_path(value, policy, where, errors)
             if checked is not None:
                 options[key] = checked

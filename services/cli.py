@@ -7,6 +7,8 @@
 
     dlrl serve --host 127.0.0.1 --port 8000                 # the job API (DLRL_API_TOKEN, DLRL_REDIS_URL,
                                                             #  DLRL_RAY_ADDRESS from the environment)
+    dlrl serve --settings api.toml --data-root /srv/data --allow-model GSAI-ML/LLaDA-8B-Instruct
+                                                            # its admission policy (services/README.md)
     dlrl submit spec.toml [--set k=v] [--wait]              # the client (DLRL_API_URL, DLRL_API_TOKEN)
     dlrl jobs [--state RUNNING]
     dlrl status ID

@@ -109,6 +109,10 @@ def test_file_options_must_lie_in_the_data_root(tmp_path):
     spec = admitted(small(task={"name": "math", "options": {"path": "gsm8k/{split}.jsonl"}}), policy)
     assert spec.task.options["path"] == str(root.resolve() / "gsm8k" / "{split}.jsonl")  # absolute, split kept
     assert refusals(small(task={"name": "gsm8k", "options": {"path": 5}}), policy)  # not a path at all
+    listed = AdmissionPolicy(data_root=str(root), tasks=("mypkg.tasks:factory",))  # the operator's own task
+    for key in ["train_file", "dataDir", "filename", "rootFolder"]:
+        body = small(task={"name": "mypkg.tasks:factory", "options": {key: "/etc/passwd"}})
+        assert "outside the API's data root" in refusals(body, listed)[f"task.options.{key}"], key
 
 
 def test_tasks_read_files_only_inside_DLRL_DATA_ROOT_at_load_time(tmp_path, monkeypatch):
