@@ -169,7 +169,8 @@ def _limits(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]
     for path, limit in policy.limits.items():
         value = _get(spec, path)
         if value is not None and value > limit:
-            errors.append((path, f"{value} exceeds the API's limit of {limit:g}"))
+            shown = int(limit) if float(limit).is_integer() else limit
+            errors.append((path, f"{value} exceeds the API's limit of {shown}"))
 
 
 def _task(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> dict[str, Any]:
