@@ -2,38 +2,46 @@
 
 The TOML file given to `dlrl train`, the body of `POST /v1/jobs` and the Python object are the
 same pydantic model. It is flat on purpose: one level of sections, a docstring per field,
-validation in the type. Unknown keys are errors (a typo must not silently fall back to a default).
+validation in the type. Unknown keys are errors (a typo must not silently fall back to a default),
+types are strict ("5" or true is no integer), numbers finite, and every size field has an upper
+bound (`le=`) generous enough for the command line; the job API applies stricter limits of its own
+(services.admission).
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+
+
+Beta = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # strict: "5" or true is no step count; allow_inf_nan: Infinity is no learning rate.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class LoraSpec(Section):
     """LoRA hyper-parameters; `target_modules=None` picks the family default."""
 
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, le=4096)
     """Rank of each adapter."""
-    alpha: float = Field(32.0, gt=0)
+    alpha: float = Field(32.0, gt=0, le=1e6)
     """Scale numerator: the adapter's update is multiplied by alpha / r."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapter input (0 keeps the old-policy and new-policy passes identical)."""
-    target_modules: list[str] | str | None = None
+    target_modules: list[str] | str | None = Field(None, max_length=256)
     """Module-name suffixes, a full-match regex, or "all-linear"; None = the family's default
     (dlrl.models.lora.DEFAULT_TARGETS)."""
 
 
 class ModelSpec(Section):
-    path: str = "builtin:tiny-sudoku"
+    path: str = Field("builtin:tiny-sudoku", min_length=1, max_length=1024)
     """Local directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or builtin:<name> (shipped asset)."""
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     """Parameter dtype. On CUDA, bfloat16 with float32 master weights is not done: use float32 + autocast."""
@@ -45,40 +53,41 @@ class ModelSpec(Section):
 
 
 class TaskSpec(Section):
-    name: str = "sudoku"
-    """Registered task name (sudoku, countdown, math) or an import path 'pkg.module:factory'."""
+    name: str = Field("sudoku", min_length=1, max_length=256)
+    """Registered task name (sudoku, countdown, math) or an import path 'pkg.module:factory'
+    (import paths only where allowed: see dlrl.tasks.get_task)."""
     style: Literal["compact", "chat"] = "compact"
     """Prompt style: 'compact' for tiny character-level models, 'chat' for instruct models."""
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, max_length=64)
     """Task-specific options passed to the task factory (e.g. path of a JSONL file, blanks)."""
-    train_size: int | None = Field(None, ge=1)
+    train_size: int | None = Field(None, ge=1, le=100_000_000)
     """Number of training examples (None: the task's default/all)."""
-    eval_size: int = Field(48, ge=1)
+    eval_size: int = Field(48, ge=1, le=1_000_000)
     """Number of held-out test examples evaluated."""
 
 
 class RolloutSpec(Section):
-    prompts_per_step: int = Field(16, ge=1)
+    prompts_per_step: int = Field(16, ge=1, le=65_536)
     """Prompts (groups) per learner step."""
-    group_size: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=1, le=4096)
     """Completions sampled per prompt (G)."""
-    gen_length: int = Field(256, ge=1)
+    gen_length: int = Field(256, ge=1, le=131_072)
     """Generated tokens per completion (L)."""
-    block_length: int = Field(32, ge=1)
+    block_length: int = Field(32, ge=1, le=131_072)
     """Semi-autoregressive block length of the sampler."""
-    steps: int = Field(128, ge=1)
+    steps: int = Field(128, ge=1, le=131_072)
     """Diffusion sampling steps for the whole response."""
-    temperature: float = Field(0.6, ge=0.0)
+    temperature: float = Field(0.6, ge=0.0, le=100.0)
     """Gumbel-max sampling temperature for rollouts (evaluation is greedy)."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     """Which predicted tokens are kept at each step. 'low_confidence' re-draws unlikely samples
     until a confident token appears, which suppresses exploration on small models; 'random'
     commits tokens in random order, as the ELBO's forward process does."""
-    cfg_scale: float = Field(0.0, ge=0.0)
+    cfg_scale: float = Field(0.0, ge=0.0, le=100.0)
     """Classifier-free guidance scale (0 = off)."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=65_536)
     """Sequences generated per forward batch in a worker."""
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=1024)
     """Rollout actors."""
 
     @model_validator(mode="after")
@@ -94,11 +103,11 @@ class RolloutSpec(Section):
 class TrainSpec(Section):
     algorithm: Literal["bgpo", "naive_elbo", "diffu_grpo"] = "bgpo"
     """Policy objective: BGPO (chunked bound), the naive ELBO ratio, or d1's diffu-GRPO."""
-    steps: int = Field(400, ge=1)
+    steps: int = Field(400, ge=1, le=10_000_000)
     """Learner steps (one rollout batch each)."""
-    n_mc: int = Field(16, ge=1)
+    n_mc: int = Field(16, ge=1, le=4096)
     """Monte-Carlo ELBO samples per completion (n_t)."""
-    mc_chunk: int = Field(1, ge=1)
+    mc_chunk: int = Field(1, ge=1, le=4096)
     """MC samples per forward/backward pass (1 = least memory; n_mc = one pass). BGPO only."""
     mask_scheme: Literal["iid", "stratified", "antithetic"] = "stratified"
     """How the n_mc masks of a completion are drawn."""
@@ -111,9 +120,9 @@ class TrainSpec(Section):
     """Mask-count (k ~ U{1..L}, weight L/k) or continuous-time (t ~ U(0,1), weight 1/t) ELBO."""
     normalize: Literal["token", "sequence"] = "token"
     """Divide each ELBO term by L (per-token) or keep the sequence bound."""
-    lr: float = Field(5e-7, gt=0)
+    lr: float = Field(5e-7, gt=0, le=1.0)
     """AdamW learning rate (constant)."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
     """Linear learning-rate warm-up: Adam's first steps are sign-like (as large as lr on every
     weight whatever the gradient's size), which jolts an already-trained policy."""
     lr_decay: Literal["constant", "linear", "cosine"] = "constant"
@@ -121,23 +130,23 @@ class TrainSpec(Section):
     then move the policy less, so the run does not end on its noisiest updates."""
     final_lr_ratio: float = Field(0.1, ge=0, le=1)
     """The decayed learning rate at the last step, as a fraction of lr (not used when constant)."""
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, le=10.0)
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.99), strict=False)  # a TOML/JSON array is fine
     """AdamW betas."""
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
     """Max global gradient norm."""
-    micro_batch: int = Field(8, ge=1)
+    micro_batch: int = Field(8, ge=1, le=65_536)
     """Completions per forward pass (times mc_chunk rows)."""
-    updates_per_batch: int = Field(1, ge=1)
+    updates_per_batch: int = Field(1, ge=1, le=1024)
     """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
-    clip_eps: float | None = Field(0.2, gt=0)
+    clip_eps: float | None = Field(0.2, gt=0, le=1e6)
     """PPO clip of the per-sample ratio (None = off)."""
-    dual_clip: float | None = Field(3.0, gt=1)
+    dual_clip: float | None = Field(3.0, gt=1, le=1e6)
     """Dual-clip cap for negative advantages (None = off)."""
     p_mask_prompt: float = Field(0.15, ge=0, le=1)
     """diffu-GRPO only: probability of masking each prompt token."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**63)
     """Seeds prompt order, sampling noise and MC masks."""
 
     @model_validator(mode="after")
@@ -148,9 +157,9 @@ class TrainSpec(Section):
 
 
 class EvalSpec(Section):
-    every: int = Field(10, ge=1)
+    every: int = Field(10, ge=1, le=10_000_000)
     """Evaluate the held-out set every this many learner steps (and before the first)."""
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=131_072)
     """Sampling steps for evaluation (None: same as rollout)."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     """Remasking of the greedy evaluation decode (rollouts use rollout.remasking)."""
@@ -162,15 +171,15 @@ class QueueSpec(Section):
     backend: Literal["ray", "redis"] = "ray"
     """'ray': an actor-held queue inside the Ray cluster (the local default); 'redis': a Redis
     Stream that outlives the run's processes (the distributed deployment)."""
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, max_length=2048)
     """redis://[:password@]host:port/db. None: the DLRL_REDIS_URL environment variable, so the
     password need not be written into the spec."""
-    capacity: int | None = Field(None, ge=1)
+    capacity: int | None = Field(None, ge=1, le=10_000_000)
     """Groups queued but not yet acknowledged before producers block (back-pressure).
     None: (max_staleness + 2) x prompts_per_step."""
-    maxlen: int = Field(100_000, ge=1)
+    maxlen: int = Field(100_000, ge=1, le=100_000_000)
     """Approximate bound on the Redis stream's length (XADD MAXLEN ~): acknowledged history is trimmed."""
-    reclaim_idle_s: float = Field(60.0, gt=0)
+    reclaim_idle_s: float = Field(60.0, gt=0, le=86_400)
     """A pending entry idle this long belongs to a dead consumer and is reclaimed (XAUTOCLAIM)."""
 
 
@@ -180,27 +189,27 @@ class WeightsSpec(Section):
     sync: Literal["object_store", "collective"] = "object_store"
     """'object_store': ray.put once, workers fetch (CPU and default). 'collective': bucketed
     torch.distributed broadcast (NCCL on GPUs, gloo on CPUs), falling back to the object store."""
-    bucket_mb: float = Field(256.0, gt=0)
+    bucket_mb: float = Field(256.0, gt=0, le=65_536)
     """Bucket size of the collective broadcast."""
 
 
 class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the learner and workers run ('auto': CUDA when present)."""
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, max_length=2048)
     """Existing Ray cluster to join (None: start Ray in-process)."""
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(None, ge=1, le=4096)
     """CPUs for an in-process Ray (None: all)."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     """torch threads per actor (None: the machine's cores, since sync actors take turns)."""
-    out_dir: str = "runs"
+    out_dir: str = Field("runs", min_length=1, max_length=4096)
     """Runs are written to <out_dir>/<name>/."""
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0, le=10_000_000)
     """Save an HF checkpoint every k steps (0: only at the end)."""
-    max_staleness: int = Field(0, ge=0)
+    max_staleness: int = Field(0, ge=0, le=1024)
     """0: synchronous, exactly on-policy. S >= 1: workers generate at most S weight versions
     ahead of the learner; older groups are dropped and counted."""
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0, le=1000)
     """Times Ray restarts a crashed rollout worker (its unfinished groups are redone)."""
 
 

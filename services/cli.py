@@ -7,6 +7,8 @@
 
     dlrl serve --host 127.0.0.1 --port 8000                 # the job API (DLRL_API_TOKEN, DLRL_REDIS_URL,
                                                             #  DLRL_RAY_ADDRESS from the environment)
+    dlrl serve --settings api.toml --data-root /srv/data --allow-model GSAI-ML/LLaDA-8B-Instruct
+                                                            # its admission policy (services/README.md)
     dlrl submit spec.toml [--set k=v] [--wait]              # the client (DLRL_API_URL, DLRL_API_TOKEN)
     dlrl jobs [--state RUNNING]
     dlrl status ID
@@ -30,6 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dlrl.config import JobSpec
+from dlrl.tasks import IMPORT_PATHS_ENV
 
 
 def _parse_value(text: str) -> Any:
@@ -91,9 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--runs-dir", default=None, help="where job runs are written (default: $DLRL_RUNS_DIR or ./runs)")
+    serve.add_argument("--settings", metavar="FILE", help="settings file (TOML; services/README.md); flags override it")
     serve.add_argument("--max-active-jobs", type=int, default=None,
-                       help="pending+running jobs before submissions get 429 (0: accept none)")
-    serve.add_argument("--max-body-kib", type=int, default=64, help="request body limit (413 beyond)")
+                       help="pending+running jobs before submissions get 429 (0: accept none; default 4)")
+    serve.add_argument("--max-body-kib", type=int, default=None, help="request body limit (413 beyond; default 64)")
+    serve.add_argument("--rate-limit", type=int, default=None, metavar="N",
+                       help="requests per token per minute before 429 (default 600)")
+    serve.add_argument("--submit-limit", type=int, default=None, metavar="N",
+                       help="jobs a token may start per minute (default 10)")
+    serve.add_argument("--max-job-seconds", type=float, default=None, metavar="S",
+                       help="wall-clock limit of one job; it is stopped past it (default 86400)")
+    serve.add_argument("--data-root", default=None, metavar="DIR",
+                       help="task data files must lie here (default: $DLRL_DATA_ROOT; none: file options refused)")
+    serve.add_argument("--model-root", dest="model_roots", action="append", default=None, metavar="DIR",
+                       help="a folder whose checkpoints jobs may load (repeatable)")
+    serve.add_argument("--allow-model", dest="models", action="append", default=None, metavar="ORG/NAME",
+                       help="a hub model jobs may load, or ORG/* (repeatable)")
+    serve.add_argument("--allow-task", dest="tasks", action="append", default=None, metavar="NAME",
+                       help="a task besides the registry's, e.g. a vetted import path pkg.mod:factory (repeatable)")
+    serve.add_argument("--allow-trust-remote-code", action="store_true", default=None,
+                       help="let jobs set model.trust_remote_code=true")
     serve.add_argument("--insecure-open", action="store_true",
                        help="serve without a token (refused unless the host is a loopback address)")
     serve.add_argument("--log-level", default="info")
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             print(spec.model_dump_json(indent=2))
             return 0
         if args.command == "train":
+            if not args.spec_env:  # a spec file on the operator's own command line: import paths allowed
+                os.environ.setdefault(IMPORT_PATHS_ENV, "*")
             return _train(spec, args)
     from services.client import ApiClient, ApiError
 
@@ -222,8 +244,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = ApiSettings.from_env(
+            settings_file=args.settings,
             runs_dir=Path(args.runs_dir).resolve() if args.runs_dir else None,
-            max_active_jobs=args.max_active_jobs, max_body_bytes=args.max_body_kib * 1024)
+            max_active_jobs=args.max_active_jobs,
+            max_body_bytes=args.max_body_kib * 1024 if args.max_body_kib is not None else None,
+            rate_limit_per_minute=args.rate_limit, submit_limit_per_minute=args.submit_limit,
+            admission=dict(max_job_seconds=args.max_job_seconds, data_root=args.data_root,
+                           model_roots=args.model_roots, models=args.models, tasks=args.tasks,
+                           allow_trust_remote_code=args.allow_trust_remote_code))
         serve(settings, host=args.host, port=args.port, insecure_open=args.insecure_open, log_level=args.log_level)
     except (ConfigError, ValueError) as exc:
         print(f"dlrl serve: {exc}", file=sys.stderr)

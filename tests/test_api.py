@@ -347,7 +347,7 @@ def test_with_redis_and_ray_down_the_api_answers_503(tmp_path):
             ready = http.get("/readyz")
             assert ready.status_code == 503
             assert ready.json() == {"status": "unavailable", "redis": "unreachable", "ray": "unreachable"}
-            for method, path, body in [("GET", "/v1/jobs", None), ("GET", "/v1/jobs/j-1", None),
+            for method, path, body in [("GET", "/v1/jobs", None), ("GET", "/v1/jobs/j-000000000001", None),
                                        ("POST", "/v1/jobs", tiny_spec("down"))]:
                 r = http.request(method, path, json=body)
                 assert r.status_code == 503 and "Redis" in r.json()["detail"], r.text

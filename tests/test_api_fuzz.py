@@ -5,7 +5,8 @@ valid and invalid specs, queries, headers and path ids, with and without the tok
 may be a 5xx, and every one must match the documented status codes and schemas.
 
 The server runs with --max-active-jobs 0 (draining: a valid spec is judged, then refused with
-429) so that hundreds of generated specs do not start hundreds of training runs on the cluster.
+429) so that hundreds of generated specs do not start hundreds of training runs on the cluster,
+and with a request rate limit high enough that the fuzzing is not throttled.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.test_api import ApiServer, tiny_spec
 @pytest.fixture(scope="module")
 def fuzz_api(redis_server, ray_cluster, tmp_path_factory) -> Iterator[ApiServer]:
     server = ApiServer(redis_server.url, ray_cluster.dashboard_url, tmp_path_factory.mktemp("fuzz-runs"),
-                       "--max-active-jobs", "0").start()
+                       "--max-active-jobs", "0", "--rate-limit", "1000000").start()
     yield server
     server.stop()
 

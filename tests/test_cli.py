@@ -127,3 +127,14 @@ def test_progress_line():
 def test_train_resume_without_a_checkpoint_is_a_plain_error(tmp_path):
     run = dlrl(None, "train", str(TINY), "--resume", "--set", f"runtime.out_dir={tmp_path}", "--set", "name=never-ran")
     assert run.returncode == 2 and "cannot resume" in run.stderr, run.stderr[-2000:]
+
+
+def test_serve_refuses_bad_settings(tmp_path):
+    env = {"DLRL_API_TOKEN": "t"}
+    missing = dlrl(None, "serve", "--port", str(free_port()), "--settings", str(tmp_path / "nope.toml"), env=env)
+    assert missing.returncode == 2 and "cannot read settings file" in missing.stderr
+    (tmp_path / "api.toml").write_text('[admission]\nallow_everything = true\n')
+    unknown = dlrl(None, "serve", "--port", str(free_port()), "--settings", str(tmp_path / "api.toml"), env=env)
+    assert unknown.returncode == 2 and "unknown admission settings ['allow_everything']" in unknown.stderr
+    negative = dlrl(None, "serve", "--port", str(free_port()), "--rate-limit", "-1", env=env)
+    assert negative.returncode == 2 and "rate_limit_per_minute must be a non-negative integer" in negative.stderr

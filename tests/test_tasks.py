@@ -17,18 +17,6 @@ from dlrl.tasks.answer_format import answer_region
 DATA = "tests/data"
 
 
-def _junk_factory(**options):
-    """A factory returning something that is not a task (for the import-path check)."""
-    return object()
-
-
-def _custom_factory(scale: float = 1.0) -> Task:
-    """A user task reachable by import path, with an option."""
-    ex = Example(id="custom-0", question={}, answer={})
-    return Task(name="custom", make_examples=lambda split, n, seed: [ex] * (n or 1),
-                make_prompt=lambda e, style: "", score=lambda c, e: scale * len(c))
-
-
 def _task_scoring(score) -> Task:
     return Task(name="t", make_examples=lambda s, n, seed: [], make_prompt=lambda e, s: "",
                 score=score)
@@ -57,23 +45,6 @@ def test_unknown_name_lists_the_known_ones():
 def test_math_without_a_source_is_an_error():
     with pytest.raises(ValueError):
         get_task("math")
-
-
-def test_import_path_factory_gets_the_options():
-    task = get_task("tests.test_tasks:_custom_factory", scale=0.25)
-    assert task.name == "custom"
-    assert task.reward("ab", EX) == 0.5
-    same = get_task("dlrl.tasks.sudoku:sudoku_task", min_blanks=7, max_blanks=7)
-    assert all(e.question["puzzle"].count(".") == 7 for e in same.examples("test", 5))
-
-
-def test_bad_import_paths_are_reported():
-    with pytest.raises(ValueError, match="cannot load"):
-        get_task("no_such_module_xyz:factory")
-    with pytest.raises(ValueError, match="cannot load"):
-        get_task("dlrl.tasks.sudoku:no_such_factory")
-    with pytest.raises(TypeError):
-        get_task("tests.test_tasks:_junk_factory")
 
 
 def test_reward_never_raises_and_stays_in_unit_interval():

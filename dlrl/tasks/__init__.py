@@ -6,12 +6,18 @@
     task.prompt(ex, "compact"), task.target(ex, "compact"), task.reward("1234\\n...", ex)
 
 A name outside `TASKS` may be an import path "package.module:factory"; the factory is called
-with the options and must return a `Task` (or an object with the same methods).
+with the options and must return a `Task` (or an object with the same methods). Importing a named
+module runs its code, so import paths are opt-in: `allow_import_paths=True`, or the environment
+variable `DLRL_TASK_IMPORT_PATHS` ("*": any; else a comma-separated list of the allowed import
+paths). `dlrl train` with a spec file sets "*" (its user is the operator); a job started by the job
+API gets only the import paths the operator listed (none by default), so a request body naming
+`os:system` fails here even if it got past the API's admission policy.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from functools import partial
 from typing import Callable
 
@@ -34,13 +40,34 @@ TASKS: dict[str, Callable[..., Task]] = {
 """Name → factory; the factory's keyword arguments are the task's options."""
 
 
-def get_task(name: str, **options) -> Task:
-    """The task registered as `name`, or built by the factory at import path "pkg.mod:factory"."""
+IMPORT_PATHS_ENV = "DLRL_TASK_IMPORT_PATHS"
+
+
+class ImportPathRefused(ValueError):
+    """A task import path was named where import paths are not allowed."""
+
+
+def import_path_allowed(name: str, allow_import_paths: bool | None = None) -> bool:
+    """Whether the import path `name` may be imported: `allow_import_paths` if given, else
+    $DLRL_TASK_IMPORT_PATHS ("*" allows all; otherwise the exact names listed, comma-separated)."""
+    if allow_import_paths is not None:
+        return allow_import_paths
+    allowed = {p.strip() for p in os.environ.get(IMPORT_PATHS_ENV, "").split(",") if p.strip()}
+    return "*" in allowed or name in allowed
+
+
+def get_task(name: str, *, allow_import_paths: bool | None = None, **options) -> Task:
+    """The task registered as `name`, or built by the factory at import path "pkg.mod:factory"
+    when import paths are allowed (see `import_path_allowed`)."""
     if name in TASKS:
         return TASKS[name](**options)
     if ":" not in name:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
                          "(or an import path 'package.module:factory')")
+    if not import_path_allowed(name, allow_import_paths):
+        raise ImportPathRefused(f"task import path {name!r} is not allowed here (known tasks: "
+                                f"{', '.join(sorted(TASKS))}); the operator enables import paths with "
+                                f"{IMPORT_PATHS_ENV}=* or a list of them")
     module_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -52,4 +79,5 @@ def get_task(name: str, **options) -> Task:
     return task
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task", "countdown_task", "math_task", "sudoku_task"]
+__all__ = ["Example", "Task", "TASKS", "IMPORT_PATHS_ENV", "ImportPathRefused", "get_task", "import_path_allowed",
+           "countdown_task", "math_task", "sudoku_task"]

@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 
 from dlrl.tasks.answer_format import REASONING_FORMAT
+from dlrl.tasks.data_root import resolve_data_path
 from dlrl.tasks.task import Example, Task
 from dlrl.tasks.verify_process import check_answer
 
@@ -80,8 +81,9 @@ def reference_answer(raw: object) -> str:
 
 
 def load_rows(path: str | Path) -> list[dict]:
-    """All rows of a local ".jsonl" (one JSON object per line) or ".parquet" file."""
-    path = Path(path)
+    """All rows of a local ".jsonl" (one JSON object per line) or ".parquet" file (inside the data
+    root when $DLRL_DATA_ROOT is set: see `dlrl.tasks.data_root`)."""
+    path = resolve_data_path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -1,0 +1,289 @@
+"""The job API's admission policy: the one place that decides what a submitted job may ask for.
+
+A request body is untrusted input, yet a `JobSpec` names code to import (a task factory), weights
+and modeling code to load (a model path, `trust_remote_code`), files to read (task options),
+addresses to dial (a Redis queue, a Ray cluster) and how much work to do. `dlrl train` on the
+command line may do all of that (its user is the operator); a job submitted over HTTP may do only
+what `admit` lets through, and `admit` is called on every submission before anything is stored or
+started. Its rules (services/README.md lists them too):
+
+- the spec already passed `JobSpec` (strict types, no inf/NaN, hard `le=` bounds);
+- the fields that size a job must be given: an empty body never starts a default-size job;
+- task names come from the registry (`dlrl.tasks.TASKS`) or the operator's `tasks` list; an
+  import path ("module:factory") is refused unless listed. Options must be the factory's own
+  keyword arguments, with small JSON values; an option naming a file must lie in `data_root`;
+- models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
+  an adapter folder's base model obeys the same rule. Jobs load no remote code unless the operator
+  allows it: `trust_remote_code=true` in a spec is refused (for a built-in model, the package's own
+  code, it is switched off), and left at its default it is switched off;
+- `queue.redis_url` and `runtime.ray_address` are the server's: a spec that sets them is refused
+  (the job gets the server's Redis in its environment and joins the server's Ray cluster);
+- every size field is at most the server's limit (`limits`, stricter than JobSpec's bounds).
+
+The per-job wall-clock limit (`max_job_seconds`) is enforced by the launcher, the active-job and
+rate limits by the routes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dlrl.config import JobSpec
+from dlrl.tasks import TASKS
+from dlrl.tasks.data_root import inside
+
+BUILTIN_PREFIX = "builtin:"  # dlrl.models.loading's (not imported: it pulls in torch)
+
+DEFAULT_LIMITS: dict[str, float] = {
+    "train.steps": 10_000, "train.warmup_steps": 10_000, "train.n_mc": 64, "train.mc_chunk": 64,
+    "train.micro_batch": 1024, "train.updates_per_batch": 16,
+    "rollout.prompts_per_step": 256, "rollout.group_size": 64, "rollout.gen_length": 2048,
+    "rollout.block_length": 2048, "rollout.steps": 2048, "rollout.batch_size": 1024, "rollout.num_workers": 8,
+    "eval.every": 10_000, "eval.steps": 2048,
+    "task.train_size": 1_000_000, "task.eval_size": 5_000,
+    "model.lora.r": 1024,
+    "queue.capacity": 10_000, "queue.maxlen": 1_000_000, "queue.reclaim_idle_s": 3600,
+    "weights.bucket_mb": 4096,
+    "runtime.num_cpus": 64, "runtime.threads": 64, "runtime.checkpoint_every": 10_000,
+    "runtime.max_staleness": 8, "runtime.max_restarts": 10,
+}
+"""Server-side upper bound of each size field (dotted path → max). A settings file may lower or
+raise one; JobSpec's own `le=` bounds still hold."""
+
+REQUIRED_FIELDS = ("model.path", "task.name", "train.steps", "rollout.prompts_per_step", "rollout.group_size",
+                   "rollout.gen_length", "rollout.steps")
+"""Fields a submission must give: they decide what runs and how big it is."""
+
+SERVER_FIELDS = {"queue.redis_url": "the job gets the API's Redis from the server",
+                 "runtime.ray_address": "the job runs on the API's Ray cluster"}
+"""Fields only the server sets; a spec value (other than null) is refused."""
+
+_BUILTIN = re.compile(r"builtin:[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.|]{1,512}")
+"""LoRA targets over the API: names, "." and "|" only, so a regex target cannot backtrack
+catastrophically (no quantifiers or groups)."""
+_PATH_OPTION = re.compile(r"path|file|dir|root|folder", re.IGNORECASE)
+"""Task option keys that name files (found anywhere in the key): their values must lie in the data root."""
+MAX_OPTION_NUMBER = 1_000_000
+MAX_OPTION_STRING = 4096
+MAX_OPTION_ITEMS = 256
+SPLITS = ("train", "test")
+
+
+class AdmissionRefused(ValueError):
+    """The spec asks for something the API does not allow; `errors` lists (field path, reason)."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{p}: {r}" for p, r in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """The operator's choices (`[admission]` in the settings file, or `dlrl serve` flags)."""
+
+    tasks: tuple[str, ...] = ()
+    """Task names allowed besides the registry's, e.g. an import path "mypkg.tasks:factory" the
+    operator vetted (the job may then import exactly these)."""
+    models: tuple[str, ...] = ()
+    """Hub ids that may be loaded ("org/name", or "org/*" for an organisation's models)."""
+    model_roots: tuple[str, ...] = ()
+    """Folders whose checkpoints may be loaded (a model path must resolve inside one)."""
+    data_root: str | None = None
+    """The folder task data files must lie in (None: options naming files are refused)."""
+    allow_trust_remote_code: bool = False
+    """Let specs set model.trust_remote_code=true (runs modeling code shipped with the weights)."""
+    max_job_seconds: float | None = 24 * 3600.0
+    """Wall-clock limit of one job: past it the job is stopped (None: no limit)."""
+    limits: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    """Server-side upper bounds of size fields (see DEFAULT_LIMITS)."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdmissionPolicy":
+        """From the settings file's [admission] table (or flags): unknown keys and limits are errors."""
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"unknown admission settings {unknown} (known: {sorted(known)})")
+        values = dict(data)
+        for key in ("tasks", "models", "model_roots"):
+            if key in values:
+                values[key] = tuple(str(v) for v in values[key])
+        if "limits" in values:
+            if unknown := sorted(set(values["limits"]) - set(DEFAULT_LIMITS)):
+                raise ValueError(f"unknown limits {unknown} (known: {sorted(DEFAULT_LIMITS)})")
+            values["limits"] = {**DEFAULT_LIMITS, **values["limits"]}
+        if values.get("max_job_seconds") is not None and not values["max_job_seconds"] > 0:
+            raise ValueError("max_job_seconds must be positive (or unset for no limit)")
+        return cls(**values)
+
+    @property
+    def import_paths(self) -> tuple[str, ...]:
+        """The operator-listed task names that are import paths (what a job may import)."""
+        return tuple(t for t in self.tasks if ":" in t)
+
+
+def admit(spec: JobSpec, policy: AdmissionPolicy) -> JobSpec:
+    """The spec the job will run, or AdmissionRefused listing every rule it breaks.
+
+    The returned spec differs from the submitted one only where the server decides: file options
+    become absolute paths inside the data root, and built-in models load without remote code."""
+    errors: list[tuple[str, str]] = []
+    _required(spec, errors)
+    for path, why in SERVER_FIELDS.items():
+        if _get(spec, path) is not None:
+            errors.append((path, f"set by the server, not the spec: {why}; leave it out"))
+    _limits(spec, policy, errors)
+    options = _task(spec, policy, errors)
+    model = _model(spec, policy, errors)
+    if errors:
+        raise AdmissionRefused(errors)
+    task = spec.task.model_copy(update={"options": options})
+    return spec.model_copy(update={"task": task, "model": model})
+
+
+def _get(spec: JobSpec, path: str) -> Any:
+    node: Any = spec
+    for part in path.split("."):
+        if node is None:
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def _required(spec: JobSpec, errors: list[tuple[str, str]]) -> None:
+    for path in REQUIRED_FIELDS:
+        section, _, name = path.partition(".")
+        if section not in spec.model_fields_set or name not in getattr(spec, section).model_fields_set:
+            errors.append((path, "required over the API: what runs, and how big, is never a server default"))
+
+
+def _limits(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> None:
+    for path, limit in policy.limits.items():
+        value = _get(spec, path)
+        if value is not None and value > limit:
+            shown = int(limit) if float(limit).is_integer() else limit
+            errors.append((path, f"{value} exceeds the API's limit of {shown}"))
+
+
+def _task(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> dict[str, Any]:
+    name, options = spec.task.name, dict(spec.task.options)
+    if name not in TASKS and name not in policy.tasks:
+        kind = "an import path" if ":" in name else "not a registered task"
+        errors.append(("task.name", f"{name!r} is {kind}: the API runs registered tasks only "
+                                    f"({', '.join(sorted(TASKS))}) or those the operator lists"))
+        return options
+    if name in TASKS:  # the operator's import paths are not imported here: their options are theirs
+        params = inspect.signature(TASKS[name]).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for key in options:
+            if key not in params and not takes_any:
+                errors.append((f"task.options.{key}", f"not an option of task {name!r} "
+                                                      f"(options: {', '.join(sorted(params))})"))
+    for key, value in options.items():
+        where = f"task.options.{key}"
+        if (reason := _small_json(value)) is not None:
+            errors.append((where, reason))
+        elif _PATH_OPTION.search(key):
+            checked = _data_path(value, policy, where, errors)
+            if checked is not None:
+                options[key] = checked
+    return options
+
+
+def _small_json(value: Any, depth: int = 0) -> str | None:
+    """Why an option value is not a small JSON value (None if it is)."""
+    if depth > 3:
+        return "nested too deeply (at most 3 levels)"
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or abs(value) > MAX_OPTION_NUMBER:
+            return f"numbers in task options must be finite and at most {MAX_OPTION_NUMBER:,} in size"
+        return None
+    if isinstance(value, str):
+        return None if len(value) <= MAX_OPTION_STRING else f"strings are at most {MAX_OPTION_STRING} characters"
+    if isinstance(value, (list, tuple, dict)):
+        if len(value) > MAX_OPTION_ITEMS:
+            return f"at most {MAX_OPTION_ITEMS} items"
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+            return "object keys must be strings"
+        return next((r for r in (_small_json(v, depth + 1) for v in items) if r is not None), None)
+    return f"not a JSON value ({type(value).__name__})"
+
+
+def _data_path(value: Any, policy: AdmissionPolicy, where: str, errors: list[tuple[str, str]]) -> str | None:
+    """The file option as an absolute path inside the data root (a "{split}" kept), or None after
+    an error. Relative paths are relative to the data root."""
+    if not isinstance(value, str) or not value:
+        errors.append((where, "a file option must be a non-empty string"))
+        return None
+    if policy.data_root is None:
+        errors.append((where, "names a file, and this API has no data root (the operator sets data_root)"))
+        return None
+    root = Path(policy.data_root).resolve()
+    raw = Path(value).expanduser()
+    full = raw if raw.is_absolute() else root / raw
+    # Every file the task may open must be inside, whatever "{split}" becomes.
+    candidates = {str(full).replace("{split}", s) for s in SPLITS} | {str(full)}
+    if not all(inside(Path(c), root) for c in candidates):
+        errors.append((where, f"{value!r} is outside the API's data root"))
+        return None
+    return str(full.parent.resolve() / full.name)
+
+
+def _model(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> Any:
+    model = spec.model
+    builtin = model.path.startswith(BUILTIN_PREFIX)
+    if reason := _model_refusal(model.path, policy):
+        errors.append(("model.path", reason))
+    if model.trust_remote_code and not policy.allow_trust_remote_code:
+        # Asked for: refused. Left at the default: switched off (a built-in is the package's own code).
+        if not builtin and "trust_remote_code" in model.model_fields_set:
+            errors.append(("model.trust_remote_code", "remote code is not allowed over the API (the operator "
+                                                      "enables it with allow_trust_remote_code)"))
+        model = model.model_copy(update={"trust_remote_code": False})
+    targets = model.lora.target_modules if model.lora is not None else None
+    names = [targets] if isinstance(targets, str) else targets or []
+    for i, target in enumerate(names):
+        if target != "all-linear" and not _MODULE_PATTERN.fullmatch(target):
+            where = "model.lora.target_modules" + ("" if isinstance(targets, str) else f".{i}")
+            errors.append((where, "module names may hold letters, digits, '_', '.' and '|' only over the API"))
+    return model
+
+
+def _model_refusal(path: str, policy: AdmissionPolicy, adapter_of: str | None = None) -> str | None:
+    """Why the model at `path` may not be loaded (None: it may)."""
+    what = f"base model {path!r} of adapter {adapter_of!r}" if adapter_of else repr(path)
+    if path.startswith(BUILTIN_PREFIX):
+        return None if _BUILTIN.fullmatch(path) else f"{what}: a built-in name is letters, digits, '_' and '-'"
+    if path.startswith(("/", ".", "~")) or "\\" in path:
+        folder = Path(path).expanduser()
+        roots = [Path(r).expanduser() for r in policy.model_roots]
+        if not any(folder.is_absolute() and inside(folder, r) for r in roots):
+            return (f"{what} is not inside a model folder the operator approved"
+                    + ("" if roots else " (this API approves none)"))
+        adapter = folder.resolve() / "adapter_config.json"
+        if adapter_of is None and adapter.is_file():
+            try:
+                base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                return f"{what}: its adapter_config.json is unreadable"
+            if not isinstance(base, str):
+                return f"{what}: its adapter_config.json names no base model"
+            return _model_refusal(base, policy, adapter_of=path)
+        return None
+    if not _HUB_ID.fullmatch(path) or ".." in path:
+        return f"{what} is neither builtin:<name>, an absolute folder path nor a hub id 'org/name'"
+    org = path.split("/", 1)[0]
+    if path in policy.models or f"{org}/*" in policy.models:
+        return None
+    return f"hub model {what} is not on the operator's list" + ("" if policy.models else " (this API lists none)")
