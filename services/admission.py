@@ -14,8 +14,7 @@ started. Its rules (services/README.md lists them too):
   keyword arguments, with small JSON values; an option naming a file must lie in `data_root`;
 - models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
   an adapter folder's base model obeys the same rule. Jobs load no remote code unless the operator
-  allows it: `trust_remote_code=true` in a spec is refused (for a built-in model, the package's own
-  code, it is switched off), and left at its default it is switched off;
+  allows it: `trust_remote_code=true` in a spec is refused (the default is false);
 - `queue.redis_url` and `runtime.ray_address` are the server's: a spec that sets them is refused
   (the job gets the server's Redis in its environment and joins the server's Ray cluster);
 - every size field is at most the server's limit (`limits`, stricter than JobSpec's bounds).
@@ -242,15 +241,11 @@ def _data_path(value: Any, policy: AdmissionPolicy, where: str, errors: list[tup
 
 def _model(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> Any:
     model = spec.model
-    builtin = model.path.startswith(BUILTIN_PREFIX)
     if reason := _model_refusal(model.path, policy):
         errors.append(("model.path", reason))
     if model.trust_remote_code and not policy.allow_trust_remote_code:
-        # Asked for: refused. Left at the default: switched off (a built-in is the package's own code).
-        if not builtin and "trust_remote_code" in model.model_fields_set:
-            errors.append(("model.trust_remote_code", "remote code is not allowed over the API (the operator "
-                                                      "enables it with allow_trust_remote_code)"))
-        model = model.model_copy(update={"trust_remote_code": False})
+        errors.append(("model.trust_remote_code", "remote code is not allowed over the API (the operator "
+                                                  "enables it with allow_trust_remote_code)"))
     targets = model.lora.target_modules if model.lora is not None else None
     names = [targets] if isinstance(targets, str) else targets or []
     for i, target in enumerate(names):

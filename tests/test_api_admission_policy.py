@@ -56,7 +56,7 @@ def admitted(body: dict[str, Any], policy: AdmissionPolicy | None = None) -> Job
 def test_a_small_registered_job_is_admitted_and_builtins_load_without_remote_code():
     spec = admitted(small())
     assert spec.task.name == "sudoku" and spec.train.steps == 2
-    assert spec.model.trust_remote_code is False  # the default (true) is switched off for a built-in
+    assert spec.model.trust_remote_code is False  # the default
     assert admitted(small(task={"name": "countdown", "options": {"sizes": [3], "train_size": 100}})).task.options == \
         {"sizes": [3], "train_size": 100}
 
@@ -158,7 +158,7 @@ def test_models_are_builtin_approved_folders_or_listed_hub_ids(tmp_path):
 def test_trust_remote_code_needs_the_operator():
     hub = AdmissionPolicy(models=("org/m",))
     assert "model.trust_remote_code" in refusals(small(model={"path": "org/m", "trust_remote_code": True}), hub)
-    assert admitted(small(model={"path": "org/m"}), hub).model.trust_remote_code is False  # default switched off
+    assert admitted(small(model={"path": "org/m"}), hub).model.trust_remote_code is False  # the default
     allowed = AdmissionPolicy(models=("org/m",), allow_trust_remote_code=True)
     assert admitted(small(model={"path": "org/m", "trust_remote_code": True}), allowed).model.trust_remote_code
 
