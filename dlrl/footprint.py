@@ -9,7 +9,8 @@ The learner's layout is FSDP-style (ZeRO-3): with N learner GPUs each holds 1/N 
 weights, their gradients and AdamW's two moments, and gathers the full weights one transformer
 block at a time in the compute dtype (two blocks in flight: the one running, the one prefetched),
 plus the root module (embedding and head), which stays gathered. With N = 1 there is no sharding
-and autocast caches a compute-dtype copy of every weight for the forward instead.
+and autocast caches a compute-dtype copy of every weight for the forward instead. (Today's
+learner is the N = 1 case; N > 1 is the FSDP2 learner group of issue 10, whose layout this is.)
 
 The activation formula counts the tensors autograd saves in the built-in block
 (dlrl/models/bidirectional.py); LLaDA's and Dream's blocks are the same Llama-style layers (RMSNorm,
@@ -23,6 +24,8 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from dlrl.config import JobSpec, LoraSpec
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_CONFIGS = ASSETS / "model-configs"
@@ -220,7 +223,9 @@ class RolloutMemory:
         return self.weights + self.sampling + self.transfer
 
 
-def sampling_bytes(shape: ModelShape, batch: int, seq_len: int, weight_bytes: int, cfg: bool, temperature: float) -> int:
+def sampling_bytes(
+    shape: ModelShape, batch: int, seq_len: int, weight_bytes: int, cfg: bool, temperature: float
+) -> int:
     """The sampler's peak per denoising step: batch x T x V x (2 b + 32), b = the weights' bytes.
 
     Every step scores all T positions (rollout/sampler.py): the logits (b) and their
@@ -286,12 +291,14 @@ class Plan:
         return self.learner.total <= self.budget and self.rollout.total <= self.budget and self.rollout_batch >= 1
 
 
-def job_shape(spec) -> ModelShape:
+def job_shape(spec: JobSpec) -> ModelShape:
     """The model shape of a JobSpec (see `model_config`)."""
     return shape_from_config(model_config(spec.model.path))
 
 
-def job_learner_memory(spec, shape: ModelShape, gpus: int, checkpointing: bool, prompt_len: int) -> LearnerMemory:
+def job_learner_memory(
+    spec: JobSpec, shape: ModelShape, gpus: int, checkpointing: bool, prompt_len: int
+) -> LearnerMemory:
     """`learner_memory` for a JobSpec: dtypes from model.dtype / train.compute_dtype, rows from
     train.micro_batch x train.mc_chunk, T from prompt_len + rollout.gen_length."""
     t, m = spec.train, spec.model
@@ -306,7 +313,7 @@ def job_learner_memory(spec, shape: ModelShape, gpus: int, checkpointing: bool, 
     )
 
 
-def plan(spec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> Plan:
+def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> Plan:
     """The split that fits with the fewest learner GPUs (most left to rollout), without
     activation checkpointing if possible. One GPU: learner and rollout worker share it (sync mode
     takes turns, but both keep their weights). Rollout workers (model.dtype weights, as
@@ -336,7 +343,7 @@ def plan(spec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> Plan:
     return min(candidates, key=lambda p: p.learner.total + p.rollout.total)
 
 
-def min_gpus_to_fit(spec, gpu_memory_gb: float, prompt_len: int = 256, limit: int = 64) -> int | None:
+def min_gpus_to_fit(spec: JobSpec, gpu_memory_gb: float, prompt_len: int = 256, limit: int = 64) -> int | None:
     """The fewest GPUs of this size on which `plan` finds a layout (None if more than `limit`)."""
     for g in range(1, limit + 1):
         if plan(spec, g, gpu_memory_gb, prompt_len).fits:
@@ -348,7 +355,7 @@ def _gb(n: int) -> str:
     return f"{n / GB:6.1f} GB"
 
 
-def describe(p: Plan, spec) -> str:
+def describe(p: Plan, spec: JobSpec) -> str:
     """The plan as the text `dlrl plan` prints."""
     lm, rm = p.learner, p.rollout
     what = f"LoRA r={spec.model.lora.r}" if spec.model.lora else f"full fine-tune, {spec.model.dtype} masters"
@@ -357,6 +364,7 @@ def describe(p: Plan, spec) -> str:
         f"compute {spec.train.compute_dtype}",
         f"{p.gpus} x {p.gpu_bytes / GB:.0f} GB GPUs, budget {_gb(p.budget).strip()} each ({USABLE:.0%})",
         f"learner: {p.learner_gpus} GPU(s){', sharing the GPU with the rollout worker' if p.colocated else ''}"
+        f"{', FSDP-style sharded' if p.learner_gpus > 1 else ''}"
         f", activation checkpointing {'on' if p.checkpointing else 'off'}",
         f"  weights    {_gb(lm.weights)}",
         f"  grads      {_gb(lm.grads)}",
@@ -379,12 +387,10 @@ def describe(p: Plan, spec) -> str:
     return "\n".join(lines)
 
 
-def alternatives(spec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> list[str]:
+def alternatives(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> list[str]:
     """What would fit instead, when `plan` finds nothing: LoRA on these GPUs, or more GPUs."""
     out = []
     if spec.model.lora is None:
-        from dlrl.config import LoraSpec  # the spec types live in dlrl.config; only this needs one
-
         lora = spec.model_copy(update={"model": spec.model.model_copy(
             update={"lora": LoraSpec(), "dtype": "bfloat16"})})
         p = plan(lora, gpus, gpu_memory_gb, prompt_len)

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-GPU memory of a job and a learner/rollout GPU split that fits")
     _spec_arguments(plan)
     plan.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
-    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory of each GPU (1e9 bytes)")
+    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB",
+                      help="memory of each GPU (1e9 bytes)")
     plan.add_argument("--prompt-length", type=int, default=256, metavar="TOKENS",
                       help="longest prompt in tokens, chat template included (default 256)")
 
@@ -204,7 +205,8 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
         return 0
     print(f"does not fit: this job needs more than {args.gpus} x {args.gpu_memory:g} GB "
           f"(the closest layout above). What would fit instead:")
-    for line in footprint.alternatives(spec, args.gpus, args.gpu_memory, args.prompt_length) or ["nothing up to 64 GPUs"]:
+    instead = footprint.alternatives(spec, args.gpus, args.gpu_memory, args.prompt_length)
+    for line in instead or ["nothing up to 64 GPUs of this size"]:
         print(f"  - {line}")
     return 1
 

@@ -136,7 +136,9 @@ def test_largest_batch_is_the_largest_that_fits():
     assert fp.rollout_memory(s, batch=k, **kw).total <= budget < fp.rollout_memory(s, batch=k + 1, **kw).total
 
 
-def test_unknown_hub_model_is_a_clear_error():
+def test_model_config_sources():
+    local = fp.model_config(str(fp.ASSETS / "tiny-sudoku"))  # a checkpoint directory's config.json
+    assert local == fp.model_config("builtin:tiny-sudoku")
     with pytest.raises(FileNotFoundError, match="local checkpoint directory"):
         fp.model_config("someone/unknown-model")
 
@@ -160,3 +162,8 @@ def test_full_finetune_of_8b_on_one_80_gb_gpu_is_refused_with_what_would_fit(cap
     assert "does not fit" in out
     assert "LoRA r=16" in out and "fits on 1 x 80 GB" in out
     assert "this spec fits on 3 x 80 GB GPUs" in out
+
+
+def test_plan_rejects_nonsense_sizes(capsys):
+    assert main(["plan", str(PAPER), "--gpus", "0", "--gpu-memory", "80"]) == 2
+    assert "must be positive" in capsys.readouterr().err
