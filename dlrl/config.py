@@ -44,12 +44,27 @@ class ModelSpec(Section):
     path: str = Field("builtin:tiny-sudoku", min_length=1, max_length=1024)
     """Local directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or builtin:<name> (shipped asset)."""
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
-    """Parameter dtype. On CUDA, bfloat16 with float32 master weights is not done: use float32 + autocast."""
+    """Parameter dtype: the master weights AdamW updates. Full fine-tuning needs float32 (or
+    float64): at small learning rates bf16/fp16 round the updates away. For bf16 speed keep float32
+    here and set train.compute_dtype = "bfloat16". With LoRA a bf16 base is fine (the adapters
+    stay float32)."""
     trust_remote_code: bool = False
     """Run modeling code shipped with a checkpoint (never needed for LLaDA / Dream, which load
     through dlrl's native code); off by default because it executes the repository's Python."""
     lora: LoraSpec | None = None
     """Train a LoRA adapter instead of all weights; checkpoints then hold the adapter only."""
+
+    @model_validator(mode="after")
+    def _masters_can_learn(self) -> "ModelSpec":
+        if self.lora is None and self.dtype in ("bfloat16", "float16"):
+            raise ValueError(
+                f"model.dtype = {self.dtype!r} with full fine-tuning (model.lora unset) would make AdamW "
+                f"update {self.dtype} weights, whose rounding swallows updates at small learning rates "
+                f"(at lr 5e-7 almost no weight changes). Use float32 master weights with {self.dtype} "
+                f"compute: model.dtype = 'float32' and train.compute_dtype = {self.dtype!r}; or train a "
+                f"LoRA adapter (model.lora) over the {self.dtype} base"
+            )
+        return self
 
 
 class TaskSpec(Section):
@@ -138,6 +153,10 @@ class TrainSpec(Section):
     """Max global gradient norm."""
     micro_batch: int = Field(8, ge=1, le=65_536)
     """Completions per forward pass (times mc_chunk rows)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32", "float64"] = "auto"
+    """dtype of the learner's matmuls (torch.autocast; learner.precision), while the weights and
+    AdamW's state stay in model.dtype. "auto": bfloat16 on CUDA, model.dtype on the CPU.
+    "float32"/"float64" (no autocast) must equal model.dtype."""
     updates_per_batch: int = Field(1, ge=1, le=1024)
     """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
     clip_eps: float | None = Field(0.2, gt=0, le=1e6)
@@ -224,6 +243,22 @@ class JobSpec(Section):
     queue: QueueSpec = QueueSpec()
     weights: WeightsSpec = WeightsSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+
+    @model_validator(mode="after")
+    def _compute_dtype_fits(self) -> "JobSpec":
+        compute = self.train.compute_dtype
+        if compute in ("float32", "float64") and compute != self.model.dtype:
+            raise ValueError(
+                f"train.compute_dtype = {compute!r} with model.dtype = {self.model.dtype!r}: autocast only "
+                f"lowers precision (to bfloat16 or float16); use train.compute_dtype = "
+                f"{self.model.dtype!r} or 'auto' for no autocast"
+            )
+        if compute in ("bfloat16", "float16") and self.model.dtype == "float64":
+            raise ValueError(
+                f"train.compute_dtype = {compute!r} with model.dtype = 'float64': torch.autocast leaves "
+                f"float64 tensors alone, so nothing would run in {compute}; use float32 master weights"
+            )
+        return self
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "JobSpec":

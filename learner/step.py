@@ -7,7 +7,6 @@ The naive ELBO ratio and diffu-GRPO run in the same harness for comparison.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -17,21 +16,17 @@ from dlrl.config import TrainSpec
 from dlrl.models.forward import diffusion_logits
 from learner.batch import TrainBatch
 from learner.losses import bgpo_loss, diffu_grpo_loss, naive_elbo_ratio_loss
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (SDPA and matmuls in bf16, reductions in fp32); nothing on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from learner.precision import autocast, low_precision_masters
 
 
 def elbo_chunk(
-    model: torch.nn.Module, batch: TrainBatch, js: slice, mask_id: int, normalize: str
+    model: torch.nn.Module, batch: TrainBatch, js: slice, mask_id: int, normalize: str,
+    compute_dtype: str = "auto",
 ) -> torch.Tensor:
     """ELBO terms l_ij for the batch's rows i and MC samples j in `js`: (m, c).
 
-    The c masked copies of each row go through the model as one (m * c, T) forward.
+    The c masked copies of each row go through the model as one (m * c, T) forward, its matmuls
+    in `compute_dtype` (learner.precision); the ELBO itself is summed in float32 or wider.
     """
     P = batch.prompt_len
     m = batch.size
@@ -41,7 +36,7 @@ def elbo_chunk(
     noisy = diffusion.apply_mask(response[:, None].expand(-1, c, -1), masks, mask_id)  # (m, c, L)
     inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, c, -1), noisy], -1).flatten(0, 1)
     attention = batch.attention[:, None].expand(-1, c, -1).flatten(0, 1)
-    with _autocast(inputs.device):
+    with autocast(inputs.device, compute_dtype):
         logits = diffusion_logits(model, inputs, attention)[:, P:]  # (m * c, L, V)
     terms = diffusion.elbo_term(
         logits,
@@ -63,7 +58,8 @@ def _prompt_noise(batch: TrainBatch, update: int) -> torch.Tensor:
 
 
 def one_step_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, mask_id: int, p_mask_prompt: float, update: int
+    model: torch.nn.Module, batch: TrainBatch, mask_id: int, p_mask_prompt: float, update: int,
+    compute_dtype: str = "auto",
 ) -> torch.Tensor:
     """diffu-GRPO per-token log-probs (m, L) from one forward of d1's one-step input."""
     P = batch.prompt_len
@@ -72,7 +68,7 @@ def one_step_logprobs(
         batch.tokens[:, :P], batch.attention[:, :P].bool(), response, mask_id, p_mask_prompt,
         _prompt_noise(batch, update),
     )
-    with _autocast(inputs.device):
+    with autocast(inputs.device, compute_dtype):
         logits = diffusion_logits(model, inputs, batch.attention)[:, P:]
     return diffusion.token_logprobs(logits, response)
 
@@ -91,14 +87,15 @@ def old_policy_terms(
         per_update = []
         for u in range(spec.updates_per_batch):
             per_update.append(torch.cat([
-                one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, u)
+                one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, u, spec.compute_dtype)
                 for mb in _micro_batches(batch, spec.micro_batch)
             ]))
         return torch.stack(per_update)
     out = []
     for mb in _micro_batches(batch, spec.micro_batch):
         out.append(torch.cat([
-            elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize)
+            elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize,
+                       spec.compute_dtype)
             for j in range(0, spec.n_mc, spec.mc_chunk)
         ], dim=1))
     return torch.cat(out)
@@ -128,7 +125,7 @@ def accumulate_gradients(
         if spec.algorithm == "bgpo":
             for j in range(0, spec.n_mc, spec.mc_chunk):
                 js = slice(j, min(j + spec.mc_chunk, spec.n_mc))
-                terms = elbo_chunk(model, mb, js, mask_id, spec.normalize)
+                terms = elbo_chunk(model, mb, js, mask_id, spec.normalize, spec.compute_dtype)
                 old_j = old[rows, js]
                 loss = sum(
                     bgpo_loss(terms[:, k], old_j[:, k], adv, spec.n_mc, spec.clip_eps, spec.dual_clip)
@@ -144,7 +141,8 @@ def accumulate_gradients(
                 count += d.numel()
         elif spec.algorithm == "naive_elbo":
             terms = torch.cat([
-                elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize)
+                elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize,
+                       spec.compute_dtype)
                 for j in range(0, spec.n_mc, spec.mc_chunk)
             ], dim=1)  # (m, n_mc): every MC graph alive until the backward below
             loss = naive_elbo_ratio_loss(terms, old[rows], adv) * share
@@ -153,7 +151,7 @@ def accumulate_gradients(
             d_abs += (terms.detach() - old[rows]).abs().sum().item()
             count += terms.numel()
         elif spec.algorithm == "diffu_grpo":
-            logp = one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, update)
+            logp = one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, update, spec.compute_dtype)
             old_u = old[update, rows]
             loss = diffu_grpo_loss(logp, old_u, adv, mb.valid, spec.clip_eps or 0.2) * share
             loss.backward()
@@ -181,8 +179,14 @@ def train_step(
     """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics."""
     t0 = time.perf_counter()
     model.train()
-    old = old_policy_terms(model, batch, spec, mask_id)
     params = [p for p in model.parameters() if p.requires_grad]
+    if low := low_precision_masters(params):
+        raise ValueError(
+            f"trainable weights are {', '.join(low)}: AdamW's updates at lr {spec.lr:g} round away in "
+            f"them. Keep the trained weights in float32 (model.dtype = 'float32') and compute in bf16 "
+            f"(train.compute_dtype = 'bfloat16'), or train a LoRA adapter (model.lora)"
+        )
+    old = old_policy_terms(model, batch, spec, mask_id)
     metrics: dict[str, float] = {}
     for update in range(spec.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)

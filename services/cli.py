@@ -4,6 +4,7 @@
     dlrl train spec.toml --set train.steps=3 --set name=smoke
     dlrl train spec.toml --resume                           # continue from <run>/checkpoint
     dlrl validate spec.toml                                 # check a spec, print it resolved
+    dlrl plan spec.toml --gpus 8 --gpu-memory 80            # per-GPU memory and a learner/rollout split
 
     dlrl serve --host 127.0.0.1 --port 8000                 # the job API (DLRL_API_TOKEN, DLRL_REDIS_URL,
                                                             #  DLRL_RAY_ADDRESS from the environment)
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--job-id", help="the API's job id: mirror metrics to Redis ($DLRL_REDIS_URL)")
     validate = sub.add_parser("validate", help="validate a TOML spec and print it with defaults")
     _spec_arguments(validate)
+    plan = sub.add_parser("plan", help="per-GPU memory of a job and a learner/rollout GPU split that fits")
+    _spec_arguments(plan)
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB",
+                      help="memory of each GPU (1e9 bytes)")
+    plan.add_argument("--prompt-length", type=int, default=256, metavar="TOKENS",
+                      help="longest prompt in tokens, chat template included (default 256)")
 
     serve = sub.add_parser("serve", help="run the job API (token from $DLRL_API_TOKEN or $DLRL_API_TOKEN_FILE)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -165,13 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "eval":
         return _eval(args)
-    if args.command in ("train", "validate", "submit"):
+    if args.command in ("train", "validate", "submit", "plan"):
         spec = _read_spec(args)
         if isinstance(spec, int):
             return spec
         if args.command == "validate":
             print(spec.model_dump_json(indent=2))
             return 0
+        if args.command == "plan":
+            return _plan(spec, args)
         if args.command == "train":
             if not args.spec_env:  # a spec file on the operator's own command line: import paths allowed
                 os.environ.setdefault(IMPORT_PATHS_ENV, "*")
@@ -213,6 +223,30 @@ def _read_spec(args: argparse.Namespace) -> JobSpec | int:
     except (OSError, ValueError) as exc:  # missing file, TOML syntax
         print(f"dlrl: cannot read {source}: {exc}", file=sys.stderr)
         return 2
+
+
+def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
+    """Print the memory plan; exit 1, with what would fit instead, when no layout fits."""
+    from dlrl import footprint
+
+    if args.gpus < 1 or args.gpu_memory <= 0 or args.prompt_length < 1:
+        print("dlrl plan: --gpus, --gpu-memory and --prompt-length must be positive", file=sys.stderr)
+        return 2
+    try:
+        plan = footprint.plan(spec, args.gpus, args.gpu_memory, args.prompt_length)
+    except FileNotFoundError as exc:
+        print(f"dlrl plan: {exc}", file=sys.stderr)
+        return 2
+    print(footprint.describe(plan, spec))
+    if plan.fits:
+        print("fits")
+        return 0
+    print(f"does not fit: this job needs more than {args.gpus} x {args.gpu_memory:g} GB "
+          f"(the closest layout above). What would fit instead:")
+    instead = footprint.alternatives(spec, args.gpus, args.gpu_memory, args.prompt_length)
+    for line in instead or ["nothing up to 64 GPUs of this size"]:
+        print(f"  - {line}")
+    return 1
 
 
 def _train(spec: JobSpec, args: argparse.Namespace) -> int:

@@ -1,0 +1,406 @@
+"""GPU memory of a job, from its spec and the model's shape: what `dlrl plan` prints.
+
+Pure functions of numbers; every formula is in bytes and its docstring says what it counts.
+h = hidden size, f = MLP width, kv = key/value width (heads x head_dim, smaller under GQA),
+V = vocab, n = layers, b = bytes per element of the compute dtype, T = prompt + response tokens,
+L = response tokens, rows = micro_batch x mc_chunk sequences in one forward.
+
+The learner's layout is FSDP-style (ZeRO-3): with N learner GPUs each holds 1/N of the master
+weights, their gradients and AdamW's two moments, and gathers the full weights one transformer
+block at a time in the compute dtype (two blocks in flight: the one running, the one prefetched),
+plus the root module (embedding and head), which stays gathered. With N = 1 there is no sharding
+and autocast caches a compute-dtype copy of every weight for the forward instead. (Today's
+learner is the N = 1 case; N > 1 is the FSDP2 learner group of issue 10, whose layout this is.)
+
+The activation formula counts the tensors autograd saves in the built-in block
+(dlrl/models/bidirectional.py); LLaDA's and Dream's blocks are the same Llama-style layers (RMSNorm,
+rotary attention, SwiGLU), so it is applied to their shapes too. Attention is SDPA without a
+stored T x T score matrix (flash / memory-efficient kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlrl.config import JobSpec, LoraSpec
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_CONFIGS = ASSETS / "model-configs"
+"""Published config.json of hub checkpoints, `<org>--<name>.json`, so a plan needs no download."""
+
+BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on: the sizes of a Llama-style masked-diffusion transformer."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    tied: bool = False
+    qkv_bias: bool = False
+
+    @property
+    def kv(self) -> int:
+        """Width of K (and of V): kv_heads x head_dim."""
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def block_params(self) -> int:
+        """One block: q, k, v, out projections, the SwiGLU's gate, up, down, two RMSNorm gains."""
+        h, f, kv = self.hidden, self.ffn, self.kv
+        attn = h * (h + 2 * kv) + h * h + (h + 2 * kv if self.qkv_bias else 0)
+        return attn + 3 * h * f + 2 * h
+
+    def root_params(self) -> int:
+        """Embedding, output head (unless tied) and the final norm: the FSDP root's own weights."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def params(self) -> int:
+        return self.layers * self.block_params() + self.root_params()
+
+    def lora_params(self, r: int) -> int:
+        """Adapters of rank r on every linear of every block: r x (in + out) each."""
+        h, f, kv = self.hidden, self.ffn, self.kv
+        per_block = r * ((h + h + 2 * kv) + (h + h) + (h + 2 * f) + (f + h))
+        return self.layers * per_block
+
+
+def shape_from_config(cfg: dict) -> ModelShape:
+    """ModelShape from a config.json: HF names (hidden_size, ...) or LLaDA's OLMo names (d_model, ...)."""
+    if "d_model" in cfg:  # LLaDA (configuration_llada.py): mlp_hidden_size is each of ff_proj / up_proj
+        heads = cfg["n_heads"]
+        return ModelShape(
+            vocab=cfg.get("embedding_size") or cfg["vocab_size"], hidden=cfg["d_model"],
+            layers=cfg["n_layers"], heads=heads, kv_heads=cfg.get("n_kv_heads") or heads,
+            ffn=cfg.get("mlp_hidden_size") or cfg["mlp_ratio"] * cfg["d_model"],
+            tied=bool(cfg.get("weight_tying", False)), qkv_bias=bool(cfg.get("include_qkv_bias", False)),
+        )
+    heads = cfg["num_attention_heads"]
+    return ModelShape(
+        vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+        heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads, ffn=cfg["intermediate_size"],
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=cfg.get("model_type") in ("Dream", "qwen2"),  # Qwen2-shaped: biased q, k, v
+    )
+
+
+def model_config(path: str) -> dict:
+    """config.json for a spec's model.path: a local checkpoint, a built-in asset, or a known hub id."""
+    if path.startswith("builtin:"):
+        file = ASSETS / path.removeprefix("builtin:") / "config.json"
+    elif Path(path).expanduser().is_dir():
+        file = Path(path).expanduser() / "config.json"
+    else:
+        file = MODEL_CONFIGS / (path.replace("/", "--") + ".json")
+    if not file.is_file():
+        known = sorted(p.stem.replace("--", "/") for p in MODEL_CONFIGS.glob("*.json"))
+        raise FileNotFoundError(
+            f"no config.json for model {path!r}: give a local checkpoint directory, a builtin: model, "
+            f"or one of the hub ids with a shipped config: {known}"
+        )
+    return json.loads(file.read_text())
+
+
+@dataclass(frozen=True)
+class LearnerMemory:
+    """Peak bytes on one learner GPU, by kind."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    gathered: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.gathered + self.activations + self.logits
+
+
+def block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
+    """Bytes autograd keeps per token for one block's backward: 16h + b (6h + 3kv + 4f).
+
+    Two RMSNorms each keep their float32 input and normalised value (8h) and the linear's input in
+    the compute dtype (b h); attention keeps the fused qkv output (h + 2kv), rotated q and k (h + kv),
+    the SDPA output and its reshaped copy for the out projection (2h), all in b; the SwiGLU keeps
+    the gate/up output (2f), silu(gate) (f) and the product fed to `down` (f). The residual stream
+    is float32 (embedding output plus bf16 branch outputs promotes to float32).
+    """
+    h, f, kv = shape.hidden, shape.ffn, shape.kv
+    return 16 * h + compute_bytes * (6 * h + 3 * kv + 4 * f)
+
+
+def lora_activation_bytes(shape: ModelShape) -> int:
+    """Extra bytes per token per block with LoRA: peft feeds each adapter a float32 copy of its input."""
+    h, f = shape.hidden, shape.ffn
+    return 4 * (3 * h + f)
+
+
+def activation_bytes(
+    shape: ModelShape, rows: int, seq_len: int, compute_bytes: int, checkpointing: bool, lora: bool = False
+) -> int:
+    """Saved activations of one forward over rows x seq_len tokens, all n blocks.
+
+    Without checkpointing every block keeps its tensors until the backward reaches it. With
+    activation checkpointing per block only each block's float32 input (4h) is kept and one block
+    is recomputed at a time: n x 4h + one block's tensors, per token.
+    """
+    per_block = block_activation_bytes(shape, compute_bytes) + (lora_activation_bytes(shape) if lora else 0)
+    tokens = rows * seq_len
+    if checkpointing:
+        return tokens * (shape.layers * 4 * shape.hidden + per_block)
+    return tokens * shape.layers * per_block
+
+
+def logits_bytes(shape: ModelShape, rows: int, seq_len: int, resp_len: int, compute_bytes: int) -> int:
+    """The ELBO head's peak: rows x V x (b T + b L + 8 L).
+
+    The head's output over all T positions (b T V per row), the masked positions' logits gathered
+    and, in float32, kept by logsumexp (at most L of them, 4 L V) plus their gradient (4 L V), and
+    the head's gradient scattered back into a (L, V) block (b L V).
+    """
+    return rows * shape.vocab * (compute_bytes * seq_len + compute_bytes * resp_len + 8 * resp_len)
+
+
+def learner_memory(
+    shape: ModelShape,
+    *,
+    gpus: int,
+    master_bytes: int,
+    compute_bytes: int,
+    rows: int,
+    seq_len: int,
+    resp_len: int,
+    checkpointing: bool = False,
+    lora_r: int | None = None,
+) -> LearnerMemory:
+    """Per-GPU learner memory at the peak of a step (the last MC chunk's backward, grads present).
+
+    Full fine-tuning, P params stored in m = master_bytes: weights m P / N, grads m P / N, AdamW's
+    two moments 2 m P / N. LoRA of rank r: the frozen base m P / N, and A adapter params in float32
+    (peft's default) with their grads and moments, 4 A / N each (x2 for the moments).
+    Gathered: with N > 1, (2 blocks + root) x b; with N = 1 and autocast (b < m), one compute-dtype
+    copy of every weight (autocast's cast cache, alive through the backward).
+    """
+    p_all = shape.params()
+    if lora_r is None:
+        trainable, state_bytes, weights = p_all, master_bytes, p_all * master_bytes
+    else:
+        trainable, state_bytes = shape.lora_params(lora_r), 4
+        weights = p_all * master_bytes + trainable * 4
+    if gpus > 1:
+        gathered = (2 * shape.block_params() + shape.root_params()) * compute_bytes
+    else:
+        gathered = p_all * compute_bytes if compute_bytes < master_bytes else 0
+    return LearnerMemory(
+        weights=math.ceil(weights / gpus),
+        grads=math.ceil(trainable * state_bytes / gpus),
+        optimizer=math.ceil(2 * trainable * state_bytes / gpus),
+        gathered=gathered,
+        activations=activation_bytes(shape, rows, seq_len, compute_bytes, checkpointing, lora_r is not None),
+        logits=logits_bytes(shape, rows, seq_len, resp_len, compute_bytes),
+    )
+
+
+@dataclass(frozen=True)
+class RolloutMemory:
+    """Peak bytes on one rollout GPU, by kind."""
+
+    weights: int
+    sampling: int
+    transfer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.sampling + self.transfer
+
+
+def sampling_bytes(
+    shape: ModelShape, batch: int, seq_len: int, weight_bytes: int, cfg: bool, temperature: float
+) -> int:
+    """The sampler's peak per denoising step: batch x T x V x (2 b + 32), b = the weights' bytes.
+
+    Every step scores all T positions (rollout/sampler.py): the logits (b) and their
+    mask-excluded copy (b), then Gumbel-max in float64 (LLaDA's reference form: the float64
+    logits, the noise, exp of the shifted logits and the quotient, 4 x 8 bytes). Greedy decoding
+    skips the noise but keeps a float32 softmax (8). CFG runs a doubled batch and keeps both halves
+    (2 b more). The blocks' own activations (no_grad, freed layer by layer) are small beside this.
+    """
+    per = 2 * weight_bytes + (32 if temperature > 0 else 8) + (2 * weight_bytes if cfg else 0)
+    return batch * seq_len * shape.vocab * per
+
+
+def rollout_memory(
+    shape: ModelShape, *, batch: int, seq_len: int, weight_bytes: int, cfg: bool = False,
+    temperature: float = 0.6, bucket_bytes: int = 0,
+) -> RolloutMemory:
+    """Per-GPU rollout worker memory: its weights (P x b) + the sampler's peak + a broadcast bucket."""
+    return RolloutMemory(
+        weights=shape.params() * weight_bytes,
+        sampling=sampling_bytes(shape, batch, seq_len, weight_bytes, cfg, temperature),
+        transfer=bucket_bytes,
+    )
+
+
+def largest_batch(shape: ModelShape, budget: int, *, seq_len: int, weight_bytes: int, cfg: bool,
+                  temperature: float, bucket_bytes: int = 0) -> int:
+    """The largest rollout batch whose worker fits `budget` bytes (0 if not even one sequence)."""
+    fixed = rollout_memory(shape, batch=0, seq_len=seq_len, weight_bytes=weight_bytes, cfg=cfg,
+                           temperature=temperature, bucket_bytes=bucket_bytes).total
+    per_seq = sampling_bytes(shape, 1, seq_len, weight_bytes, cfg, temperature)
+    return max(0, (budget - fixed) // per_seq)
+
+
+# -- a layout for a job ----------------------------------------------------------------------
+
+USABLE = 0.9
+"""Share of a GPU's memory a plan fills: the rest is the CUDA context, NCCL buffers and the
+allocator's fragmentation."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A learner/rollout split of `gpus` GPUs and what each kind of GPU holds at its peak."""
+
+    gpus: int
+    gpu_bytes: int
+    learner_gpus: int
+    rollout_gpus: int
+    checkpointing: bool
+    learner: LearnerMemory
+    rollout: RolloutMemory
+    rollout_batch: int
+    colocated: bool
+
+    @property
+    def budget(self) -> int:
+        return int(self.gpu_bytes * USABLE)
+
+    @property
+    def fits(self) -> bool:
+        if self.colocated:
+            return self.learner.total + self.rollout.total <= self.budget
+        return self.learner.total <= self.budget and self.rollout.total <= self.budget and self.rollout_batch >= 1
+
+
+def job_shape(spec: JobSpec) -> ModelShape:
+    """The model shape of a JobSpec (see `model_config`)."""
+    return shape_from_config(model_config(spec.model.path))
+
+
+def job_learner_memory(
+    spec: JobSpec, shape: ModelShape, gpus: int, checkpointing: bool, prompt_len: int
+) -> LearnerMemory:
+    """`learner_memory` for a JobSpec: dtypes from model.dtype / train.compute_dtype, rows from
+    train.micro_batch x train.mc_chunk, T from prompt_len + rollout.gen_length."""
+    t, m = spec.train, spec.model
+    on_cpu = spec.runtime.device == "cpu"
+    compute = t.compute_dtype
+    compute_bytes = BYTES[compute] if compute != "auto" else BYTES[m.dtype] if on_cpu else BYTES["bfloat16"]
+    rows = min(t.micro_batch, spec.rollout.prompts_per_step * spec.rollout.group_size) * t.mc_chunk
+    return learner_memory(
+        shape, gpus=gpus, master_bytes=BYTES[m.dtype], compute_bytes=min(compute_bytes, BYTES[m.dtype]),
+        rows=rows, seq_len=prompt_len + spec.rollout.gen_length, resp_len=spec.rollout.gen_length,
+        checkpointing=checkpointing, lora_r=m.lora.r if m.lora is not None else None,
+    )
+
+
+def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> Plan:
+    """The split that fits with the fewest learner GPUs (most left to rollout), without
+    activation checkpointing if possible. One GPU: learner and rollout worker share it (sync mode
+    takes turns, but both keep their weights). Rollout workers (model.dtype weights, as
+    rollout/worker.py loads them) run rollout.batch_size sequences, or the largest batch that fits.
+    Returns the best failing layout when nothing fits (`fits` False)."""
+    shape = job_shape(spec)
+    r = spec.rollout
+    gpu_bytes = int(gpu_memory_gb * GB)
+    budget = int(gpu_bytes * USABLE)
+    seq = prompt_len + r.gen_length
+    wbytes = BYTES[spec.model.dtype]
+    bucket = int(spec.weights.bucket_mb * 2**20) if spec.weights.sync == "collective" else 0
+    rollout_args = dict(seq_len=seq, weight_bytes=wbytes, cfg=r.cfg_scale > 0, temperature=r.temperature,
+                        bucket_bytes=bucket)
+    candidates: list[Plan] = []
+    splits = [(1, 0)] if gpus == 1 else [(n, gpus - n) for n in range(1, gpus)]
+    for checkpointing in (False, True):
+        for n_learn, n_roll in splits:
+            learner = job_learner_memory(spec, shape, n_learn, checkpointing, prompt_len)
+            room = budget - learner.total if n_roll == 0 else budget
+            batch = min(r.batch_size, largest_batch(shape, room, **rollout_args))
+            rollout = rollout_memory(shape, batch=max(batch, 1), **rollout_args)
+            p = Plan(gpus, gpu_bytes, n_learn, n_roll, checkpointing, learner, rollout, batch, n_roll == 0)
+            if p.fits:
+                return p
+            candidates.append(p)
+    return min(candidates, key=lambda p: p.learner.total + p.rollout.total)
+
+
+def min_gpus_to_fit(spec: JobSpec, gpu_memory_gb: float, prompt_len: int = 256, limit: int = 64) -> int | None:
+    """The fewest GPUs of this size on which `plan` finds a layout (None if more than `limit`)."""
+    for g in range(1, limit + 1):
+        if plan(spec, g, gpu_memory_gb, prompt_len).fits:
+            return g
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:6.1f} GB"
+
+
+def describe(p: Plan, spec: JobSpec) -> str:
+    """The plan as the text `dlrl plan` prints."""
+    lm, rm = p.learner, p.rollout
+    what = f"LoRA r={spec.model.lora.r}" if spec.model.lora else f"full fine-tune, {spec.model.dtype} masters"
+    lines = [
+        f"{spec.model.path}: {job_shape(spec).params() / 1e9:.2f} B params, {what}, "
+        f"compute {spec.train.compute_dtype}",
+        f"{p.gpus} x {p.gpu_bytes / GB:.0f} GB GPUs, budget {_gb(p.budget).strip()} each ({USABLE:.0%})",
+        f"learner: {p.learner_gpus} GPU(s){', sharing the GPU with the rollout worker' if p.colocated else ''}"
+        f"{', FSDP-style sharded' if p.learner_gpus > 1 else ''}"
+        f", activation checkpointing {'on' if p.checkpointing else 'off'}",
+        f"  weights    {_gb(lm.weights)}",
+        f"  grads      {_gb(lm.grads)}",
+        f"  optimizer  {_gb(lm.optimizer)}",
+        f"  gathered   {_gb(lm.gathered)}   (compute-dtype copies)",
+        f"  activations{_gb(lm.activations)}   (micro_batch x mc_chunk rows)",
+        f"  logits     {_gb(lm.logits)}",
+        f"  total      {_gb(lm.total)} per GPU",
+        f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), batch {p.rollout_batch}"
+        f" (spec: {spec.rollout.batch_size})",
+        f"  weights    {_gb(rm.weights)}",
+        f"  sampling   {_gb(rm.sampling)}",
+        f"  total      {_gb(rm.total)} per GPU",
+    ]
+    if p.fits and p.rollout_batch < spec.rollout.batch_size:
+        lines.append(f"set rollout.batch_size = {p.rollout_batch} (the spec's {spec.rollout.batch_size} "
+                     f"does not fit a worker)")
+    if p.fits and not p.colocated:
+        lines.append(f"set rollout.num_workers = {p.rollout_gpus}")
+    return "\n".join(lines)
+
+
+def alternatives(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> list[str]:
+    """What would fit instead, when `plan` finds nothing: LoRA on these GPUs, or more GPUs."""
+    out = []
+    if spec.model.lora is None:
+        lora = spec.model_copy(update={"model": spec.model.model_copy(
+            update={"lora": LoraSpec(), "dtype": "bfloat16"})})
+        p = plan(lora, gpus, gpu_memory_gb, prompt_len)
+        verdict = "fits" if p.fits else "does not fit either"
+        out.append(f"LoRA r={lora.model.lora.r} over a bfloat16 base (model.lora, model.dtype = 'bfloat16') "
+                   f"{verdict} on {gpus} x {gpu_memory_gb:g} GB: learner {p.learner.total / GB:.1f} GB, "
+                   f"rollout {p.rollout.total / GB:.1f} GB at batch {p.rollout_batch}")
+    need = min_gpus_to_fit(spec, gpu_memory_gb, prompt_len)
+    if need is not None:
+        p = plan(spec, need, gpu_memory_gb, prompt_len)
+        out.append(f"this spec fits on {need} x {gpu_memory_gb:g} GB GPUs: {p.learner_gpus} learner "
+                   f"(sharded, {p.learner.total / GB:.1f} GB each) + {p.rollout_gpus} rollout")
+    return out
