@@ -193,9 +193,9 @@ def generate_cached(
             if scheduled:
                 transfer = commit_scheduled(confidence, k[i].expand(rows.numel()))
             elif threshold is not None:
-                transfer = commit_threshold(confidence, threshold)
+                transfer = commit_threshold(confidence, prob, threshold)
             else:
-                transfer = commit_factor(confidence, factor)
+                transfer = commit_factor(confidence, prob, factor)
             x[rows, start:end] = torch.where(transfer, x0, current)
             step_here = (blk * steps_per_block + i) if scheduled else step_id[rows]
             unmask_step[rows, start - p:end - p] = torch.where(

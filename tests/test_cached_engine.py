@@ -107,7 +107,7 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
     confidence[torch.rand(64, 10, generator=g) < 0.3] = float("-inf")  # not masked / outside the block
     confidence[0] = float("-inf")
     confidence[0, 4] = 0.01  # a row whose only candidate is below tau
-    chosen = commit_threshold(confidence, 0.7)
+    chosen = commit_threshold(confidence, confidence.clamp(min=0), 0.7)
     eligible = confidence > float("-inf")
     assert not (chosen & ~eligible).any()
     assert ((confidence > 0.7) & eligible).le(chosen).all()  # every position above tau
@@ -120,10 +120,20 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
 def test_factor_rule_hand_example():
     # ranked 0.99, 0.9, 0.8, 0.5: (n+1)(1-c) = 0.02, 0.3, 0.8, 2.5 -> factor 1 takes 3, factor 0.1 takes 1.
     confidence = torch.tensor([[0.8, 0.99, float("-inf"), 0.5, 0.9]])
-    assert commit_factor(confidence, 1.0).tolist() == [[True, True, False, False, True]]
-    assert commit_factor(confidence, 0.1).tolist() == [[False, True, False, False, False]]
-    assert commit_factor(confidence, 0.001).sum() == 1  # at least one
-    assert commit_factor(confidence, 100.0).tolist() == [[True, True, False, True, True]]  # never an ineligible
+    prob = confidence.clamp(min=0)
+    assert commit_factor(confidence, prob, 1.0).tolist() == [[True, True, False, False, True]]
+    assert commit_factor(confidence, prob, 0.1).tolist() == [[False, True, False, False, False]]
+    assert commit_factor(confidence, prob, 0.001).sum() == 1  # at least one
+    assert commit_factor(confidence, prob, 100.0).tolist() == [[True, True, False, True, True]]  # never an ineligible
+
+
+def test_under_random_remasking_the_parallel_set_is_judged_by_probability():
+    """Random scores pick the one forced commit; which positions go in parallel is the model's call."""
+    score = torch.tensor([[0.1, 0.7, 0.3, float("-inf")]])  # uniform draws; position 3 not masked
+    prob = torch.tensor([[0.95, 0.2, 0.97, 0.99]])
+    assert commit_threshold(score, prob, 0.9).tolist() == [[True, True, True, False]]
+    assert commit_factor(score, prob, 0.5).tolist() == [[True, True, True, False]]  # 2(0.03), 3(0.05) <= 0.5
+    assert commit_threshold(score, torch.zeros(1, 4), 0.9).tolist() == [[False, True, False, False]]
 
 
 def test_scheduled_policy_is_the_reference_selection():
