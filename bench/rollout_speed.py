@@ -6,7 +6,7 @@
     evaluation set (eval settings), and the token agreement of that greedy decode with the
     reference sampler's — the measured size of the cache's approximation.
 (b) A mid-size random-init LLaDA-shaped built-in model on the CPU (about 20M parameters; prompt
-    128 + 256 generated, block 32, batch 1 / 8 / 32). Running LLaDA's 256 full forwards per batch
+    128 + 256 generated, block 32, batch 1 / 8 / 32; `--shape llada-8b` on a GPU). Running LLaDA's 256 full forwards per batch
     end to end takes hours on a shared 2-core machine, so each engine's per-step work is timed
     instead — the reference's step (full forward + x0 prediction over every position), the cached
     refresh (full forward, block-only prediction) and the cached block step (prefix: block +
@@ -17,7 +17,8 @@
     tokens per step it reached on the trained tiny Sudoku start in (a) (stated in the JSON).
 
     python bench/rollout_speed.py                 # both sections (about 10 minutes on one busy core)
-    python bench/rollout_speed.py --skip-mid --repeats 1
+    python bench/rollout_speed.py --skip-model-steps --repeats 1
+    bench/gpu_rollout.sh                           # LLaDA-8B shape on a GPU (--shape llada-8b --device cuda)
 
 Writes bench/results/rollout_speed.json (machine, date, commit).
 """
@@ -72,9 +73,9 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, out
 
 
-def tiny_sudoku(repeats: int) -> dict:
+def tiny_sudoku(repeats: int, device: str) -> dict:
     spec = JobSpec.from_toml(SPEC)
-    model, tokenizer = load_model(spec.model.path)
+    model, tokenizer = load_model(spec.model.path, device=device)
     model.eval()
     ids, task = special_ids(model, tokenizer), get_task(spec.task.name, **spec.task.options)
     r = spec.rollout
@@ -89,7 +90,7 @@ def tiny_sudoku(repeats: int) -> dict:
     for name, overrides in ENGINES.items():
         rollout = SamplingParams(**{**base, **overrides})
         seconds, (completions, _, stats) = best_of(repeats, lambda: sample_completions(
-            model, rollout_prompts, ids, rollout, torch.Generator().manual_seed(0)))
+            model, rollout_prompts, ids, rollout, torch.Generator(device=device).manual_seed(0)))
         greedy = SamplingParams(**{**base, **overrides, "temperature": 0.0, "steps": spec.eval.steps or r.steps,
                                    "remasking": spec.eval.remasking})
         eval_seconds, (decoded, _, eval_stats) = best_of(1, lambda: sample_completions(model, eval_prompts, ids, greedy))
@@ -123,28 +124,48 @@ def tiny_sudoku(repeats: int) -> dict:
     }
 
 
-def mid_model() -> BidirectionalModel:
-    """LLaDA's architecture (RMSNorm, RoPE, SwiGLU, MHA, untied head) at about 20M parameters."""
-    cfg = BidirectionalConfig(vocab_size=16384, hidden_size=320, num_hidden_layers=8, num_attention_heads=5,
-                              intermediate_size=864, max_position_embeddings=512, mask_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return BidirectionalModel(cfg).eval()
+SHAPES = {  # LLaDA's architecture (RMSNorm, RoPE, SwiGLU, MHA, untied head) at two sizes
+    "mid": {"vocab_size": 16384, "hidden_size": 320, "num_hidden_layers": 8, "num_attention_heads": 5,
+            "intermediate_size": 864},  # about 20M parameters, for the CPU
+    "llada-8b": {"vocab_size": 126464, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "intermediate_size": 12288},  # LLaDA-8B's shape, for bench/gpu_rollout.sh
+}
+PROMPT, BLOCK = 128, 32
 
 
-PROMPT, GEN, BLOCK = 128, 256, 32
+def shaped_model(shape: str, device: str, dtype: torch.dtype) -> BidirectionalModel:
+    """A random-init built-in model of one of SHAPES, made directly on `device` in `dtype`."""
+    cfg = BidirectionalConfig(**SHAPES[shape], max_position_embeddings=1024, mask_token_id=2)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(0)
+            return BidirectionalModel(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 @torch.no_grad()
-def step_seconds(model: BidirectionalModel, b: int, repeats: int) -> dict[str, float]:
+def step_seconds(model: BidirectionalModel, b: int, gen: int, repeats: int) -> dict[str, float]:
     """Best-of-`repeats` seconds of each engine's per-step work at batch b, for a middle block."""
-    mask_id, total = model.config.mask_token_id, PROMPT + GEN
-    start, end = PROMPT + 3 * BLOCK, PROMPT + 4 * BLOCK
-    x = torch.randint(4, model.config.vocab_size, (b, total))
+    device = model.device
+    mask_id, total = model.config.mask_token_id, PROMPT + gen
+    start = PROMPT + (gen // BLOCK // 2) * BLOCK
+    end = start + BLOCK
+    x = torch.randint(4, model.config.vocab_size, (b, total), device=device)
     x[:, start:] = mask_id  # the blocks before decoded; this one and the rest masked
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[:, :PROMPT] = True
-    kv, masked = KVCache(), torch.ones(b, BLOCK, dtype=torch.bool)
+    kv, masked = KVCache(), torch.ones(b, BLOCK, dtype=torch.bool, device=device)
+
+    def synced(fn):
+        def run():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return run
 
     def reference_step():
         logits = guided_logits(model, x, None, prompt_index, cfg_scale=0.0, mask_id=mask_id)
@@ -158,42 +179,44 @@ def step_seconds(model: BidirectionalModel, b: int, repeats: int) -> dict[str, f
                               generator=None)
 
     return {
-        "reference_step_seconds": best_of(repeats, reference_step)[0],
-        "cached_refresh_seconds": best_of(repeats, lambda: cached_step((0, total), refresh=True))[0],
-        "cached_prefix_step_seconds": best_of(repeats, lambda: cached_step((start, total)))[0],
-        "cached_dual_step_seconds": best_of(repeats, lambda: cached_step((start, end)))[0],
+        "reference_step_seconds": best_of(repeats, synced(reference_step))[0],
+        "cached_refresh_seconds": best_of(repeats, synced(lambda: cached_step((0, total), refresh=True)))[0],
+        "cached_prefix_step_seconds": best_of(repeats, synced(lambda: cached_step((start, total))))[0],
+        "cached_dual_step_seconds": best_of(repeats, synced(lambda: cached_step((start, end))))[0],
     }
 
 
-def mid_size(repeats: int, batches: list[int], parallel_tokens_per_step: float) -> dict:
-    model = mid_model()
-    nb = GEN // BLOCK
-    step_seconds(model, 1, 1)  # warm-up (first-call allocations), untimed
+def model_steps(shape: str, device: str, dtype: torch.dtype, repeats: int, batches: list[int],
+                gen_lengths: list[int], parallel_tokens_per_step: float) -> dict:
+    model = shaped_model(shape, device, dtype)
+    step_seconds(model, 1, gen_lengths[0], 1)  # warm-up (first-call allocations, kernels), untimed
     rows = []
-    for b in batches:
-        t = step_seconds(model, b, repeats)
-        per_step = {"prefix": t["cached_prefix_step_seconds"], "dual": t["cached_dual_step_seconds"]}
-        # one token per step: the reference takes GEN full steps; the cached engine, per block, one
-        # refresh and BLOCK - 1 block steps; with `parallel_tokens_per_step`, BLOCK / that many steps
-        block_seconds = {k: t["cached_refresh_seconds"] + (BLOCK - 1) * v for k, v in per_step.items()}
-        parallel_block = t["cached_refresh_seconds"] + (BLOCK / parallel_tokens_per_step - 1) * per_step["dual"]
-        tokens_per_s = {
-            "reference": b / t["reference_step_seconds"],
-            "cached_prefix": b * GEN / (nb * block_seconds["prefix"]),
-            "cached_dual": b * GEN / (nb * block_seconds["dual"]),
-            "cached_dual_parallel": b * GEN / (nb * parallel_block),
-        }
-        rows.append({"batch": b, **t, "tokens_per_s": tokens_per_s,
-                     "speedup_over_reference": {k: v / tokens_per_s["reference"] for k, v in tokens_per_s.items()}})
-        print(f"mid batch {b:3d}  " + "  ".join(f"{k} {v:7.1f} tok/s" for k, v in tokens_per_s.items()), flush=True)
+    for gen in gen_lengths:
+        nb = gen // BLOCK
+        for b in batches:
+            t = step_seconds(model, b, gen, repeats)
+            per_step = {"prefix": t["cached_prefix_step_seconds"], "dual": t["cached_dual_step_seconds"]}
+            # one token per step: the reference takes `gen` full steps; the cached engine, per block,
+            # one refresh and BLOCK - 1 block steps; with `parallel_tokens_per_step`, BLOCK / that many
+            block_seconds = {k: t["cached_refresh_seconds"] + (BLOCK - 1) * v for k, v in per_step.items()}
+            parallel_block = t["cached_refresh_seconds"] + (BLOCK / parallel_tokens_per_step - 1) * per_step["dual"]
+            tokens_per_s = {
+                "reference": b / t["reference_step_seconds"],
+                "cached_prefix": b * gen / (nb * block_seconds["prefix"]),
+                "cached_dual": b * gen / (nb * block_seconds["dual"]),
+                "cached_dual_parallel": b * gen / (nb * parallel_block),
+            }
+            rows.append({"batch": b, "gen_length": gen, **t, "tokens_per_s": tokens_per_s,
+                         "speedup_over_reference": {k: v / tokens_per_s["reference"] for k, v in tokens_per_s.items()}})
+            print(f"{shape} gen {gen} batch {b:3d}  " + "  ".join(f"{k} {v:8.1f} tok/s" for k, v in tokens_per_s.items()),
+                  flush=True)
     return {
-        "model": {"params": sum(p.numel() for p in model.parameters()), **{k: getattr(model.config, k) for k in
-                  ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}},
-        "prompt_length": PROMPT, "gen_length": GEN, "block_length": BLOCK, "steps": GEN,
+        "shape": shape, "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "model": {"params": sum(p.numel() for p in model.parameters()), **SHAPES[shape]},
+        "prompt_length": PROMPT, "block_length": BLOCK, "steps": "gen_length (one token per step)",
         "method": "per-step work timed (best of repeats, after a warm-up) with the engines' own functions at "
                   "temperature 0; tokens/s from the engines' step structure at one token per step",
         "parallel_tokens_per_step": parallel_tokens_per_step,
-        "parallel_tokens_per_step_source": f"tiny Sudoku start, {PARALLEL}, held-out greedy decode",
         "rows": rows,
     }
 
@@ -201,32 +224,39 @@ def mid_size(repeats: int, batches: list[int], parallel_tokens_per_step: float) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--gen-lengths", type=int, nargs="+", default=[256])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier on a shared machine)")
-    p.add_argument("--skip-mid", action="store_true")
+    p.add_argument("--skip-model-steps", action="store_true", help="section (a) only")
     p.add_argument("--out", default=str(ROOT / "bench/results/rollout_speed.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    tiny = tiny_sudoku(args.repeats)
+    tiny = tiny_sudoku(args.repeats, args.device)
     parallel_rate = tiny["engines"][PARALLEL]["eval_stats"]["eval_tokens_per_step"]
-    mid = None if args.skip_mid else mid_size(args.repeats, args.batches, parallel_rate)
+    steps = None if args.skip_model_steps else model_steps(
+        args.shape, args.device, getattr(torch, args.dtype), args.repeats, args.batches, args.gen_lengths, parallel_rate)
+    if steps:
+        steps["parallel_tokens_per_step_source"] = f"tiny Sudoku start, {PARALLEL}, held-out greedy decode"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     targets = {"tiny_parallel_reward_within_0.01": abs(tiny["parallel_reward_minus_reference"]) <= 0.01,
                "tiny_parallel_rollout_3x_faster": tiny["parallel_rollout_speedup"] >= 3.0}
-    if mid:
-        for row in mid["rows"]:
-            if row["batch"] in (8, 32):
-                targets[f"mid_parallel_8x_at_batch_{row['batch']}"] = row["speedup_over_reference"]["cached_dual_parallel"] >= 8
+    for row in steps["rows"] if steps else []:
+        if row["batch"] in (8, 32) and row["gen_length"] == 256:
+            targets[f"{args.shape}_parallel_8x_at_batch_{row['batch']}"] = \
+                row["speedup_over_reference"]["cached_dual_parallel"] >= 8
+    cuda = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     result = {
         "benchmark": "rollout speed: reference sampler vs cached engine (prefix/dual cache, parallel decoding)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "machine": {"device": "cpu", "cpus": os.cpu_count(), "threads": args.threads,
+        "machine": {"device": cuda or "cpu", "cpus": os.cpu_count(), "threads": args.threads,
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+                    "python": platform.python_version(), "load_average_at_end": os.getloadavg()},
         "tiny_sudoku": tiny,
-        "mid_size": mid,
+        "model_steps": steps,
         "targets": targets,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlrl.models.forward import LOGIT_SHIFT, _model_type, _unwrapped, cached_diffusion_logits
+from dlrl.models.forward import LOGIT_SHIFT, cached_diffusion_logits
 from dlrl.models.kv_cache import KVCache
 from rollout.commit_policy import commit_factor, commit_scheduled, commit_threshold
 from rollout.rollout_stats import RolloutStats, eos_positions
@@ -51,6 +51,12 @@ CACHES = ("prefix", "dual")
 @lru_cache(maxsize=None)
 def _takes_logits_to_keep(forward_fn) -> bool:
     return "logits_to_keep" in inspect.signature(forward_fn).parameters
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (whose forward signature is the real one)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 class _KeepLogits:
@@ -79,7 +85,9 @@ def block_logits(
 ) -> Tensor:
     """Logits (B, block length, V) of positions [block[0], block[1]) from forwarding [start, end)."""
     lo, hi = block
-    if LOGIT_SHIFT.get(_model_type(model), 0) == 0 and _takes_logits_to_keep(type(_unwrapped(model)).forward):
+    inner = _base(model)
+    shift = LOGIT_SHIFT.get(getattr(inner.config, "model_type", ""), 0)
+    if shift == 0 and _takes_logits_to_keep(type(inner).forward):
         keep = _KeepLogits(model, slice(lo - start, hi - start))
         return cached_diffusion_logits(keep, x, attention_mask, kv_cache=kv_cache, start=start, end=end)
     out = cached_diffusion_logits(model, x, attention_mask, kv_cache=kv_cache, start=start, end=end)
