@@ -18,6 +18,7 @@
 
     python bench/rollout_speed.py                 # both sections (about 10 minutes on one busy core)
     python bench/rollout_speed.py --skip-model-steps --repeats 1
+    python bench/rollout_speed.py --tiny-job          # + the tiny BGPO job on the cached engine
     bench/gpu_rollout.sh                           # LLaDA-8B shape on a GPU (--shape llada-8b --device cuda)
 
 Writes bench/results/rollout_speed.json (machine, date, commit).
@@ -32,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,6 +223,38 @@ def model_steps(shape: str, device: str, dtype: torch.dtype, repeats: int, batch
     }
 
 
+def tiny_job(threshold: float) -> dict:
+    """The shipped tiny BGPO job (deploy/jobs/tiny-sudoku.toml) with the cached engine, end to end.
+
+    Compared with the reference-engine run of the same spec and seed in
+    bench/results/tiny_sudoku.json (an earlier run; same machine type, then quieter).
+    """
+    with tempfile.TemporaryDirectory(prefix="dlrl-rollout-speed-") as out:
+        sets = ["--set", "name=cached", "--set", f"runtime.out_dir={out}", "--set", "rollout.engine=cached",
+                "--set", "rollout.cache=dual", "--set", f"rollout.threshold={threshold}"]
+        subprocess.run([sys.executable, "-m", "services.cli", "train", str(SPEC), *sets], cwd=ROOT, check=True)
+        summary = json.loads((Path(out) / "cached" / "summary.json").read_text())
+        records = [json.loads(line) for line in (Path(out) / "cached" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind") == "train"]
+    reference = next(r for r in json.loads((ROOT / "bench/results/tiny_sudoku.json").read_text())["runs"]
+                     if r["algorithm"] == "bgpo")
+    cached = {
+        "first_eval_reward": summary["first_eval_reward"], "last3_eval_reward": summary["last3_eval_reward"],
+        "gain": summary["last3_eval_reward"] - summary["first_eval_reward"], "wall_seconds": summary["seconds"],
+        "mean_rollout_seconds": sum(r["rollout_seconds"] for r in train) / len(train),
+        "mean_step_seconds": sum(r["step_seconds"] for r in train) / len(train),
+        "rollout_tokens_per_step_first10": sum(r["rollout_tokens_per_step"] for r in train[:10]) / 10,
+        "rollout_tokens_per_step_last10": sum(r["rollout_tokens_per_step"] for r in train[-10:]) / 10,
+        "rollout_mean_confidence_first10": sum(r["rollout_mean_confidence"] for r in train[:10]) / 10,
+        "rollout_mean_confidence_last10": sum(r["rollout_mean_confidence"] for r in train[-10:]) / 10,
+    }
+    return {"spec": str(SPEC.relative_to(ROOT)), "overrides": {"engine": "cached", "cache": "dual",
+            "threshold": threshold}, "cached": cached,
+            "reference": {k: reference[k] for k in ("first_eval_reward", "last3_eval_reward", "gain",
+                                                    "wall_seconds", "mean_step_seconds")},
+            "reference_source": "bench/results/tiny_sudoku.json (bgpo row)"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -231,9 +265,22 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier on a shared machine)")
     p.add_argument("--skip-model-steps", action="store_true", help="section (a) only")
+    p.add_argument("--tiny-job", action="store_true",
+                   help="only run the tiny BGPO job with the cached engine and add it to --out")
     p.add_argument("--out", default=str(ROOT / "bench/results/rollout_speed.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tiny_job:
+        result = json.loads(Path(args.out).read_text())
+        result["tiny_job"] = job = tiny_job(ENGINES[PARALLEL]["threshold"])
+        result["tiny_job"]["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                                      text=True).stdout.strip()
+        result["targets"]["tiny_job_gain_within_0.03_of_reference"] = \
+            job["cached"]["gain"] >= job["reference"]["gain"] - 0.03
+        result["targets"]["tiny_job_less_wall_time"] = job["cached"]["wall_seconds"] < job["reference"]["wall_seconds"]
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(job, indent=2))
+        return
     tiny = tiny_sudoku(args.repeats, args.device)
     parallel_rate = tiny["engines"][PARALLEL]["eval_stats"]["eval_tokens_per_step"]
     steps = None if args.skip_model_steps else model_steps(

@@ -118,6 +118,7 @@ def predict_masked(
 
 
 def check_options(cache: str, threshold: float | None, factor: float | None, remasking: str) -> None:
+    """ValueError for options the engine cannot honour (RolloutSpec checks the same at load time)."""
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if remasking not in REMASKING:

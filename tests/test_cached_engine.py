@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dlrl.config import RolloutSpec
+from dlrl.config import JobSpec, RolloutSpec
 from dlrl.models import SpecialIds, load_model, special_ids
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
 from dlrl.models.forward import diffusion_logits
@@ -20,6 +20,7 @@ from rollout.commit_policy import commit_factor, commit_scheduled, commit_thresh
 from rollout.completion import evaluate, left_pad
 from rollout.engine import SamplingParams, generate
 from rollout.sampler import generate_with_steps, select_transfer
+from rollout.worker import RolloutWorker
 
 MASK_ID, EOS_ID, PAD_ID = 2, 1, 0
 IDS = SpecialIds(mask_id=MASK_ID, pad_id=PAD_ID, eos_ids=(EOS_ID,))
@@ -206,6 +207,21 @@ def test_evaluate_on_the_tiny_sudoku_start_reports_sampler_stats():
     assert fast["eval_tokens_per_step"] > 1.5 and fast["eval_mean_confidence"] > 0.9
     assert fast["eval_forwards"] < ref["eval_forwards"]
     assert abs(fast["eval_reward"] - ref["eval_reward"]) < 0.15  # a trained model barely notices
+
+
+def test_worker_rolls_out_with_the_engine_its_spec_names():
+    spec = JobSpec.model_validate({
+        "model": {"path": "builtin:tiny-sudoku"}, "task": {"name": "sudoku", "train_size": 10},
+        "rollout": {"prompts_per_step": 2, "group_size": 4, "gen_length": 20, "block_length": 20, "steps": 10,
+                    "temperature": 1.0, "remasking": "random", "engine": "cached", "threshold": 0.9},
+        "runtime": {"device": "cpu", "threads": 1},
+    })
+    worker = RolloutWorker(spec)
+    groups = worker.rollout(2, batch=0)
+    assert all(g.completion_ids.shape == (4, 20) and (g.unmask_steps >= 0).all() for g in groups)
+    metrics = worker.sampler_stats.metrics()
+    assert metrics["rollout_tokens_per_step"] > 2.0  # the job's schedule is 2 per step: parallel commits more
+    assert 0.0 < metrics["rollout_mean_confidence"] <= 1.0 and 0 <= metrics["rollout_eos_position"] <= 20
 
 
 @pytest.mark.parametrize("fields, message", [
