@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from statistics import mean
+
 import numpy as np
 import torch
 
@@ -223,7 +225,7 @@ def model_steps(shape: str, device: str, dtype: torch.dtype, repeats: int, batch
     }
 
 
-def tiny_job(threshold: float) -> dict:
+def tiny_job(threshold: float, steps: int | None) -> dict:
     """The shipped tiny BGPO job (deploy/jobs/tiny-sudoku.toml) with the cached engine, end to end.
 
     Compared with the reference-engine run of the same spec and seed in
@@ -232,6 +234,7 @@ def tiny_job(threshold: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="dlrl-rollout-speed-") as out:
         sets = ["--set", "name=cached", "--set", f"runtime.out_dir={out}", "--set", "rollout.engine=cached",
                 "--set", "rollout.cache=dual", "--set", f"rollout.threshold={threshold}"]
+        sets += ["--set", f"train.steps={steps}"] if steps else []
         subprocess.run([sys.executable, "-m", "services.cli", "train", str(SPEC), *sets], cwd=ROOT, check=True)
         summary = json.loads((Path(out) / "cached" / "summary.json").read_text())
         records = [json.loads(line) for line in (Path(out) / "cached" / "metrics.jsonl").read_text().splitlines()]
@@ -243,10 +246,9 @@ def tiny_job(threshold: float) -> dict:
         "gain": summary["last3_eval_reward"] - summary["first_eval_reward"], "wall_seconds": summary["seconds"],
         "mean_rollout_seconds": sum(r["rollout_seconds"] for r in train) / len(train),
         "mean_step_seconds": sum(r["step_seconds"] for r in train) / len(train),
-        "rollout_tokens_per_step_first10": sum(r["rollout_tokens_per_step"] for r in train[:10]) / 10,
-        "rollout_tokens_per_step_last10": sum(r["rollout_tokens_per_step"] for r in train[-10:]) / 10,
-        "rollout_mean_confidence_first10": sum(r["rollout_mean_confidence"] for r in train[:10]) / 10,
-        "rollout_mean_confidence_last10": sum(r["rollout_mean_confidence"] for r in train[-10:]) / 10,
+        "steps": len(train),
+        **{f"{k}_{end}10": mean([r[k] for r in rows]) for k in ("rollout_tokens_per_step", "rollout_mean_confidence")
+           for end, rows in (("first", train[:10]), ("last", train[-10:]))},
     }
     return {"spec": str(SPEC.relative_to(ROOT)), "overrides": {"engine": "cached", "cache": "dual",
             "threshold": threshold}, "cached": cached,
@@ -267,12 +269,13 @@ def main() -> None:
     p.add_argument("--skip-model-steps", action="store_true", help="section (a) only")
     p.add_argument("--tiny-job", action="store_true",
                    help="only run the tiny BGPO job with the cached engine and add it to --out")
+    p.add_argument("--job-steps", type=int, default=None, help="--tiny-job: train.steps (default: the spec's)")
     p.add_argument("--out", default=str(ROOT / "bench/results/rollout_speed.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.tiny_job:
         result = json.loads(Path(args.out).read_text())
-        result["tiny_job"] = job = tiny_job(ENGINES[PARALLEL]["threshold"])
+        result["tiny_job"] = job = tiny_job(ENGINES[PARALLEL]["threshold"], args.job_steps)
         result["tiny_job"]["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                                       text=True).stdout.strip()
         result["targets"]["tiny_job_gain_within_0.03_of_reference"] = \
