@@ -19,13 +19,15 @@ python - "$OUT/rollout_speed_gpu.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 m = r["model_steps"]
-print(f"{r['machine']['device']}: {m['shape']} {m['model']['params'] / 1e9:.1f}B params, {m['dtype']}, "
+print(f"{r['machine']['device']}: {m['shape']} {m['model']['params'] / 1e6:,.0f}M params, {m['dtype']}, "
       f"prompt {m['prompt_length']}, block {m['block_length']}; tokens/s (speedup over reference)")
 engines = list(m["rows"][0]["tokens_per_s"])
 print(f"{'gen':>4} {'batch':>5} " + " ".join(f"{e:>22}" for e in engines))
 for row in m["rows"]:
     cells = [f"{row['tokens_per_s'][e]:10.1f} ({row['speedup_over_reference'][e]:5.1f}x)" for e in engines]
-    print(f"{row['gen_length']:>4} {row['batch']:>5} " + " ".join(f"{c:>22}" for c in cells))
+    peak = "".join(f"  {k.removesuffix('_peak_bytes')} {row[k] / 2**30:.1f} GiB"
+                   for k in ("reference_step_peak_bytes", "cached_dual_step_peak_bytes") if k in row)
+    print(f"{row['gen_length']:>4} {row['batch']:>5} " + " ".join(f"{c:>22}" for c in cells) + peak)
 t = r["tiny_sudoku"]
 print(f"tiny Sudoku: held-out reward reference {t['engines']['reference']['eval_reward']:.3f}, "
       f"{t['parallel_engine']} {t['engines'][t['parallel_engine']]['eval_reward']:.3f}; "

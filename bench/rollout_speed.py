@@ -152,7 +152,8 @@ def shaped_model(shape: str, device: str, dtype: torch.dtype) -> BidirectionalMo
 
 @torch.no_grad()
 def step_seconds(model: BidirectionalModel, b: int, gen: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds of each engine's per-step work at batch b, for a middle block."""
+    """Best-of-`repeats` seconds of each engine's per-step work at batch b, for a middle block
+    (on CUDA also its peak memory above what the model and inputs already hold)."""
     device = model.device
     mask_id, total = model.config.mask_token_id, PROMPT + gen
     start = PROMPT + (gen // BLOCK // 2) * BLOCK
@@ -182,12 +183,21 @@ def step_seconds(model: BidirectionalModel, b: int, gen: int, repeats: int) -> d
         return predict_masked(logits, masked, mask_id=mask_id, temperature=0.0, remasking="low_confidence",
                               generator=None)
 
-    return {
-        "reference_step_seconds": best_of(repeats, synced(reference_step))[0],
-        "cached_refresh_seconds": best_of(repeats, synced(lambda: cached_step((0, total), refresh=True)))[0],
-        "cached_prefix_step_seconds": best_of(repeats, synced(lambda: cached_step((start, total))))[0],
-        "cached_dual_step_seconds": best_of(repeats, synced(lambda: cached_step((start, end))))[0],
+    work = {
+        "reference_step": reference_step,
+        "cached_refresh": lambda: cached_step((0, total), refresh=True),
+        "cached_prefix_step": lambda: cached_step((start, total)),
+        "cached_dual_step": lambda: cached_step((start, end)),
     }
+    out: dict[str, float] = {}
+    for name, fn in work.items():
+        if device.type == "cuda":  # peak memory of this step's work beyond what is already held
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+        out[f"{name}_seconds"] = best_of(repeats, synced(fn))[0]
+        if device.type == "cuda":
+            out[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() - held
+    return out
 
 
 def model_steps(shape: str, device: str, dtype: torch.dtype, repeats: int, batches: list[int],
