@@ -104,6 +104,19 @@ class RolloutSpec(Section):
     """Sequences generated per forward batch in a worker."""
     num_workers: int = Field(1, ge=1, le=1024)
     """Rollout actors."""
+    engine: Literal["reference", "cached"] = "reference"
+    """'reference': LLaDA's sampler, one full forward per step (rollout/sampler.py); 'cached': the
+    block-KV-cached engine with optional parallel decoding and end-of-text early stop
+    (rollout/cached_engine.py; approximate, see rollout/README.md). Evaluation uses it too."""
+    cache: Literal["prefix", "dual"] = "dual"
+    """Cached engine only: 'prefix' caches the prompt and decoded blocks and forwards the block and
+    the suffix; 'dual' also caches the suffix and forwards the block alone. Refreshed at each block."""
+    threshold: float | None = Field(None, gt=0, lt=1)
+    """Cached engine only: commit every masked position of the block whose confidence exceeds this
+    (at least one per step), taking as many steps as needed; None = the fixed `steps` schedule."""
+    factor: float | None = Field(None, gt=0)
+    """Cached engine only: Fast-dLLM's factor rule, commit the n most confident with
+    (n + 1)(1 - c_n) <= factor; None = off. At most one of threshold and factor."""
 
     @model_validator(mode="after")
     def _blocks_divide(self) -> "RolloutSpec":
@@ -112,6 +125,16 @@ class RolloutSpec(Section):
         blocks = self.gen_length // self.block_length
         if self.steps % blocks:
             raise ValueError(f"steps {self.steps} is not a multiple of the number of blocks {blocks}")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> "RolloutSpec":
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("set at most one of rollout.threshold and rollout.factor")
+        if self.engine == "reference" and (self.threshold is not None or self.factor is not None):
+            raise ValueError("rollout.threshold / rollout.factor (parallel decoding) need rollout.engine = 'cached'")
+        if self.engine == "cached" and self.cfg_scale > 0:
+            raise ValueError("rollout.engine = 'cached' does not do classifier-free guidance (cfg_scale > 0)")
         return self
 
 

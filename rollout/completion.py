@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,20 +15,13 @@ from transformers import PreTrainedTokenizerBase
 
 from dlrl.models import SpecialIds
 from dlrl.tasks import Example, Task
-from rollout.sampler import generate_with_steps
+from rollout.engine import SamplingParams, generate
+from rollout.rollout_stats import RolloutStats
+
+__all__ = ["SamplingParams", "decode_completion", "encode_prompt", "evaluate", "left_pad",
+           "sample_completions", "score"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    gen_length: int
-    block_length: int
-    steps: int
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    cfg_scale: float = 0.0
-    batch_size: int = 64
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, task: Task, ex: Example, style: str) -> list[int]:
@@ -76,27 +68,26 @@ def sample_completions(
     ids: SpecialIds,
     params: SamplingParams,
     generator: torch.Generator | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Completions (N, L) int32 and their unmask steps (N, L) int16, in batches of params.batch_size."""
+) -> tuple[np.ndarray, np.ndarray, RolloutStats]:
+    """Completions (N, L) int32, their unmask steps (N, L) int16 and the sampler's stats.
+
+    Sampled in batches of params.batch_size with the engine params.engine names.
+    """
     device = next(model.parameters()).device
-    completions, steps = [], []
+    completions, steps, stats = [], [], RolloutStats()
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(prompts), params.batch_size):
             chunk = prompts[start:start + params.batch_size]
             prompt_ids, attn = left_pad(chunk, ids.pad_id)
-            sample = generate_with_steps(
-                model, prompt_ids.to(device), steps=params.steps, gen_length=params.gen_length,
-                block_length=params.block_length, temperature=params.temperature,
-                remasking=params.remasking, mask_id=ids.mask_id, attention_mask=attn.to(device),
-                cfg_scale=params.cfg_scale, generator=generator,
-            )
+            sample, batch_stats = generate(model, prompt_ids.to(device), attn.to(device), params, ids, generator)
+            stats.add(batch_stats)
             completions.append(sample.tokens[:, prompt_ids.shape[1]:].cpu().numpy().astype(np.int32))
             steps.append(sample.unmask_step.cpu().numpy().astype(np.int16))
     finally:
         model.train(was_training)
-    return np.concatenate(completions), np.concatenate(steps)
+    return np.concatenate(completions), np.concatenate(steps), stats
 
 
 def score(task: Task, text: str, ex: Example, errors: list[str] | None = None) -> float:
@@ -123,14 +114,15 @@ def evaluate(
     params: SamplingParams,
     style: str,
 ) -> dict[str, float]:
-    """Greedy (temperature-0) mean reward on `examples`, plus exact-solve rate and timing."""
+    """Greedy (temperature-0) mean reward on `examples`, exact-solve rate, timing and sampler stats."""
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, task, ex, style) for ex in examples]
     greedy = SamplingParams(**{**params.__dict__, "temperature": 0.0})
-    completions, _ = sample_completions(model, prompts, ids, greedy)
+    completions, _, stats = sample_completions(model, prompts, ids, greedy)
     rewards = [score(task, decode_completion(tokenizer, c, ids), ex) for c, ex in zip(completions, examples)]
     return {
         "eval_reward": float(np.mean(rewards)),
         "eval_solved": float(np.mean([r >= 1.0 for r in rewards])),
         "eval_seconds": time.perf_counter() - t0,
+        **stats.metrics(prefix="eval_"),
     }

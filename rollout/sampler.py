@@ -1,7 +1,7 @@
 """Masked-diffusion sampling: LLaDA's semi-autoregressive block remasking sampler.
 
-The one sampler of the project (rollout workers, eval and tests all import it; nothing else
-re-implements it). It restates the reference `generate` of ML-GSAI/LLaDA (`generate.py`,
+The reference sampler of the project (`rollout.engine = "reference"`, reached through
+rollout/engine.py; the cached engine reuses its pieces and is tested against it). It restates the reference `generate` of ML-GSAI/LLaDA (`generate.py`,
 Algorithm 5 of Nie et al. 2025, "Large Language Diffusion Models"):
 
 * the response is initialised to `gen_length` copies of `mask_id`;
@@ -32,10 +32,10 @@ Differences from the reference, all deliberate:
 Seam for the fast path (Fast-dLLM: block prefix/dual KV cache, confidence-threshold parallel
 unmasking): the loop in `generate_with_steps` only composes pure pieces — `guided_logits` (the
 one forward, with optional CFG), `predict_x0` (Gumbel-max and confidence) and `select_transfer`
-(which positions to commit this step). A cached engine writes its own block loop that replaces
-`guided_logits` with a forward of the current block against cached keys/values of the rest, and
-a threshold variant replaces `select_transfer`; `num_transfer_tokens`, `add_gumbel_noise` and
-`predict_x0` are shared unchanged.
+(which positions to commit this step). rollout/cached_engine.py writes its own block loop that
+replaces `guided_logits` with a forward of the current block against cached keys/values of the
+rest, and rollout/commit_policy.py adds threshold and factor variants of `select_transfer`;
+`num_transfer_tokens`, `add_gumbel_noise` and `predict_x0` are shared unchanged.
 
 Run the tests with `pytest tests/test_sampler.py -q`.
 """

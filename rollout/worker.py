@@ -33,6 +33,7 @@ from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.completion import (
     SamplingParams, decode_completion, encode_prompt, evaluate, sample_completions, score,
 )
+from rollout.rollout_stats import RolloutStats
 
 
 EVAL_SEED = 1234
@@ -58,9 +59,8 @@ class RolloutWorker:
         if not self.shard:
             raise ValueError(f"worker {index} of {num_workers} has no training prompts")
         self.receiver = WeightReceiver(self.model, version=0)  # both transports write into the model
-        r = spec.rollout
-        self.params = SamplingParams(r.gen_length, r.block_length, r.steps, r.temperature,
-                                     r.remasking, r.cfg_scale, r.batch_size)
+        self.params = SamplingParams.from_spec(spec.rollout)
+        self.sampler_stats = RolloutStats()  # of the last rollout batch (tokens/step, confidence, EOS)
         self._orders: dict[int, list[int]] = {}
         self.reward_errors: list[str] = []
         self._was_restarted: bool | None = None
@@ -103,7 +103,7 @@ class RolloutWorker:
         g = self.spec.rollout.group_size
         prompts = [encode_prompt(self.tokenizer, self.task, ex, self.spec.task.style) for ex in examples]
         t0 = time.perf_counter()
-        completions, steps = sample_completions(
+        completions, steps, self.sampler_stats = sample_completions(
             self.model, [p for p in prompts for _ in range(g)], self.ids, self.params, generator
         )
         t_gen = time.perf_counter() - t0
@@ -162,6 +162,7 @@ class RolloutWorker:
             "rollout_tokens": sum(gr.completion_ids.size for gr in groups),
             "reward_errors": len(self.reward_errors),
             "restarted": int(self._restarted()),
+            **self.sampler_stats.metrics(),
             **sync,
         }
 

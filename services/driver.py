@@ -46,6 +46,7 @@ from services.telemetry import RunMetrics
 
 
 NAMESPACE = "dlrl"
+SAMPLER_STATS = ("rollout_tokens_per_step", "rollout_mean_confidence", "rollout_eos_position")
 """Ray namespace of the run actors (named dlrl:<run id>:worker:<i> and dlrl:<run id>:learner)."""
 
 
@@ -208,6 +209,9 @@ class Run:
             "step_seconds": step_seconds,
             "learner_idle_fraction": min(1.0, metrics["learner_wait_seconds"] / max(step_seconds, 1e-9)),
             "rollout_idle_fraction": max(0.0, 1.0 - busy / max(len(self.workers) * step_seconds, 1e-9)),
+            # what the sampler changes in the rollouts (rollout/rollout_stats.py), mean over workers
+            **{k: sum(r[k] for r in rolled) / len(rolled) for k in SAMPLER_STATS
+               if rolled and all(k in r for r in rolled)},
         }
 
     def _rewind(self, error: Exception) -> int:

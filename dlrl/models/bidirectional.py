@@ -10,6 +10,15 @@ Attention is bidirectional everywhere. Padding is expressed with a 4-D boolean m
 (B, 1, T, T) (True = may attend); a 2-D (B, T) padding mask is accepted too and expanded here,
 together with position ids that start at each row's first real token, so a left-padded batch
 gives the same logits as its rows run one by one.
+
+KV cache (the contract of `dlrl.models.kv_cache`, shared with the native LLaDA / Dream code):
+`forward(ids, attention_mask=(B, 1, q, T) bool, position_ids=(B, q), kv_cache=cache,
+cache_start=s)` treats `ids` (B, q) as positions [s, s + q); each block writes its RoPE'd keys
+and values for them into the cache and attends its q queries to all T cached keys. A cached
+block step of a sampler thus costs q positions, not T. `logits_to_keep` (HF's name; here a
+1-D index tensor or a `slice` into the q forwarded positions) projects only the positions a
+sampler can commit onto the vocabulary: at LLaDA's 126,464-token vocabulary the head's output,
+not the body, is what dominates a step's memory.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dlrl.models.forward import padding_positions, padding_to_4d
+from dlrl.models.kv_cache import KVCache
 
 
 class BidirectionalConfig(PretrainedConfig):
@@ -100,11 +110,21 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: tuple[KVCache, int, int] | None = None,
+    ) -> torch.Tensor:
+        """x (B, q, h) at `positions` (B, q); cache = (kv_cache, layer, start) or None."""
         b, t, h = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, h // self.heads).unbind(2)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, q, D)
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        if cache is not None:
+            kv_cache, layer, start = cache
+            k, v = kv_cache.update(layer, k, v, start)  # (B, H, T, D): cached keys + these
         # Non-causal: every token sees every (unpadded) token, as in LLaDA.
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
         x = x + self.out(a.transpose(1, 2).reshape(b, t, h))
@@ -140,9 +160,22 @@ class BidirectionalModel(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+        logits_to_keep: torch.Tensor | slice | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
+        """Logits (B, q, V) of input_ids (B, q) at positions [cache_start, cache_start + q).
+
+        With a `kv_cache` the attention mask, if given, must be the 4-D (B, 1, q, T) one (a 2-D
+        padding mask cannot say which cached keys are padding). `logits_to_keep` selects which of
+        the q positions get logits (all of them by default).
+        """
         b, t = input_ids.shape
+        if kv_cache is not None and attention_mask is not None and attention_mask.dim() == 2:
+            raise ValueError("with a kv_cache, pass the 4-D (B, 1, q, T) attention mask, not a 2-D padding mask")
+        if labels is not None and logits_to_keep is not None:
+            raise ValueError("labels need the logits of every position: do not pass logits_to_keep")
         mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = padding_to_4d(attention_mask)
@@ -150,10 +183,12 @@ class BidirectionalModel(PreTrainedModel):
         elif attention_mask is not None:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > 0
         if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            position_ids = torch.arange(cache_start, cache_start + t, device=input_ids.device).expand(b, t)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, position_ids, mask)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, position_ids, mask, None if kv_cache is None else (kv_cache, layer, cache_start))
+        if logits_to_keep is not None:
+            x = x[:, logits_to_keep]
         logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:

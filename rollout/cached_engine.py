@@ -1,0 +1,232 @@
+"""The cached rollout engine: block KV cache, parallel commits, end-of-text early stop.
+
+The same semi-autoregressive block decoding as `rollout.sampler` (LLaDA Algorithm 5), made cheap
+the way Fast-dLLM does it (Wu et al. 2025, Sec. 3.2-3.3; NVlabs/Fast-dLLM `llada/generate.py`,
+`generate_with_prefix_cache` / `generate_with_dual_cache`), restated on the KV-cache contract of
+`dlrl.models.kv_cache`, so the built-in model and the native LLaDA / Dream code all serve it.
+
+Refresh policy: at the start of every block the cache is rebuilt by one full forward of the
+active rows (start = 0); that forward's logits are also the block's first step, which is
+therefore exactly the reference sampler's. Every later step of the block forwards only
+
+* `cache="prefix"`: the positions [block start, T) — the current block and the still-masked
+  suffix — attending to the prompt and the decoded blocks as cached at the refresh;
+* `cache="dual"`: the block's positions only, attending to the cached prefix *and* suffix.
+
+Both are approximations under a bidirectional model: a cached key was computed when the block was
+all masks (and, for the dual suffix, so was its own context). They are exact at the refresh and
+for a one-layer model; bench/rollout_speed.py measures the token agreement with the reference.
+
+Commit policy: with `threshold` and `factor` both None, each block takes steps // num_blocks
+steps that commit the reference's `num_transfer_tokens` schedule; with one of them set, a block
+takes as many steps as it needs (rollout.commit_policy) and `steps` is not used.
+
+Compute per step is only what can be committed: the model projects only the block onto the
+vocabulary (where its forward takes `logits_to_keep`), and Gumbel noise and the softmax are drawn
+only over the block's still-masked positions — not the (B, T, V) temporaries of the reference.
+Rows whose block is fully decoded leave the batch (`KVCache.keep_rows`) for the rest of the
+block, and a row whose finished block is all end-of-text tokens is done: the rest of its response
+is filled with EOS (what the decoded text is anyway, since a completion ends at its first EOS)
+and it takes no further forwards. Rows are left-padded as in the reference sampler.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlrl.models.forward import LOGIT_SHIFT, cached_diffusion_logits
+from dlrl.models.kv_cache import KVCache
+from rollout.commit_policy import commit_factor, commit_scheduled, commit_threshold
+from rollout.rollout_stats import RolloutStats, eos_positions
+from rollout.sampler import REMASKING, Sample, num_transfer_tokens, predict_x0
+
+CACHES = ("prefix", "dual")
+
+
+@lru_cache(maxsize=None)
+def _takes_logits_to_keep(forward_fn) -> bool:
+    return "logits_to_keep" in inspect.signature(forward_fn).parameters
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (whose forward signature is the real one)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class _KeepLogits:
+    """`model` whose forward projects only `keep` (a slice of the forwarded positions).
+
+    `cached_diffusion_logits` returns the model's logits unsliced when the family's logits are not
+    shifted, so through this view it returns the block's logits only.
+    """
+
+    def __init__(self, model: torch.nn.Module, keep: slice) -> None:
+        self.model, self.keep, self.config = model, keep, model.config
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, logits_to_keep=self.keep, **kwargs)
+
+
+def block_logits(
+    model: torch.nn.Module,
+    x: Tensor,
+    attention_mask: Tensor | None,
+    kv_cache: KVCache,
+    *,
+    start: int,
+    end: int,
+    block: tuple[int, int],
+) -> Tensor:
+    """Logits (B, block length, V) of positions [block[0], block[1]) from forwarding [start, end)."""
+    lo, hi = block
+    inner = _base(model)
+    shift = LOGIT_SHIFT.get(getattr(inner.config, "model_type", ""), 0)
+    if shift == 0 and _takes_logits_to_keep(type(inner).forward):
+        keep = _KeepLogits(model, slice(lo - start, hi - start))
+        return cached_diffusion_logits(keep, x, attention_mask, kv_cache=kv_cache, start=start, end=end)
+    out = cached_diffusion_logits(model, x, attention_mask, kv_cache=kv_cache, start=start, end=end)
+    return out[:, lo - start:hi - start]
+
+
+def predict_masked(
+    logits: Tensor, mask_index: Tensor, *, mask_id: int, temperature: float, remasking: str,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x0, confidence and model probability (B, l) of the block's masked positions only.
+
+    logits: (B, l, V); mask_index: (B, l) bool. Gumbel noise and softmax are drawn over the N
+    masked positions, (N, V), not over every position. Elsewhere x0 = mask_id, confidence = -inf.
+    """
+    flat = logits[mask_index][None]  # (1, N, V)
+    x0_m, conf_m = predict_x0(flat, mask_id=mask_id, temperature=temperature, remasking=remasking,
+                              generator=generator)  # (1, N) each
+    if remasking == "low_confidence":
+        prob_m = conf_m
+    else:  # the confidence is a random score; the stats want the model's probability
+        prob_m = F.softmax(flat.float(), dim=-1).gather(-1, x0_m[..., None]).squeeze(-1)
+    x0 = torch.full(mask_index.shape, mask_id, dtype=torch.long, device=logits.device)
+    confidence = torch.full(mask_index.shape, float("-inf"), device=logits.device)
+    prob = torch.zeros(mask_index.shape, device=logits.device)
+    x0[mask_index], confidence[mask_index], prob[mask_index] = x0_m[0], conf_m[0].float(), prob_m[0].float()
+    return x0, confidence, prob
+
+
+def check_options(cache: str, threshold: float | None, factor: float | None, remasking: str) -> None:
+    """ValueError for options the engine cannot honour (RolloutSpec checks the same at load time)."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    if threshold is not None and factor is not None:
+        raise ValueError("set at most one of threshold and factor")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if factor is not None and not factor > 0.0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+
+
+@torch.no_grad()
+def generate_cached(
+    model: torch.nn.Module,
+    prompt: Tensor,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    mask_id: int,
+    eos_ids: tuple[int, ...],
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    attention_mask: Tensor | None = None,
+    cache: str = "dual",
+    threshold: float | None = None,
+    factor: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Sample, RolloutStats]:
+    """Decode `gen_length` tokens after each (left-padded) prompt (B, P); see the module docstring.
+
+    Returns the sample (as `rollout.sampler.generate_with_steps`: tokens (B, P + L) and the step
+    at which each token was committed — the row's own step count under a parallel policy) and the
+    batch's RolloutStats.
+    """
+    check_options(cache, threshold, factor, remasking)
+    if gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    scheduled = threshold is None and factor is None
+    if scheduled and steps % num_blocks:
+        raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
+    if not eos_ids:
+        raise ValueError("eos_ids is empty: early stop needs the end-of-text ids")
+    steps_per_block = steps // num_blocks if scheduled else 0
+
+    b, p = prompt.shape
+    total = p + gen_length
+    device = prompt.device
+    x = torch.cat([prompt, prompt.new_full((b, gen_length), mask_id)], dim=1)  # (B, T)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, gen_length)], dim=1)
+    unmask_step = torch.full((b, gen_length), -1, dtype=torch.long, device=device)  # (B, L)
+    step_id = torch.zeros(b, dtype=torch.long, device=device)  # (B,) the row's next step index
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # (B,) ended by an all-EOS block
+    eos = torch.tensor(eos_ids, device=device)
+    stats = RolloutStats(rows=b)
+    kv_cache = KVCache()
+    if scheduled:  # a fresh block is all masks in every row: one schedule for the batch
+        k = num_transfer_tokens(torch.ones(1, block_length, dtype=torch.bool, device=device), steps_per_block)[0]
+
+    for blk in range(num_blocks):
+        start, end = p + blk * block_length, p + (blk + 1) * block_length
+        rows = (~done).nonzero().squeeze(1)  # (R,) rows still decoding
+        i = 0
+        while rows.numel():
+            xa = x[rows]  # (R, T)
+            am = None if attention_mask is None else attention_mask[rows]
+            if i == 0:  # refresh: a full forward of the active rows rebuilds the cache
+                kv_cache.clear()
+                fwd = (0, total)
+            else:
+                fwd = (start, total if cache == "prefix" else end)
+            logits = block_logits(model, xa, am, kv_cache, start=fwd[0], end=fwd[1], block=(start, end))
+            current = xa[:, start:end]  # (R, l)
+            mask_index = current == mask_id  # (R, l)
+            x0, confidence, prob = predict_masked(logits, mask_index, mask_id=mask_id, temperature=temperature,
+                                                  remasking=remasking, generator=generator)
+            if scheduled:
+                transfer = commit_scheduled(confidence, k[i].expand(rows.numel()))
+            elif threshold is not None:
+                transfer = commit_threshold(confidence, prob, threshold)
+            else:
+                transfer = commit_factor(confidence, prob, factor)
+            x[rows, start:end] = torch.where(transfer, x0, current)
+            step_here = (blk * steps_per_block + i) if scheduled else step_id[rows]
+            unmask_step[rows, start - p:end - p] = torch.where(
+                transfer, torch.as_tensor(step_here, device=device).reshape(-1, 1), unmask_step[rows, start - p:end - p])
+            stats.forwards += 1
+            stats.row_steps += rows.numel()
+            stats.committed += int(transfer.sum())
+            stats.confidence_sum += float(prob[transfer].sum())
+            stats.confidence_count += int(transfer.sum())
+            step_id[rows] += 1
+            i += 1
+            # Rows with nothing left to commit in this block leave the compute until the next refresh.
+            still = (x[rows, start:end] == mask_id).any(dim=1)  # (R,)
+            if not bool(still.all()):
+                rows = rows[still]
+                kv_cache.keep_rows(still)
+        # End-of-text early stop: a row whose just-finished block is all EOS ends here.
+        ended = ~done & torch.isin(x[:, start:end], eos).all(dim=1)  # (B,)
+        if bool(ended.any()) and end < total:
+            x[ended, end:] = eos_ids[0]
+            unmask_step[ended, end - p:] = (step_id[ended] - 1)[:, None]
+        done |= ended
+    kv_cache.clear()
+    stats.eos_position_sum = int(eos_positions(x[:, p:], eos_ids).sum())
+    return Sample(tokens=x, unmask_step=unmask_step), stats
