@@ -31,8 +31,8 @@ from dlrl.tasks.answer_format import answer_region
 from dlrl.tasks.math_task import last_boxed, load_rows, to_examples
 
 ENGINES = ("reference", "cached")
-"""'reference': rollout.sampler (LLaDA's loop, one full forward per step). 'cached': a KV-cached
-engine; accepted in protocol files, runs only where the build provides it."""
+"""'reference': rollout.sampler (LLaDA's loop, one full forward per step). 'cached':
+rollout.cached_engine (block KV cache, optional parallel decoding by threshold or factor)."""
 
 
 class ProtocolError(ValueError):
@@ -45,6 +45,12 @@ class _Section(BaseModel):
 
 class Decoding(_Section):
     engine: Literal["reference", "cached"] = "reference"
+    cache: Literal["prefix", "dual"] = "dual"
+    """engine = "cached" only: which KV cache (rollout/README.md)."""
+    threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    """engine = "cached" only: commit every masked position whose probability exceeds it."""
+    factor: float | None = Field(None, gt=0.0, le=64.0)
+    """engine = "cached" only: Fast-dLLM's factor rule for parallel commits."""
     gen_length: int = Field(ge=1, le=8192)
     """Response tokens (all masked at the start)."""
     block_length: int = Field(ge=1, le=8192)
@@ -63,6 +69,10 @@ class Decoding(_Section):
         blocks = self.gen_length // self.block_length
         if self.steps % blocks:
             raise ValueError(f"steps {self.steps} is not a multiple of the number of blocks {blocks}")
+        if self.engine == "reference" and (self.threshold is not None or self.factor is not None):
+            raise ValueError("threshold / factor (parallel decoding) need engine = 'cached'")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("set threshold or factor, not both")
         return self
 
 

@@ -83,12 +83,6 @@ def _with_template(task: Task, template: str) -> Task:
     return dataclasses.replace(task, make_prompt=lambda ex, style: template.replace("{prompt}", inner(ex, style)))
 
 
-def _sampler(engine: str):
-    if engine == "reference":
-        return sample_completions
-    raise ProtocolError(f"decoding.engine: {engine!r} is not available in this build (have: 'reference')")
-
-
 def dlrl_commit() -> str:
     """The repository's commit ("-dirty" with uncommitted changes), or "unknown" outside git."""
     try:
@@ -149,10 +143,13 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
     task = _with_template(task, protocol.prompt.template)
     examples = examples if examples is not None else load_examples(protocol, task, limit)
     dec, smp = protocol.decoding, protocol.sampling
-    sample = _sampler(dec.engine)
     ids = special_ids(model, tokenizer)
-    params = SamplingParams(dec.gen_length, dec.block_length, dec.steps, dec.temperature, dec.remasking,
-                            dec.cfg_scale, batch_size=smp.batch_size * smp.n_samples)
+    try:
+        params = SamplingParams(dec.gen_length, dec.block_length, dec.steps, dec.temperature, dec.remasking,
+                                dec.cfg_scale, batch_size=smp.batch_size * smp.n_samples, engine=dec.engine,
+                                cache=dec.cache, threshold=dec.threshold, factor=dec.factor)
+    except ValueError as e:
+        raise ProtocolError(f"decoding: {e}") from None
     data_file = protocol.data_path()
     data = {"format": protocol.data.format, "path": protocol.data.path,
             "sha256": file_sha256(data_file) if data_file else None,
@@ -170,7 +167,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
         chunk = examples[b * smp.batch_size:(b + 1) * smp.batch_size]
         prompts = [encode_prompt(tokenizer, task, ex, protocol.prompt.style) for ex in chunk for _ in range(smp.n_samples)]
         gen = torch.Generator(device=device).manual_seed(_batch_seed(smp.seed, b))
-        completions, _ = sample(model, prompts, ids, params, gen)
+        completions, _, _ = sample_completions(model, prompts, ids, params, gen)
         batch = []
         for j, ex in enumerate(chunk):
             texts = [decode_completion(tokenizer, c, ids) for c in completions[j * smp.n_samples:(j + 1) * smp.n_samples]]

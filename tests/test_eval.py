@@ -82,6 +82,8 @@ GOOD = (EVAL / "tiny-sudoku.toml").read_text()
     (("n_samples = 1", "n_samples = 4"), "n_samples > 1 with greedy decoding"),
     (('extraction = "task"', 'extraction = "regex"'), "answer.extraction"),
     (('format = "task"', 'format = "math"'), "needs a path"),
+    (('remasking = "low_confidence"', 'remasking = "low_confidence"\nthreshold = 0.9'), "need engine = 'cached'"),
+    (('engine = "reference"', 'engine = "cached"\nthreshold = 1.5'), "decoding.threshold"),
 ])
 def test_bad_protocol_names_the_field(tmp_path, edit, field):
     old, new = edit
@@ -250,6 +252,30 @@ def test_resume_after_an_interrupted_run_gives_the_same_summary(tmp_path, monkey
     other = EvalProtocol.from_toml(EVAL / "tiny-sudoku.toml")
     with pytest.raises(ResumeMismatch, match="protocol_sha256"):
         evaluate_checkpoint(TINY, "sudoku", other, out_dir=tmp_path / "cut", limit=6)
+
+
+def test_a_protocol_naming_the_cached_engine_decodes_with_it(tmp_path, monkeypatch):
+    """engine = "cached" with a confidence threshold reaches rollout.cached_engine: fewer model
+    forwards than the reference's one per token, and a held-out reward close to the reference's
+    on the same puzzles (issue 11's bench measures the gap on all 96)."""
+    cached = GOOD.replace('engine = "reference"', 'engine = "cached"\nthreshold = 0.9')
+    p_ref = EvalProtocol.from_toml(EVAL / "tiny-sudoku.toml")
+    p_cached = EvalProtocol.from_toml(write_protocol(tmp_path, "cached", cached))
+    assert p_cached.sha256 != p_ref.sha256
+    calls = []
+    real = evaluation.sample_completions
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        calls.append(out[2])
+        return out
+
+    monkeypatch.setattr(evaluation, "sample_completions", counting)
+    ref = evaluate_checkpoint(TINY, "sudoku", p_ref, out_dir=tmp_path / "ref", limit=16)
+    got = evaluate_checkpoint(TINY, "sudoku", p_cached, out_dir=tmp_path / "cached", limit=16)
+    assert calls[0].metrics()["rollout_tokens_per_step"] == 1.0
+    assert calls[1].metrics()["rollout_tokens_per_step"] > 1.5
+    assert abs(got["mean_reward"] - ref["mean_reward"]) < 0.1
 
 
 def test_best_checkpoint_of_a_run_ties_to_the_earliest(tmp_path):
