@@ -26,6 +26,7 @@ from dlrl.config import JobSpec
 from dlrl.diffusion import mix_seed
 from dlrl.models import load_model, special_ids
 from dlrl.queue import open_queue
+from dlrl.queue.group_ids import group_id
 from dlrl.runtime import pick_device, set_threads
 from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
@@ -34,6 +35,10 @@ from rollout.completion import (
     SamplingParams, decode_completion, encode_prompt, evaluate, sample_completions, score,
 )
 
+
+PUT_TIMEOUT_S = 1800.0
+"""Longest a worker waits for queue capacity for one group (then QueueFull fails the batch, and
+the driver fails the run with it: back-pressure that long means the learner is not consuming)."""
 
 EVAL_SEED = 1234
 """Seed of the held-out evaluation set; the tiny checkpoint's SFT curve uses the same set."""
@@ -63,7 +68,7 @@ class RolloutWorker:
                                      r.remasking, r.cfg_scale, r.batch_size)
         self._orders: dict[int, list[int]] = {}
         self.reward_errors: list[str] = []
-        self._was_restarted: bool | None = None
+        self._restart_reported = False
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -114,7 +119,7 @@ class RolloutWorker:
             t1 = time.perf_counter()
             rewards = [score(self.task, text, ex, self.reward_errors) for text in texts]
             groups.append(TrajectoryGroup(
-                group_id=f"{self.run_id}/b{batch}-w{self.index}-{k}",
+                group_id=group_id(self.run_id, batch, self.index, k),
                 task=self.task.name,
                 prompt_id=ex.id,
                 prompt_ids=np.asarray(prompt),
@@ -156,7 +161,7 @@ class RolloutWorker:
         groups = self.rollout(n_groups, batch)
         seconds = time.perf_counter() - t0
         for group in groups:
-            self.queue.put(group)
+            self.queue.put(group, timeout=PUT_TIMEOUT_S)
         return {
             "rollout_seconds": seconds,
             "rollout_tokens": sum(gr.completion_ids.size for gr in groups),
@@ -166,12 +171,15 @@ class RolloutWorker:
         }
 
     def _restarted(self) -> bool:
-        """Whether Ray restarted this actor after a crash (asked once; Ray warns on every call)."""
-        if self._was_restarted is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._was_restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        return self._was_restarted
+        """True in the first rollout call after Ray restarted this actor after a crash, so the
+        driver's per-step `worker_restarts` counts each restart once (a restarted actor is a fresh
+        process: this flag starts False again)."""
+        if self._restart_reported:
+            return False
+        self._restart_reported = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray warns on every call of this property
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def evaluate(self, n: int, steps: int | None = None, seed: int = EVAL_SEED,
                  handle: WeightHandle | None = None) -> dict[str, float]:
