@@ -134,8 +134,14 @@ class RolloutWorker:
 
     def sync_weights(self, handle: WeightHandle | None) -> dict[str, float]:
         """Take the published version `handle` names from the object store, unless this worker holds
-        it already (it came by broadcast, or this is a second call for the same batch)."""
-        if handle is None:
+        it already (it came by broadcast, or this is a second call for the same batch) or a newer one.
+
+        Newer: Ray may run a call it retries after a restart behind calls sent later (the worker
+        died after its batch's puts landed, before the reply; the driver moved on). The redone
+        batch is then made by the newer weights held, and stamped with them: it is only less
+        stale, and its group ids make it a duplicate that the learner drops if the first try
+        landed (dlrl.weights.update.check_version never moves a receiver back in policy time)."""
+        if handle is None or (handle.generation, handle.version) < (self.receiver.generation, self.version):
             return {"weight_sync_seconds": 0.0, "weight_sync_bytes": 0.0}
         return self.receiver.receive(handle).metrics()
 

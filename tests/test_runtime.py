@@ -244,3 +244,26 @@ def test_killed_run_resumes_bit_identical(ray_cluster, redis_server, tmp_path, u
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
     ref = weights(uninterrupted)
     assert all(torch.equal(v, ref[k]) for k, v in weights(spec).items())
+
+
+def test_sigterm_stops_the_run_with_143_and_leaves_no_queue(ray_cluster, redis_server, tmp_path):
+    """`ray job stop` / `docker stop`: the driver exits 128 + SIGTERM after removing its actors
+    and its queue (a stopped run leaves no Redis key behind)."""
+    import redis
+
+    spec = tiny_spec(tmp_path, "stopped", ray_address=ray_cluster.address)
+    spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"})})
+    env = {**os.environ, "DLRL_REDIS_URL": redis_server.url, "DLRL_SPEC": spec.model_dump_json()}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "train", "--spec-env", "DLRL_SPEC"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_step(spec, 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    r = redis.Redis.from_url(redis_server.url)
+    assert list(r.scan_iter(match="dlrl:{stopped}:*")) == []
+    r.close()
