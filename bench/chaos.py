@@ -16,7 +16,7 @@ tests/test_chaos.py runs `run_with_faults` on a smaller job in CI.
 
 Redis runs with `appendfsync always` here: a SIGKILLed redis-server with `everysec` may lose the
 last second of acknowledged puts, and a lost group cannot be trained; the learner then fails its
-step after its queue wait with the missing batch named (dlrl.learner.train), rather than finish.
+step after its queue wait with the missing batch named (learner/train.py), rather than finish.
 """
 
 from __future__ import annotations
@@ -78,10 +78,6 @@ def actor_pid(head: RayHead, name: str) -> int:
         time.sleep(0.5)
 
 
-def last_step(path: Path) -> int:
-    return max((r["step"] for r in read_metrics(path) if r.get("kind") == "train"), default=-1)
-
-
 def kill(fault: Fault, run_id: str, head: RayHead, redis: RedisProcess, redis_down_s: float) -> int:
     """SIGKILL the fault's process by pid (redis-server: then start it again on its AOF)."""
     if fault.target == "redis":
@@ -116,30 +112,30 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
     t0 = time.monotonic()
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    injected = []
-    for fault in sorted(faults, key=lambda f: f.step):
-        while last_step(metrics) < fault.step:
-            if not thread.is_alive():
-                raise RuntimeError(f"the run ended before the fault at step {fault.step}: {out.get('error')}")
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"no step {fault.step} within {timeout_s:.0f}s")
-            time.sleep(0.1)
-        reached = last_step(metrics)
-        seen = {json.dumps(r, sort_keys=True) for r in read_metrics(metrics) if r.get("kind") == "train"}
-        t_kill = time.monotonic()
-        pid = kill(fault, spec.name, head, redis, redis_down_s)
-        injected.append({"step": fault.step, "target": fault.target, "pid": pid, "reached": reached,
-                         "t_kill": t_kill, "seen": seen})
-    # Recovery: the first new train record after the kill, and the run back past `reached`.
-    while thread.is_alive() and time.monotonic() - t0 < timeout_s:
-        now = time.monotonic()
+    injected: list[dict] = []
+    todo = sorted(faults, key=lambda f: f.step)
+    while thread.is_alive():
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
         records = [r for r in read_metrics(metrics) if r.get("kind") == "train"]
+        now = time.monotonic()
+        # Recovery: the first new train record after the kill, and the run back past `reached`.
         for f in injected:
             if "first_step_s" not in f and any(json.dumps(r, sort_keys=True) not in f["seen"] for r in records):
                 f["first_step_s"] = round(now - f["t_kill"], 2)
             if "caught_up_s" not in f and any(r["step"] > f["reached"] for r in records):
                 f["caught_up_s"] = round(now - f["t_kill"], 2)
-        time.sleep(0.2)
+        reached = max((r["step"] for r in records), default=-1)
+        if todo and reached >= todo[0].step:
+            fault = todo.pop(0)
+            seen = {json.dumps(r, sort_keys=True) for r in records}
+            t_kill = time.monotonic()
+            pid = kill(fault, spec.name, head, redis, redis_down_s)
+            injected.append({"step": fault.step, "target": fault.target, "pid": pid, "reached": reached,
+                             "t_kill": t_kill, "seen": seen})
+        time.sleep(0.1)
+    if todo:
+        raise RuntimeError(f"the run ended before the faults {todo}: {out.get('error')}")
     thread.join(max(0.0, timeout_s - (time.monotonic() - t0)))
     if thread.is_alive():
         raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
