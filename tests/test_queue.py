@@ -417,3 +417,12 @@ def test_queue_delete_refuses_a_bad_run_id(redis_server):
     out = subprocess.run([sys.executable, "-m", "services.cli", "queue", "delete", "a}b:*",
                           "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 1 and "must match" in out.stderr
+
+
+def test_group_ids_name_their_rollout_batch():
+    from dlrl.queue.group_ids import batch_of, group_id
+
+    assert group_id("j-1/x", 12, 1, 3) == "j-1/x/b12-w1-3" and batch_of("j-1/x/b12-w1-3") == 12
+    for bad in ["run/b-w0-1", "run/b3-w0", "b3-w0-1", "run/b3-w0-1/extra"]:
+        with pytest.raises(ValueError, match="is not"):
+            batch_of(bad)
