@@ -200,6 +200,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}, CPU only",
         "date": dt.date.today().isoformat(),
         "commit": commit,
+        "redis_appendfsync": "always",
         **report,
         "every_step_logged_once": report["steps_logged"] == list(range(args.steps)),
         "every_group_trained_once": (report["trained_groups"] == report["distinct_trained_groups"]
