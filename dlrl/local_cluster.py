@@ -65,9 +65,12 @@ class RedisProcess:
 
     `restart()` stops the server (SIGTERM: it flushes the AOF) and starts it again on the same port
     and data directory, which is how the queue suite checks that no entry is lost across a restart.
+    `appendfsync` "always" makes every acknowledged write survive a SIGKILL of the server too
+    ("everysec", Redis's default, may lose the last second of them).
     """
 
     password: str = "dlrl-test-password"
+    appendfsync: str = "everysec"
     port: int = field(default_factory=free_port)
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dlrl-redis-")))
     proc: subprocess.Popen | None = None
@@ -81,7 +84,7 @@ class RedisProcess:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         return [exe, "--bind", LOOPBACK, "--port", str(self.port), "--requirepass", self.password,
-                "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir),
+                "--appendonly", "yes", "--appendfsync", self.appendfsync, "--dir", str(self.data_dir),
                 "--save", "", "--protected-mode", "yes"]
 
     def start(self) -> "RedisProcess":

@@ -26,6 +26,7 @@ from dlrl.config import JobSpec
 from dlrl.diffusion import mix_seed
 from dlrl.models import load_model, special_ids
 from dlrl.queue import open_queue
+from dlrl.queue.group_ids import group_id
 from dlrl.runtime import pick_device, set_threads
 from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
@@ -35,6 +36,10 @@ from rollout.completion import (
 )
 from rollout.rollout_stats import RolloutStats
 
+
+PUT_TIMEOUT_S = 1800.0
+"""Longest a worker waits for queue capacity for one group (then QueueFull fails the batch, and
+the driver fails the run with it: back-pressure that long means the learner is not consuming)."""
 
 EVAL_SEED = 1234
 """Seed of the held-out evaluation set; the tiny checkpoint's SFT curve uses the same set."""
@@ -63,7 +68,7 @@ class RolloutWorker:
         self.sampler_stats = RolloutStats()  # of the last rollout batch (tokens/step, confidence, EOS)
         self._orders: dict[int, list[int]] = {}
         self.reward_errors: list[str] = []
-        self._was_restarted: bool | None = None
+        self._restart_reported = False
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -114,7 +119,7 @@ class RolloutWorker:
             t1 = time.perf_counter()
             rewards = [score(self.task, text, ex, self.reward_errors) for text in texts]
             groups.append(TrajectoryGroup(
-                group_id=f"{self.run_id}/b{batch}-w{self.index}-{k}",
+                group_id=group_id(self.run_id, batch, self.index, k),
                 task=self.task.name,
                 prompt_id=ex.id,
                 prompt_ids=np.asarray(prompt),
@@ -129,8 +134,14 @@ class RolloutWorker:
 
     def sync_weights(self, handle: WeightHandle | None) -> dict[str, float]:
         """Take the published version `handle` names from the object store, unless this worker holds
-        it already (it came by broadcast, or this is a second call for the same batch)."""
-        if handle is None:
+        it already (it came by broadcast, or this is a second call for the same batch) or a newer one.
+
+        Newer: Ray may run a call it retries after a restart behind calls sent later (the worker
+        died after its batch's puts landed, before the reply; the driver moved on). The redone
+        batch is then made by the newer weights held, and stamped with them: it is only less
+        stale, and its group ids make it a duplicate that the learner drops if the first try
+        landed (dlrl.weights.update.check_version never moves a receiver back in policy time)."""
+        if handle is None or (handle.generation, handle.version) < (self.receiver.generation, self.version):
             return {"weight_sync_seconds": 0.0, "weight_sync_bytes": 0.0}
         return self.receiver.receive(handle).metrics()
 
@@ -156,7 +167,7 @@ class RolloutWorker:
         groups = self.rollout(n_groups, batch)
         seconds = time.perf_counter() - t0
         for group in groups:
-            self.queue.put(group)
+            self.queue.put(group, timeout=PUT_TIMEOUT_S)
         return {
             "rollout_seconds": seconds,
             "rollout_tokens": sum(gr.completion_ids.size for gr in groups),
@@ -167,12 +178,15 @@ class RolloutWorker:
         }
 
     def _restarted(self) -> bool:
-        """Whether Ray restarted this actor after a crash (asked once; Ray warns on every call)."""
-        if self._was_restarted is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._was_restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        return self._was_restarted
+        """True in the first rollout call after Ray restarted this actor after a crash, so the
+        driver's per-step `worker_restarts` counts each restart once (a restarted actor is a fresh
+        process: this flag starts False again)."""
+        if self._restart_reported:
+            return False
+        self._restart_reported = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray warns on every call of this property
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def evaluate(self, n: int, steps: int | None = None, seed: int = EVAL_SEED,
                  handle: WeightHandle | None = None) -> dict[str, float]:

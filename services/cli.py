@@ -164,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="float32")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own model code")
+
+    queue = sub.add_parser("queue", help="a run's trajectory queue")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    delete = queue_sub.add_parser("delete", help="delete a run's queue state (stream, dead letters, put "
+                                                 "tokens, consumers): what a SIGKILLed driver left behind")
+    delete.add_argument("run_id", help="the run's id (its spec name, or the API's job id)")
+    delete.add_argument("--backend", choices=["redis", "ray"], default="redis")
+    delete.add_argument("--redis-url", default=None, help="default: $DLRL_REDIS_URL")
+    delete.add_argument("--ray-address", default=None, help="the Ray cluster holding a 'ray' queue "
+                                                            "(default: $RAY_ADDRESS)")
     return parser
 
 
@@ -173,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "queue":
+        return _queue_delete(args)
     if args.command in ("train", "validate", "submit", "plan"):
         spec = _read_spec(args)
         if isinstance(spec, int):
@@ -268,6 +280,27 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
     except ResumeError as exc:
         print(f"dlrl: cannot resume: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _queue_delete(args: argparse.Namespace) -> int:
+    """`dlrl queue delete RUN`: remove every key (or the actor) of the run's queue."""
+    from dlrl.queue import QueueError, open_queue
+
+    spec = JobSpec.model_validate({"queue": {"backend": args.backend, "redis_url": args.redis_url}})
+    try:
+        if args.backend == "ray":
+            import ray
+
+            ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR",
+                     log_to_driver=False)
+        queue = open_queue(spec, args.run_id, consumer="dlrl-cli")
+        queue.delete()
+        queue.close()
+    except (QueueError, ConnectionError) as exc:
+        print(f"dlrl: cannot delete the queue of {args.run_id!r}: {exc}", file=sys.stderr)
+        return 1
+    print(f"dlrl: deleted the {args.backend} queue of run {args.run_id!r}")
     return 0
 
 

@@ -380,3 +380,49 @@ def test_redis_replayed_put_adds_nothing(redis_server):
 def test_redis_capacity_must_stay_below_maxlen(redis_server):
     with pytest.raises(QueueError, match="below queue.maxlen"):
         open_queue(spec_for("redis", redis_server.url, capacity=50, maxlen=50), "x")
+
+
+def test_redis_run_leaves_no_keys_or_consumers_behind(redis_server):
+    """Put tokens go once their put returned; a dead consumer's name goes with the reclaim that
+    took its entries; delete removes every key of the job, a token left by a dead client too."""
+    import redis
+
+    h = Harness("redis", redis_server.url, None)
+    producer, learner = h.open("worker"), h.open("learner-1")
+    for i in range(3):
+        producer.put(group(f"g{i}"))
+    assert producer.keys() == [producer.stream]  # no put token outlives its put
+    h.consume_in_process_that_dies("learner-0", 2)
+    back = learner.reclaim(min_idle_s=0.0)
+    assert ids(back) == ["g0", "g1"]
+    r = redis.Redis.from_url(redis_server.url)
+    consumers = [c["name"].decode() for c in r.xinfo_consumers(producer.stream, "learner")]
+    assert "learner-0" not in consumers and "learner-1" in consumers
+    r.set(f"dlrl:{{{h.job}}}:put:left-by-a-dead-worker", b"1-0", ex=3600)
+    learner.put(group("bad"))  # and a dead letter
+    h.inject({b"junk": b"1"})
+    learner.get(5, timeout=0.5)
+    assert len(learner.keys()) == 3  # stream, dead letters, the orphan token
+    out = subprocess.run([sys.executable, "-m", "services.cli", "queue", "delete", h.job,
+                          "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert redis_server.password not in out.stdout + out.stderr
+    assert list(r.scan_iter(match=f"dlrl:{{{h.job}}}:*")) == []
+    r.close()
+    for q in h.opened:
+        q.close()
+
+
+def test_queue_delete_refuses_a_bad_run_id(redis_server):
+    out = subprocess.run([sys.executable, "-m", "services.cli", "queue", "delete", "a}b:*",
+                          "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "must match" in out.stderr
+
+
+def test_group_ids_name_their_rollout_batch():
+    from dlrl.queue.group_ids import batch_of, group_id
+
+    assert group_id("j-1/x", 12, 1, 3) == "j-1/x/b12-w1-3" and batch_of("j-1/x/b12-w1-3") == 12
+    for bad in ["run/b-w0-1", "run/b3-w0", "b3-w0-1", "run/b3-w0-1/extra"]:
+        with pytest.raises(ValueError, match="is not"):
+            batch_of(bad)

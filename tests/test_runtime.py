@@ -90,6 +90,21 @@ def finish(thread: threading.Thread, out: dict) -> dict:
     return out["summary"]
 
 
+def actor_pid(head, name: str, not_pid: int | None = None) -> int:
+    """The pid of the live process of actor `name` (the state API of Ray head `head`), other than
+    `not_pid`."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 60
+    while True:
+        rows = list_actors(address=head.dashboard_url, filters=[("name", "=", name), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+        pids = [row.pid for row in rows if row.pid and row.pid != not_pid]
+        if pids:
+            return pids[0]
+        assert time.monotonic() < deadline, f"no live process for actor {name}"
+        time.sleep(0.5)
+
+
 def actor(name: str):
     deadline = time.monotonic() + 30
     while True:
@@ -182,7 +197,8 @@ def test_killed_learner_is_rebuilt_from_its_checkpoint(ray_cluster, redis_server
     spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"})})
     thread, out = run_in_thread(spec)
     wait_for_step(spec, 2, thread)  # steps 0-2 done; the checkpoint holds steps 0-1
-    ray.kill(actor("dlrl:ref:learner"), no_restart=True)
+    # As the OS kills it (OOM killer, kill -9), not through Ray: the dead actor's name stays taken.
+    os.kill(actor_pid(ray_cluster, "dlrl:ref:learner"), signal.SIGKILL)
     finish(thread, out)
     ids = trained_groups(spec)
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
@@ -191,6 +207,19 @@ def test_killed_learner_is_rebuilt_from_its_checkpoint(ray_cluster, redis_server
     # Synchronous and seeded: the rewound run ends where the uninterrupted one did.
     ref = weights(uninterrupted)
     assert all(torch.equal(v, ref[k]) for k, v in weights(spec).items())
+
+
+def test_rollout_worker_that_cannot_start_fails_the_run_with_its_error(ray_cluster, tmp_path):
+    """Worker 1 gets no training prompt (train_size 1, 2 workers): its constructor raises. The run
+    must fail with that error, promptly, instead of the learner waiting for groups for ever."""
+    spec = tiny_spec(tmp_path, "nostart", ray_address=ray_cluster.address)
+    spec = spec.model_copy(update={"task": spec.task.model_copy(update={"train_size": 1})})
+    t0 = time.monotonic()
+    thread, out = run_in_thread(spec)
+    thread.join(120)
+    assert not thread.is_alive(), "the run still waits 120 s after its worker failed to start"
+    assert "no training prompts" in str(out.get("error")), out
+    assert time.monotonic() - t0 < 120
 
 
 def test_killed_run_resumes_bit_identical(ray_cluster, redis_server, tmp_path, uninterrupted):
@@ -215,3 +244,26 @@ def test_killed_run_resumes_bit_identical(ray_cluster, redis_server, tmp_path, u
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
     ref = weights(uninterrupted)
     assert all(torch.equal(v, ref[k]) for k, v in weights(spec).items())
+
+
+def test_sigterm_stops_the_run_with_143_and_leaves_no_queue(ray_cluster, redis_server, tmp_path):
+    """`ray job stop` / `docker stop`: the driver exits 128 + SIGTERM after removing its actors
+    and its queue (a stopped run leaves no Redis key behind)."""
+    import redis
+
+    spec = tiny_spec(tmp_path, "stopped", ray_address=ray_cluster.address)
+    spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"})})
+    env = {**os.environ, "DLRL_REDIS_URL": redis_server.url, "DLRL_SPEC": spec.model_dump_json()}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "train", "--spec-env", "DLRL_SPEC"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_step(spec, 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    r = redis.Redis.from_url(redis_server.url)
+    assert list(r.scan_iter(match="dlrl:{stopped}:*")) == []
+    r.close()

@@ -114,9 +114,16 @@ class TrajectoryQueue(Protocol):
 
 
 def default_capacity(spec: JobSpec) -> int:
-    """`queue.capacity`, else (max_staleness + 2 + checkpoint_every) x prompts_per_step: room for
-    the batch being trained, the one being generated, `max_staleness` more, and the batches of the
-    steps since the last checkpoint (the learner acknowledges them only once they are in one)."""
+    """`queue.capacity`, else (max_staleness + 2 + checkpoint_every) x prompts_per_step.
+
+    What can be unacknowledged at once, in rollout batches: the steps since the last checkpoint
+    (acknowledged only once they are in one: < checkpoint_every), the batch being trained and the
+    `max_staleness` dispatched ahead of it (the learner holds early arrivals, unacknowledged, until
+    their step), and one batch of slack for the shares a restarted worker redoes. That is also
+    everything a learner rebuilt from the checkpoint re-reads, so the abandoned timeline's rollout
+    calls always finish without it. Duplicates and entries of an abandoned timeline are
+    acknowledged the moment the learner reads them, so they never hold capacity for long.
+    """
     if spec.queue.capacity is not None:
         return spec.queue.capacity
     r = spec.runtime

@@ -4,7 +4,8 @@ Keys of job J (the braces are a Redis Cluster hash tag: one job's keys share a s
 put script needs):
   dlrl:{J}:trajectories  the stream; one entry per group (envelope.pack), XADD MAXLEN ~ maxlen
   dlrl:{J}:dead          dead letters: reason, entry_id, size, time, consumer, payload (bounded)
-  dlrl:{J}:put:<token>   a put's idempotency token (expires after an hour)
+  dlrl:{J}:put:<token>   a put's idempotency token, deleted once the put returned (and expiring
+                         after an hour if the client died before it could delete it)
 Consumer group `learner` on the stream, created from id 0 by whichever client opens the queue
 first (so groups put before the learner starts are not skipped); one consumer name per process.
 
@@ -16,6 +17,10 @@ reply lost to a dropped connection -- are re-read by the next get, before new en
 
 depth = XINFO GROUPS `lag` (entries not yet delivered) + `pending` (delivered, not acked): the
 server's own numbers, so they cannot drift the way client-side counters would after a crash.
+
+Hygiene: `reclaim` also removes the consumers it took everything from (a dead learner process
+leaves its consumer name in the group), and `delete` removes every key of the job: the stream
+(with its consumer group and consumers), the dead letters and any put token left behind.
 
 Reconnects: every command is retried on connection errors and timeouts with exponential back-off
 for up to `reconnect_timeout_s` (a restarting Redis is down for a second or two, then loads its
@@ -161,6 +166,10 @@ class RedisStreamQueue:
             keys=[self.stream, token],
             args=[self.maxlen, fields[envelope.VERSION], fields[envelope.DATA], TOKEN_TTL_S]))
         self.counts["puts"] += 1
+        try:  # the token only guards this call's retries; an expired one would do no harm
+            self.r.delete(token)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass
         return _text(entry_id)
 
     # -- consumer side ----------------------------------------------------------------------------
@@ -217,7 +226,17 @@ class RedisStreamQueue:
                       if _text(p["consumer"]) != self.consumer][:count - len(out)]
             out += self._claim(theirs, min_idle_ms=min_idle_ms)
             start = "(" + _text(page[-1]["message_id"])
+        self._forget_empty_consumers(min_idle_ms)
         return out
+
+    def _forget_empty_consumers(self, min_idle_ms: int) -> None:
+        """XGROUP DELCONSUMER every other consumer with nothing pending and idle >= min_idle_ms
+        (its entries were just taken over: it is a dead process's name). A live consumer that is
+        merely idle loses nothing: XREADGROUP recreates it on its next read."""
+        for c in self._call(lambda: self.r.xinfo_consumers(self.stream, GROUP)):
+            name = _text(c["name"])
+            if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) >= min_idle_ms:
+                self._call(lambda: self.r.xgroup_delconsumer(self.stream, GROUP, name))
 
     def _claim(self, todo: list[tuple[str, int]], min_idle_ms: int) -> list[Delivery]:
         """XCLAIM entries for this consumer (each only if still idle >= min_idle_ms, so a racing
@@ -317,8 +336,17 @@ class RedisStreamQueue:
         self._held.clear()
 
     def delete(self) -> None:
-        self._call(lambda: self.r.delete(self.stream, self.dead))
+        def drop() -> None:
+            tokens = list(self.r.scan_iter(match=f"dlrl:{{{self.job_id}}}:put:*", count=1000))
+            self.r.delete(self.stream, self.dead, *tokens)
+
+        self._call(drop)
         self._held.clear()
+
+    def keys(self) -> list[str]:
+        """Every Redis key of this job (what `delete` removes)."""
+        found = self._call(lambda: list(self.r.scan_iter(match=f"dlrl:{{{self.job_id}}}:*", count=1000)))
+        return sorted(_text(k) for k in found)
 
     def close(self) -> None:
         self.r.close()
