@@ -10,7 +10,6 @@ idempotency and metric mirroring are checked against Redis directly.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal

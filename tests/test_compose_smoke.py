@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 import dlrl  # noqa: F401  (sets RAY_AUTH_MODE before anything imports ray)
 from services.cli import load_spec
