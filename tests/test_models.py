@@ -84,6 +84,16 @@ def test_build_tiny_matches_tokenizer_and_is_seeded():
     assert not torch.equal(model.embed.weight, other.embed.weight)
 
 
+@pytest.mark.parametrize("source", ["built", "shipped"])
+def test_char_tokenizer_gives_one_token_per_character_newlines_included(source):
+    """Runs of newlines (chat prompts, paragraphs) are characters too, not one unknown piece."""
+    tokenizer = build_char_tokenizer() if source == "built" else load_model("builtin:tiny-sudoku")[1]
+    text = "a\n\nb c\n\n\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+
+
 def test_left_padded_batch_equals_each_row_alone(tiny):
     model, tokenizer = tiny
     texts = ["a", "12+7=19", "Sudoku 4x4: 1..2"]

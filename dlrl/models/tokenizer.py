@@ -22,7 +22,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     for ch in CHARACTERS:
         vocab[ch] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIALS["unk"]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Any character, newline included: "." alone skips newlines, so "\n\n" would be one unknown piece.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
