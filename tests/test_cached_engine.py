@@ -272,3 +272,40 @@ def test_spec_reaches_the_engine_and_bad_params_error():
     with pytest.raises(ValueError, match="not a multiple"):
         generate_cached(model_with(1), torch.ones(1, 3, dtype=torch.long) * 5, steps=3, gen_length=8,
                         block_length=4, mask_id=MASK_ID, eos_ids=(EOS_ID,))
+
+
+def native_one_layer(family: str) -> torch.nn.Module:
+    """A one-layer random native LLaDA / Dream (the real-checkpoint code path) that never
+    predicts the mask token."""
+    from dlrl.models.dream import DreamConfig, DreamModel
+    from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
+
+    torch.manual_seed(0)
+    if family == "llada":
+        m = LLaDAModelLM(LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=4, n_layers=1, mlp_hidden_size=48,
+                                     vocab_size=128, embedding_size=128, mask_token_id=MASK_ID,
+                                     pad_token_id=PAD_ID, eos_token_id=EOS_ID))
+    else:
+        m = DreamModel(DreamConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=1, intermediate_size=48, vocab_size=128,
+                                   mask_token_id=MASK_ID, pad_token_id=PAD_ID, bos_token_id=PAD_ID,
+                                   eos_token_id=EOS_ID))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        m.get_output_embeddings().weight[MASK_ID] = 0.0
+    return m.eval()
+
+
+@pytest.mark.parametrize("family", ["llada", "Dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_native_families_cached_equals_reference_with_one_layer(family, cache):
+    """The cached engine drives the native LLaDA / Dream code (KV cache, logits_to_keep, Dream's
+    shift) as it does the built-in model: exact at one layer, so token for token the reference."""
+    m = native_one_layer(family)
+    prompt, attn = ragged([5, 8, 3])
+    want = generate_with_steps(m, prompt, steps=8, gen_length=16, block_length=4, mask_id=MASK_ID,
+                               attention_mask=attn)
+    got, _ = generate_cached(m, prompt, steps=8, gen_length=16, block_length=4, mask_id=MASK_ID,
+                             eos_ids=(EOS_ID,), attention_mask=attn, cache=cache)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.unmask_step, want.unmask_step)
