@@ -237,7 +237,17 @@ class WeightsSpec(Section):
 
 class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the learner and workers run ('auto': CUDA when present)."""
+    """Where the learner and workers run. 'cuda': each asks for its GPUs (learner_gpus,
+    worker_gpus) whatever the cluster shows at start, so an autoscaling cluster scales up.
+    'auto': GPUs only if the cluster has some when the job starts, shared (small machines).
+    See services/placement.py."""
+    learner_gpus: float = Field(1.0, gt=0, le=64)
+    """GPUs the learner asks for with device = 'cuda' (a fraction shares a GPU)."""
+    worker_gpus: float = Field(1.0, gt=0, le=64)
+    """GPUs each rollout worker asks for with device = 'cuda'."""
+    placement_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    """How long the job waits for the cluster to grant its actors' resources (an autoscaler
+    starting nodes included) before it fails with what it asked for."""
     ray_address: str | None = Field(None, max_length=2048)
     """Existing Ray cluster to join (None: start Ray in-process)."""
     num_cpus: int | None = Field(None, ge=1, le=4096)

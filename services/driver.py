@@ -44,12 +44,15 @@ from typing import Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util import remove_placement_group
+from ray.util.placement_group import PlacementGroup
 
 from dlrl.config import JobSpec
 from dlrl.queue import open_queue
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.train import Learner, read_state
 from rollout.worker import RolloutWorker
+from services.placement import Placement, actor_options, plan_placement, reserve
 from services.progress import RunLog, plot_rewards, read_metrics
 from services.telemetry import RunMetrics
 
@@ -96,16 +99,6 @@ def start_ray(spec: JobSpec) -> None:
                  object_store_memory=256 * 1024 * 1024)
 
 
-def _actor_resources(spec: JobSpec) -> dict[str, float]:
-    """Actors share the machine when it is small: a fraction of a CPU (and GPU) each."""
-    n = spec.rollout.num_workers + 1
-    res = {"num_cpus": 1.0 / n}
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if spec.runtime.device != "cpu" and gpus >= 1:
-        res["num_gpus"] = min(1.0, gpus / n)
-    return res
-
-
 def split(total: int, parts: int) -> list[int]:
     """Prompts per worker for one rollout batch (fixed for the run, so batch b is reproducible)."""
     return [total // parts + (i < total % parts) for i in range(parts)]
@@ -114,16 +107,17 @@ def split(total: int, parts: int) -> list[int]:
 class Run:
     """The actors and cursors of one run; `loop` reads top to bottom."""
 
-    def __init__(self, spec: JobSpec, run_dir: Path, log: RunLog, run_id: str) -> None:
+    def __init__(self, spec: JobSpec, run_dir: Path, log: RunLog, run_id: str,
+                 placement: Placement, pg: PlacementGroup) -> None:
         self.spec, self.run_dir, self.log, self.run_id = spec, run_dir, log, run_id
         self.checkpoint = run_dir / "checkpoint"
-        self.res = _actor_resources(spec)
+        self.placement, self.pg = placement, pg
         n = spec.rollout.num_workers
         restarts = spec.runtime.max_restarts
         self.workers = [
             ray.remote(RolloutWorker).options(
                 name=f"dlrl:{run_id}:worker:{i}", namespace=NAMESPACE,
-                max_restarts=restarts, max_task_retries=restarts, **self.res,
+                max_restarts=restarts, max_task_retries=restarts, **actor_options(placement, pg, 1 + i),
             ).remote(spec, i, n, run_id)
             for i in range(n)
         ]
@@ -142,7 +136,7 @@ class Run:
         state = read_state(self.checkpoint)
         resume_from = str(self.checkpoint) if state else None
         self.learner = ray.remote(Learner).options(
-            name=self.learner_name, namespace=NAMESPACE, **self.res,
+            name=self.learner_name, namespace=NAMESPACE, **actor_options(self.placement, self.pg, 0),
         ).remote(self.spec, self.run_id, resume_from)
         if self.spec.weights.sync == "collective" and self.publisher.generation == 0:
             self._form_group()
@@ -410,7 +404,13 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         queue.purge()  # a fresh run must not train on an old run's groups
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record)
-    r = Run(actor_spec, run_dir, log, run_id)
+    placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
+    try:
+        pg = reserve(placement, spec.runtime.placement_timeout_s, name=f"dlrl:{run_id}")
+    except BaseException:
+        close_queue(queue)
+        raise
+    r = Run(actor_spec, run_dir, log, run_id, placement, pg)
     print(f"dlrl: job {spec.name!r}: {spec.train.algorithm} on {spec.task.name}, model {spec.model.path}, "
           f"{spec.rollout.num_workers} rollout worker(s), {spec.queue.backend} queue, "
           f"max_staleness {spec.runtime.max_staleness}, steps {start_step}->{spec.train.steps} -> {run_dir}",
@@ -422,6 +422,7 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         for actor in [*r.workers, r.learner]:
             if actor is not None:
                 ray.kill(actor)
+        remove_placement_group(pg)
         # Finished, failed or stopped: the queue must not outlive the run (see the module docstring).
         dead_letters = close_queue(queue)
     png = plot_rewards(run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")

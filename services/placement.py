@@ -1,0 +1,94 @@
+"""Where a job's actors go: resource requests from the spec, reserved up front in one placement group.
+
+The requests come from the spec, never from what the cluster shows when the job starts: on a
+`ray up` or KubeRay cluster whose GPU workers start at zero (deploy/ray-cluster.yaml) a job that
+sized its requests from the GPUs present would ask for none, the autoscaler would never scale up
+and the actors would land on the CPU head. With `runtime.device = "cuda"` the learner asks for
+`runtime.learner_gpus` and each rollout worker for `runtime.worker_gpus`, whatever is up now.
+
+All of a job's actors go into one placement group (strategy PACK: the learner and workers as close
+together as the cluster allows, as Ray users expect of one job). The reservation is pending demand
+that an autoscaler acts on; if it is not granted within `runtime.placement_timeout_s` the job fails
+with what it asked for and what the cluster has, instead of hanging with actors that never start.
+A learner rebuilt after a crash, or a worker Ray restarts, takes its own bundle again.
+
+`device = "auto"` keeps the small-machine behaviour: GPUs only if the cluster has some at start,
+shared in fractions; `"cpu"`: none. Actors get a fraction of a CPU each on the CPU, so that a
+2-core laptop can hold a learner and two workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.util import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dlrl.config import JobSpec
+
+
+class PlacementError(RuntimeError):
+    """The cluster did not grant the job's resources in time; the message says what was asked."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Per-actor requests: bundle 0 is the learner's, bundles 1..n the rollout workers'."""
+
+    learner: dict[str, float]
+    worker: dict[str, float]
+    num_workers: int
+
+    def bundles(self) -> list[dict[str, float]]:
+        return [_bundle(self.learner)] + [_bundle(self.worker) for _ in range(self.num_workers)]
+
+    def describe(self) -> str:
+        def one(res: dict[str, float]) -> str:
+            return ", ".join(f"{v:g} {'GPU' if k == 'num_gpus' else 'CPU'}" for k, v in res.items())
+        return f"learner: {one(self.learner)}; {self.num_workers} rollout worker(s): {one(self.worker)} each"
+
+
+def _bundle(res: dict[str, float]) -> dict[str, float]:
+    return {"CPU": res["num_cpus"], **({"GPU": res["num_gpus"]} if res.get("num_gpus") else {})}
+
+
+def plan_placement(spec: JobSpec, cluster_gpus: float) -> Placement:
+    """The job's requests (pure). `cluster_gpus` matters only for device = "auto"."""
+    rt, n = spec.runtime, spec.rollout.num_workers
+    if rt.device == "cuda":
+        learner = {"num_cpus": 1.0, "num_gpus": rt.learner_gpus}
+        worker = {"num_cpus": 1.0, "num_gpus": rt.worker_gpus}
+        return Placement(learner, worker, n)
+    share = {"num_cpus": 1.0 / (n + 1)}
+    if rt.device == "auto" and cluster_gpus >= 1:
+        share["num_gpus"] = min(1.0, cluster_gpus / (n + 1))
+    return Placement(dict(share), dict(share), n)
+
+
+def reserve(placement: Placement, timeout_s: float, name: str = "") -> PlacementGroup:
+    """Reserve every bundle (PACK) or fail with PlacementError after `timeout_s`."""
+    pg = placement_group(placement.bundles(), strategy="PACK", name=name)
+    try:
+        ready = pg.wait(timeout_seconds=timeout_s)
+    except Exception:
+        remove_placement_group(pg)
+        raise
+    if not ready:
+        remove_placement_group(pg)
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        raise PlacementError(
+            f"the cluster did not grant the job's resources within {timeout_s:g} s "
+            f"(runtime.placement_timeout_s): it asked for {placement.describe()} "
+            f"(bundles {placement.bundles()}, strategy PACK); the cluster has {have or 'no CPU/GPU'}. "
+            "Add nodes (or let the autoscaler), lower runtime.learner_gpus / runtime.worker_gpus or "
+            "rollout.num_workers, or set runtime.device = 'cpu'.")
+    return pg
+
+
+def actor_options(placement: Placement, pg: PlacementGroup, index: int) -> dict:
+    """Ray actor options for bundle `index` (0: learner, 1 + i: worker i)."""
+    res = placement.learner if index == 0 else placement.worker
+    return {**res, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=index)}
