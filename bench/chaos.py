@@ -171,6 +171,17 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
     }
 
 
+def summary_line(label: str, report: dict) -> str:
+    """One line of a chaos run's counts and recovery times, for a CI log."""
+    faults = ", ".join(f"{f['target']}@{f['step']} back in {f.get('first_step_s', '?')}s "
+                       f"(caught up {f.get('caught_up_s', '?')}s)" for f in report["faults"])
+    return (f"{label}: {len(report['steps_logged'])}/{report['steps']} steps logged, "
+            f"{report['trained_groups']} groups trained, {report['distinct_trained_groups']} distinct of "
+            f"{report['expected_groups']} expected, {report['duplicates_dropped']} duplicates dropped, "
+            f"{report['stale_dropped']} stale dropped, {report['worker_restarts']} worker restarts, "
+            f"{len(report['queue_keys_left'])} queue keys left, {report['wall_seconds']}s; {faults}")
+
+
 def main() -> None:
     import ray
 
@@ -209,6 +220,7 @@ def main() -> None:
     result["steps_logged"] = len(report["steps_logged"])
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    print(summary_line("chaos", report))
 
 
 if __name__ == "__main__":
