@@ -10,7 +10,7 @@ with the recovery time of every fault (to the first step logged after it, and un
 back past the step it had reached) and the counts.
 
     python bench/chaos.py                    # about 5 min on 2 cores
-    python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner
+    python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner --max-staleness 0 --out /tmp/c.json
 
 tests/test_chaos.py runs `run_with_faults` on a smaller job in CI.
 
@@ -188,6 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--faults", default=DEFAULT_FAULTS, help="step:target,... (targets: worker:<i>, learner, redis)")
+    ap.add_argument("--max-staleness", type=int, default=None, help="override the spec's (1); 0 = synchronous")
     ap.add_argument("--out", default=str(RESULTS / "chaos.json"))
     args = ap.parse_args()
     faults = [Fault.parse(f) for f in args.faults.split(",")]
@@ -199,6 +200,8 @@ def main() -> None:
             base = JobSpec.from_toml(SPEC).model_dump()
             base["train"]["steps"] = args.steps
             base["runtime"].update(ray_address=head.address, out_dir=tmp)
+            if args.max_staleness is not None:
+                base["runtime"]["max_staleness"] = args.max_staleness
             report = run_with_faults(JobSpec.model_validate(base), head, redis, faults)
     finally:
         ray.shutdown()
@@ -212,6 +215,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "commit": commit,
         "redis_appendfsync": "always",
+        "max_staleness": base["runtime"]["max_staleness"],
         **report,
         "every_step_logged_once": report["steps_logged"] == list(range(args.steps)),
         "every_group_trained_once": (report["trained_groups"] == report["distinct_trained_groups"]
