@@ -10,7 +10,8 @@ with the recovery time of every fault (to the first step logged after it, and un
 back past the step it had reached) and the counts.
 
     python bench/chaos.py                    # about 5 min on 2 cores
-    python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner --max-staleness 0 --out /tmp/c.json
+    python bench/chaos.py --max-staleness 0 --out bench/results/chaos-sync.json   # the same, synchronous
+    python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner
 
 tests/test_chaos.py runs `run_with_faults` on a smaller job in CI.
 
