@@ -10,6 +10,7 @@ with the recovery time of every fault (to the first step logged after it, and un
 back past the step it had reached) and the counts.
 
     python bench/chaos.py                    # about 5 min on 2 cores
+    python bench/chaos.py --max-staleness 0 --out bench/results/chaos-sync.json   # the same, synchronous
     python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner
 
 tests/test_chaos.py runs `run_with_faults` on a smaller job in CI.
@@ -171,12 +172,24 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
     }
 
 
+def summary_line(label: str, report: dict) -> str:
+    """One line of a chaos run's counts and recovery times, for a CI log."""
+    faults = ", ".join(f"{f['target']}@{f['step']} back in {f.get('first_step_s', '?')}s "
+                       f"(caught up {f.get('caught_up_s', '?')}s)" for f in report["faults"])
+    return (f"{label}: {len(report['steps_logged'])}/{report['steps']} steps logged, "
+            f"{report['trained_groups']} groups trained, {report['distinct_trained_groups']} distinct of "
+            f"{report['expected_groups']} expected, {report['duplicates_dropped']} duplicates dropped, "
+            f"{report['stale_dropped']} stale dropped, {report['worker_restarts']} worker restarts, "
+            f"{len(report['queue_keys_left'])} queue keys left, {report['wall_seconds']}s; {faults}")
+
+
 def main() -> None:
     import ray
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--faults", default=DEFAULT_FAULTS, help="step:target,... (targets: worker:<i>, learner, redis)")
+    ap.add_argument("--max-staleness", type=int, default=None, help="override the spec's (1); 0 = synchronous")
     ap.add_argument("--out", default=str(RESULTS / "chaos.json"))
     args = ap.parse_args()
     faults = [Fault.parse(f) for f in args.faults.split(",")]
@@ -188,6 +201,8 @@ def main() -> None:
             base = JobSpec.from_toml(SPEC).model_dump()
             base["train"]["steps"] = args.steps
             base["runtime"].update(ray_address=head.address, out_dir=tmp)
+            if args.max_staleness is not None:
+                base["runtime"]["max_staleness"] = args.max_staleness
             report = run_with_faults(JobSpec.model_validate(base), head, redis, faults)
     finally:
         ray.shutdown()
@@ -201,6 +216,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "commit": commit,
         "redis_appendfsync": "always",
+        "max_staleness": base["runtime"]["max_staleness"],
         **report,
         "every_step_logged_once": report["steps_logged"] == list(range(args.steps)),
         "every_group_trained_once": (report["trained_groups"] == report["distinct_trained_groups"]
@@ -209,6 +225,7 @@ def main() -> None:
     result["steps_logged"] = len(report["steps_logged"])
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    print(summary_line("chaos", report))
 
 
 if __name__ == "__main__":

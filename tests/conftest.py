@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 # A one-machine Ray cluster stays on loopback: read by Ray when it is imported, so set first.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -45,3 +46,21 @@ def ray_cluster():
     yield head
     ray.shutdown()
     head.cleanup()
+
+
+RUN_COUNTS = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def report_counts(request) -> Callable[[str], None]:
+    """Adds a line to the "run counts" section at the end of the session: the chaos tests' counts
+    (groups trained, duplicates dropped, recovery seconds) show in a plain `pytest -q` CI log."""
+    return request.config.stash.setdefault(RUN_COUNTS, []).append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    lines = config.stash.get(RUN_COUNTS, [])
+    if lines:
+        terminalreporter.section("run counts")
+        for line in lines:
+            terminalreporter.write_line(line)

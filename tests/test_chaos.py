@@ -1,22 +1,35 @@
 """Chaos in CI: real SIGKILLs, by pid, of a rollout worker's process, redis-server (restarted from
-its AOF) and the learner's process, while an asynchronous (max_staleness = 1) two-worker run on the
-Redis Streams queue is stepping. The run must finish, log every step once, train every expected
-group id exactly once, and leave no Redis key of the run behind.
+its AOF) and the learner's process, while a two-worker run on the Redis Streams queue is stepping,
+both synchronous (max_staleness = 0) and asynchronous (max_staleness = 1). The run must finish, log
+every step once, train every expected group id exactly once, and leave no Redis key of the run
+behind. Then the whole `dlrl train` SIGKILLed and resumed with `--resume`, the same checks.
 
-The session Ray head is shared; Redis is this test's own server (the session one is not killed
+The session Ray head is shared; Redis is each test's own server (the session one is not killed
 under the other tests), with `appendfsync always` (see bench/chaos.py). bench/chaos.py runs the
-same with more faults over a longer run.
+same with more faults over a longer run. Each scenario's counts go to the "run counts" section of
+the pytest summary (tests/conftest.py), so the CI log shows them.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import redis
 
-from bench.chaos import Fault, run_with_faults
+from bench.chaos import Fault, actor_pid, run_with_faults, summary_line
 from dlrl.local_cluster import RedisProcess
-from tests.test_runtime import tiny_spec
+from dlrl.queue import default_capacity, open_queue
+from learner.train import read_state
+from services.cli import load_spec
+from services.progress import read_metrics
+from tests.test_runtime import DEADLINE_S, ROOT, expected_group_ids, tiny_spec, trained_groups, wait_for_step
+
+STEPS = 8
 
 
 @pytest.fixture
@@ -26,48 +39,67 @@ def own_redis():
     server.cleanup()
 
 
-def test_worker_redis_and_learner_sigkills_lose_and_repeat_nothing(ray_cluster, own_redis, tmp_path, monkeypatch):
+def keys_of(url: str, run_id: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match=f"dlrl:{{{run_id}}}:*"))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1], ids=["sync", "async"])
+def test_worker_redis_and_learner_sigkills_lose_and_repeat_nothing(max_staleness, ray_cluster, own_redis, tmp_path,
+                                                                   monkeypatch, report_counts):
     monkeypatch.setenv("DLRL_REDIS_URL", own_redis.url)
-    spec = tiny_spec(tmp_path, "chaos", ray_address=ray_cluster.address, max_staleness=1, checkpoint_every=3)
+    name = f"chaos-s{max_staleness}"  # distinct actor names: the other run's may still be being freed
+    spec = tiny_spec(tmp_path, name, ray_address=ray_cluster.address, max_staleness=max_staleness,
+                     checkpoint_every=3)
     spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"}),
-                                   "train": spec.train.model_copy(update={"steps": 10})})
+                                   "train": spec.train.model_copy(update={"steps": STEPS})})
     faults = [Fault(2, "worker:0"), Fault(4, "redis"), Fault(6, "learner")]
     report = run_with_faults(spec, ray_cluster, own_redis, faults, timeout_s=600)
-    print("chaos:", json.dumps(report))
-    assert report["steps_logged"] == list(range(10))
-    assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"] == 40
+    report_counts(summary_line(f"chaos max_staleness={max_staleness}", report))
+    assert report["steps_logged"] == list(range(STEPS))
+    assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"] == 4 * STEPS
     assert report["missing_groups"] == [] and report["unexpected_groups"] == []
-    assert report["max_staleness_seen"] <= 1 and report["stale_dropped"] == 0
+    assert report["max_staleness_seen"] <= max_staleness and report["stale_dropped"] == 0
     assert report["worker_restarts"] >= 1
+    assert [f["target"] for f in report["faults"]] == ["worker:0", "redis", "learner"]
     assert all("caught_up_s" in f for f in report["faults"]), report["faults"]
     assert report["queue_keys_left"] == []
 
 
-def test_resume_after_a_learner_kill_finishes_with_the_default_capacity(ray_cluster, own_redis, tmp_path):
-    """The deadlock of issue 13: the learner's process SIGKILLed, the driver rebuilds it and the
-    workers regenerate batches already in the queue (duplicates), then the whole `dlrl train`
-    SIGKILLed. `--resume`, with the default queue capacity, must finish with every group once."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+def live_actors(head, run_id: str) -> list[str]:
+    from ray.util.state import list_actors
 
-    from bench.chaos import actor_pid
-    from dlrl.queue import default_capacity, open_queue
-    from tests.test_runtime import DEADLINE_S, ROOT, expected_group_ids, trained_groups, wait_for_step
+    rows = list_actors(address=head.dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return sorted(row.name for row in rows if (row.name or "").startswith(f"dlrl:{run_id}:"))
 
-    spec = tiny_spec(tmp_path, "chaosresume", ray_address=ray_cluster.address, max_staleness=1, checkpoint_every=3)
-    spec = spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"}),
-                                   "train": spec.train.model_copy(update={"steps": 9})})
-    env = {**os.environ, "DLRL_REDIS_URL": own_redis.url, "DLRL_SPEC": spec.model_dump_json()}
-    cmd = [sys.executable, "-m", "services.cli", "train", "--spec-env", "DLRL_SPEC"]
+
+def test_sigkilled_dlrl_train_resumes_and_finishes_with_the_default_capacity(ray_cluster, own_redis, tmp_path,
+                                                                             report_counts):
+    """`dlrl train SPEC` as an operator runs it, on the cluster and a Redis queue. First the deadlock
+    of issue 13: the learner's process SIGKILLed, the driver rebuilds it and the workers regenerate
+    batches already in the queue (duplicates); then the driver's whole process group SIGKILLed after
+    a checkpoint. `dlrl train SPEC --resume`, with the default queue capacity, must finish with every
+    step logged once, every group once, and no queue key nor actor of the run left."""
+    run_id, steps = "chaosresume", 9
+    sets = {"name": run_id, "task.eval_size": 8, "task.train_size": 64, "rollout.prompts_per_step": 4,
+            "rollout.group_size": 4, "rollout.num_workers": 2, "train.steps": steps, "train.warmup_steps": 0,
+            "eval.every": 100, "eval.steps": 4, "runtime.out_dir": str(tmp_path), "runtime.threads": 1,
+            "runtime.checkpoint_every": 3, "runtime.max_staleness": 1, "runtime.ray_address": ray_cluster.address,
+            "queue.backend": "redis"}
+    spec_file = str(ROOT / "deploy/jobs/tiny-sudoku.toml")
+    overrides = [f"{k}={v}" for k, v in sets.items()]
+    spec = load_spec(spec_file, overrides)  # what `dlrl train` reads from the same arguments
+    cmd = [sys.executable, "-m", "services.cli", "train", spec_file, *[a for o in overrides for a in ("--set", o)]]
+    env = {**os.environ, "DLRL_REDIS_URL": own_redis.url}
     log = tmp_path / "driver.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_step(spec, 4, proc)
-        os.kill(actor_pid(ray_cluster, "dlrl:chaosresume:learner"), signal.SIGKILL)
+        os.kill(actor_pid(ray_cluster, f"dlrl:{run_id}:learner"), signal.SIGKILL)
         deadline = time.monotonic() + DEADLINE_S
         while b"restarted from step 3" not in log.read_bytes():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -78,18 +110,29 @@ def test_resume_after_a_learner_kill_finishes_with_the_default_capacity(ray_clus
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    checkpoint = read_state(tmp_path / run_id / "checkpoint")["version"]
+    assert checkpoint >= 3
     probe = open_queue(spec.model_copy(update={"queue": spec.queue.model_copy(update={"redis_url": own_redis.url})}),
-                       spec.name, consumer="probe")
-    print(f"chaos resume: {probe.depth()} unacknowledged entries, capacity {default_capacity(spec)}")
+                       run_id, consumer="probe")
+    depth = probe.depth()
     probe.close()
     t0 = time.monotonic()
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    seconds = time.monotonic() - t0
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"steps {checkpoint}->{steps}" in resumed.stdout
     ids = trained_groups(spec)
-    print(f"chaos resume: finished in {time.monotonic() - t0:.0f}s, {len(ids)} groups trained, {len(set(ids))} distinct")
+    logged = [r["step"] for r in read_metrics(tmp_path / run_id / "metrics.jsonl") if r.get("kind") == "train"]
+    left = keys_of(own_redis.url, run_id)
+    deadline = time.monotonic() + 30  # the finished driver's actors: killed as it exits, freed soon after
+    while (actors := live_actors(ray_cluster, run_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report_counts(f"chaos resume: killed after checkpoint {checkpoint} with {depth} unacknowledged entries "
+                  f"(capacity {default_capacity(spec)}); resumed run finished in {seconds:.0f}s, "
+                  f"{len(logged)} steps logged, {len(ids)} groups trained, {len(set(ids))} distinct, "
+                  f"{len(left)} queue keys left, {len(actors)} actors left")
+    assert logged == list(range(steps))
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
-    import redis
+    assert left == [] and actors == []
 
-    r = redis.Redis.from_url(own_redis.url)
-    assert list(r.scan_iter(match="dlrl:{chaosresume}:*")) == []
-    r.close()
