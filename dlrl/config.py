@@ -231,14 +231,19 @@ class EvalSpec(Section):
 
 
 def protocol_path(value: str) -> Path:
-    """An eval.protocol value as an absolute path (see `EvalSpec.protocol`); only `.toml` files
-    are read, so the spec cannot be used to probe arbitrary files."""
+    """An eval.protocol value as an absolute path (see `EvalSpec.protocol`). Only `.toml` paths
+    are read: over the API this validation runs before the admission policy's location rule
+    (services.admission), so what a submission can learn about a file outside the allowed
+    folders is limited to whether a .toml file there exists and is a valid protocol."""
     if "\x00" in value or not value.endswith(".toml"):
         raise ValueError(f"eval.protocol: {value!r} is not a protocol file (a .toml path)")
-    raw = Path(value).expanduser()
-    if not raw.is_absolute() and not raw.exists() and (CHECKOUT / raw).exists():
-        raw = CHECKOUT / raw
-    return raw.resolve()
+    raw = Path(value)
+    try:
+        if not raw.is_absolute() and not raw.exists() and (CHECKOUT / raw).exists():
+            raw = CHECKOUT / raw
+        return raw.resolve()
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+        raise ValueError(f"eval.protocol: cannot resolve {value!r}: {exc}") from None
 
 
 class QueueSpec(Section):
