@@ -125,12 +125,13 @@ def test_a_run_evaluates_its_protocol_keeps_its_checkpoints_and_names_the_best(t
     """4 steps of the tiny job, evaluated every 2 under the tiny-sudoku protocol (8 puzzles),
     checkpoints kept every 2: what the run logged and chose is what `dlrl eval` finds afterwards."""
     protocol = small_protocol(tmp_path / "protocol")
-    r = dlrl("train", str(ROOT / "deploy/jobs/tiny-sudoku.toml"),
+    train = ["train", str(ROOT / "deploy/jobs/tiny-sudoku.toml"),
              "--set", "train.steps=4", "--set", "eval.every=2", "--set", "train.lr=0.002",
              "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4",
              "--set", "runtime.checkpoint_every=2", "--set", "runtime.keep_checkpoints=true",
              "--set", f"eval.protocol={protocol}", "--set", f"runtime.out_dir={tmp_path}",
-             "--set", "runtime.num_cpus=2", "--set", "name=kept")
+             "--set", "runtime.num_cpus=2", "--set", "name=kept"]
+    r = dlrl(*train)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "kept"
     evals = [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "eval"]
@@ -167,3 +168,11 @@ def test_a_run_evaluates_its_protocol_keeps_its_checkpoints_and_names_the_best(t
     first = json.loads((run / "eval/step-0/summary.json").read_text())
     assert (run / "eval/step-0/results.jsonl").read_bytes() == (tmp_path / "start/results.jsonl").read_bytes()
     assert first["data"] == start["data"] and first["protocol"] == start["protocol"]
+
+    # resuming (here: the finished run, which redoes its final evaluation) keeps the kept
+    # checkpoints and arrives at the same best.json
+    r = dlrl(*train, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept
+    assert json.loads((run / "best.json").read_text()) == best
+    assert [x["step"] for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "eval"] == [0, 2, 4]
