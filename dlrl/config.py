@@ -221,7 +221,8 @@ class EvalSpec(Section):
         if value is None:
             return None
         path = protocol_path(value)
-        from rollout.eval_protocol import EvalProtocol, ProtocolError  # lazy: dlrl.config stays light
+        # lazy: dlrl.config stays light for the API and the CLI
+        from rollout.eval_protocol import EvalProtocol, ProtocolError
 
         try:
             EvalProtocol.from_toml(path)

@@ -249,7 +249,8 @@ def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[st
     in the data root; the files it makes the job read must too."""
     if spec.eval.protocol is None:
         return
-    from rollout.eval_protocol import EvalProtocol  # what JobSpec validation already imported
+    # lazy, as in JobSpec validation (which has imported it already)
+    from rollout.eval_protocol import EvalProtocol
 
     roots = [SHIPPED_PROTOCOLS] + ([Path(policy.data_root)] if policy.data_root else [])
     shown = "deploy/eval/" + (" or the API's data root" if policy.data_root else " (this API has no data root)")
