@@ -14,10 +14,12 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 
 Beta = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The dlrl checkout (deploy/eval/ holds the shipped protocols)."""
 
 
 class Section(BaseModel):
@@ -205,6 +207,44 @@ class EvalSpec(Section):
     """Sampling steps for evaluation (None: same as rollout)."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     """Remasking of the greedy evaluation decode (rollouts use rollout.remasking)."""
+    protocol: str | None = Field(None, min_length=1, max_length=4096)
+    """A protocol file (deploy/eval/*.toml): the periodic evaluation then runs it exactly as
+    `dlrl eval` does (its task, data, prompts, extraction, decoding; task.eval_size, eval.steps and
+    eval.remasking are not used), logs `eval_score` and writes <run>/eval/step-<k>/. A relative
+    path is taken from the current directory, else from the dlrl checkout (so
+    "deploy/eval/tiny-sudoku.toml" names a shipped protocol from anywhere); it is stored resolved."""
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol_file(cls, value: str | None) -> str | None:
+        """The file is read and validated now, so a bad protocol fails the spec, not step 0."""
+        if value is None:
+            return None
+        path = protocol_path(value)
+        # lazy: dlrl.config stays light for the API and the CLI
+        from rollout.eval_protocol import EvalProtocol, ProtocolError
+
+        try:
+            EvalProtocol.from_toml(path)
+        except ProtocolError as exc:
+            raise ValueError(f"eval.protocol: {exc}") from None
+        return str(path)
+
+
+def protocol_path(value: str) -> Path:
+    """An eval.protocol value as an absolute path (see `EvalSpec.protocol`). Only `.toml` paths
+    are read: over the API this validation runs before the admission policy's location rule
+    (services.admission), so what a submission can learn about a file outside the allowed
+    folders is limited to whether a .toml file there exists and is a valid protocol."""
+    if "\x00" in value or not value.endswith(".toml"):
+        raise ValueError(f"eval.protocol: {value!r} is not a protocol file (a .toml path)")
+    raw = Path(value)
+    try:
+        if not raw.is_absolute() and not raw.exists() and (CHECKOUT / raw).exists():
+            raw = CHECKOUT / raw
+        return raw.resolve()
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+        raise ValueError(f"eval.protocol: cannot resolve {value!r}: {exc}") from None
 
 
 class QueueSpec(Section):
@@ -263,6 +303,12 @@ class RuntimeSpec(Section):
     ahead of the learner; older groups are dropped and counted."""
     max_restarts: int = Field(3, ge=0, le=1000)
     """Times Ray restarts a crashed rollout worker (its unfinished groups are redone)."""
+    keep_checkpoints: bool = False
+    """Also keep every checkpoint (each checkpoint_every steps, and the last) as
+    <run>/checkpoints/step-<k> (weights and trainer_state.json, no optimizer state), and record in
+    <run>/best.json the kept step with the best periodic evaluation (ties: the earliest), the one
+    `dlrl eval <run> --protocol <eval.protocol>` selects. checkpoint_every must then be a multiple
+    of eval.every, so that every kept step is evaluated."""
 
 
 class JobSpec(Section):
@@ -291,6 +337,22 @@ class JobSpec(Section):
                 f"train.compute_dtype = {compute!r} with model.dtype = 'float64': torch.autocast leaves "
                 f"float64 tensors alone, so nothing would run in {compute}; use float32 master weights"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _evaluated_as_trained(self) -> "JobSpec":
+        if self.runtime.keep_checkpoints and (not self.runtime.checkpoint_every
+                                              or self.runtime.checkpoint_every % self.eval.every):
+            raise ValueError(f"runtime.keep_checkpoints needs runtime.checkpoint_every ({self.runtime.checkpoint_every}) "
+                             f"to be a positive multiple of eval.every ({self.eval.every}): best.json "
+                             f"chooses among evaluated checkpoints")
+        if self.eval.protocol is not None:
+            from rollout.eval_protocol import EvalProtocol
+
+            task = EvalProtocol.from_toml(self.eval.protocol).task.name
+            if task != self.task.name:
+                raise ValueError(f"eval.protocol {self.eval.protocol} is written for task {task!r}, "
+                                 f"the job trains task {self.task.name!r}")
         return self
 
     @classmethod

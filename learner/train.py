@@ -49,6 +49,28 @@ STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A kept checkpoint shares the files of the one just written (save_checkpoint writes new
+    files each time, never into old ones); a copy where hard links are not possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` at `path`: readers see the old folder or the new one
+    (`.old` while swapping; checkpoint finders skip it)."""
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
 def read_state(checkpoint: str | Path) -> dict | None:
     """The JSON half of a checkpoint's resume state (step, version, trained group ids, driver cursor)."""
     path = Path(checkpoint) / STATE_JSON
@@ -204,10 +226,14 @@ class Learner:
         """Broadcast the current version (every worker calls recv_weights at the same time)."""
         return self.publisher.send(self.version, self.weights())
 
-    def save(self, path: str | Path) -> str:
+    def save(self, path: str | Path, keep: str | Path | None = None) -> str:
         """Atomically write an HF checkpoint plus the resume state to `path`, then acknowledge
         the queue entries of every step it contains (never earlier: a crash before the rename
-        leaves them pending, to be re-read by the resumed run)."""
+        leaves them pending, to be re-read by the resumed run).
+
+        `keep` (runtime.keep_checkpoints): also place the checkpoint, less its optimizer state, at
+        that folder, atomically and before `path` is replaced, so every step `path` has held is
+        kept too (a crash in between only leaves a kept step that the resumed run redoes)."""
         path = Path(path)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,14 +245,14 @@ class Learner:
         state = {"version": self.version, "step": self.version, "trained_groups": self.trained,
                  "counts": self.counts}
         (tmp / STATE_JSON).write_text(json.dumps(state) + "\n")
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        if keep is not None:
+            keep = Path(keep)
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            kept = keep.with_name(keep.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(tmp, kept, ignore=shutil.ignore_patterns(STATE_PT), copy_function=_link_or_copy)
+            _replace_dir(kept, keep)
+        _replace_dir(tmp, path)
         if self.unacked and self.queue is not None:
             self.queue.ack(self.unacked)
         self.unacked = []

@@ -45,7 +45,7 @@ from rollout.completion import SamplingParams, decode_completion, encode_prompt,
 from rollout.eval_protocol import ENGINES, EvalProtocol, ProtocolError, extract, file_sha256, load_examples
 
 __all__ = ["ENGINES", "EvalProtocol", "ProtocolError", "evaluate_checkpoint", "evaluate_model",
-           "evaluate_run", "find_checkpoints", "pass_at_k"]
+           "evaluate_run", "find_checkpoints", "pass_at_k", "run_metrics"]
 
 RESULTS, SUMMARY, TABLE, MANIFEST = "results.jsonl", "summary.json", "summary.md", "manifest.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,16 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         (out / TABLE).write_text(markdown_table([summary]))
     return summary
+
+
+def run_metrics(summary: dict) -> dict[str, float]:
+    """A summary as the run's eval record in metrics.jsonl: `eval_score` (the protocol's headline
+    metric, what best.json maximises) beside the keys the built-in periodic evaluation logs
+    (eval_reward: mean reward, eval_solved: accuracy, eval_seconds)."""
+    return {"eval_score": summary["score"], "eval_reward": summary["mean_reward"],
+            "eval_solved": summary["accuracy"], "eval_seconds": summary["run"]["seconds"],
+            "eval_n": summary["n"],
+            **{f"eval_pass_at_{k}": v for k, v in summary["pass_at_k"].items()}}
 
 
 def _summary(protocol: EvalProtocol, manifest: dict, records: list[dict], seconds: float) -> dict:

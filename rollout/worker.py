@@ -34,6 +34,8 @@ from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.completion import (
     SamplingParams, decode_completion, encode_prompt, evaluate, sample_completions, score,
 )
+from rollout.eval_protocol import EvalProtocol, load_examples
+from rollout.evaluation import evaluate_model, resolve_task, run_metrics
 from rollout.rollout_stats import RolloutStats
 
 
@@ -69,6 +71,7 @@ class RolloutWorker:
         self._orders: dict[int, list[int]] = {}
         self.reward_errors: list[str] = []
         self._restart_reported = False
+        self._protocol = None  # (protocol, task, examples) of eval.protocol, read on first use
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -197,3 +200,18 @@ class RolloutWorker:
                                    "remasking": self.spec.eval.remasking})
         return evaluate(self.model, self.tokenizer, self.task, examples, self.ids, params,
                         self.spec.task.style)
+
+    def evaluate_protocol(self, step: int, out_dir: str, handle: WeightHandle | None = None) -> dict[str, float]:
+        """eval.protocol on the weights `handle` names, through rollout.evaluation.evaluate_model
+        (what `dlrl eval` runs): the protocol's own task, eval set, prompts, extraction and
+        decoding. Writes results.jsonl, summary.json and summary.md into `out_dir`; returns the
+        metrics record (eval_score, eval_reward, ...)."""
+        self.sync_weights(handle)
+        if self._protocol is None:
+            protocol = EvalProtocol.from_toml(self.spec.eval.protocol)
+            task = resolve_task(self.spec.task.name, protocol)
+            self._protocol = protocol, task, load_examples(protocol, task)
+        protocol, task, examples = self._protocol
+        summary = evaluate_model(self.model, self.tokenizer, task, protocol, model_name=f"{self.run_id}@step-{step}",
+                                 out_dir=out_dir, resume=False, examples=examples)
+        return run_metrics(summary)

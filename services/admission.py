@@ -12,6 +12,8 @@ started. Its rules (services/README.md lists them too):
 - task names come from the registry (`dlrl.tasks.TASKS`) or the operator's `tasks` list; an
   import path ("module:factory") is refused unless listed. Options must be the factory's own
   keyword arguments, with small JSON values; an option naming a file must lie in `data_root`;
+- `eval.protocol` (a protocol file) lies in `data_root` or the shipped deploy/eval/, and so do
+  the eval data file it pins and any file its task options name;
 - models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
   an adapter folder's base model obeys the same rule. Jobs load no remote code unless the operator
   allows it: `trust_remote_code=true` in a spec is refused (the default is false);
@@ -37,6 +39,8 @@ from dlrl.config import JobSpec
 from dlrl.tasks import TASKS
 from dlrl.tasks.data_root import inside
 
+SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "eval"
+"""The protocol files the package ships (deploy/eval/*.toml, their data in deploy/eval/data/)."""
 BUILTIN_PREFIX = "builtin:"  # dlrl.models.loading's (not imported: it pulls in torch)
 
 DEFAULT_LIMITS: dict[str, float] = {
@@ -141,6 +145,7 @@ def admit(spec: JobSpec, policy: AdmissionPolicy) -> JobSpec:
             errors.append((path, f"set by the server, not the spec: {why}; leave it out"))
     _limits(spec, policy, errors)
     options = _task(spec, policy, errors)
+    _eval_protocol(spec, policy, errors)
     model = _model(spec, policy, errors)
     if errors:
         raise AdmissionRefused(errors)
@@ -237,6 +242,29 @@ def _data_path(value: Any, policy: AdmissionPolicy, where: str, errors: list[tup
         errors.append((where, f"{value!r} is outside the API's data root"))
         return None
     return str(full.parent.resolve() / full.name)
+
+
+def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> None:
+    """eval.protocol (already resolved and validated by JobSpec) must be a shipped protocol or lie
+    in the data root; the files it makes the job read must too."""
+    if spec.eval.protocol is None:
+        return
+    # lazy, as in JobSpec validation (which has imported it already)
+    from rollout.eval_protocol import EvalProtocol
+
+    roots = [SHIPPED_PROTOCOLS] + ([Path(policy.data_root)] if policy.data_root else [])
+    shown = "deploy/eval/" + (" or the API's data root" if policy.data_root else " (this API has no data root)")
+    path = Path(spec.eval.protocol)
+    if not any(inside(path, r) for r in roots):
+        errors.append(("eval.protocol", f"{spec.eval.protocol!r} is not a protocol file in {shown}"))
+        return
+    protocol = EvalProtocol.from_toml(path)
+    data = protocol.data_path()
+    if data is not None and not any(inside(data, r) for r in roots):
+        errors.append(("eval.protocol", f"its data.path {protocol.data.path!r} is outside {shown}"))
+    for key, value in protocol.task.options.items():
+        if _PATH_OPTION.search(key):
+            _data_path(value, policy, f"eval.protocol: task.options.{key}", errors)
 
 
 def _model(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> Any:

@@ -24,7 +24,9 @@ a deadline and an error that says what was waited for. Every
 optimizer, RNG, the trained group ids and the driver's cursor) and then acknowledges the queue
 entries those steps used.
 
-The run directory gets spec.json, metrics.jsonl, reward.png, summary.json and checkpoint/.
+The run directory gets spec.json, metrics.jsonl, reward.png, summary.json and checkpoint/ (and
+with eval.protocol / runtime.keep_checkpoints eval/step-<k>/, checkpoints/step-<k>/ and best.json:
+services.periodic_eval).
 Whether the run finished, failed or was stopped, its queue is deleted at the end: nothing in it is
 needed to resume (a resumed run regenerates every batch after the checkpoint from its cursor).
 A driver killed with SIGKILL cannot clean up: the resumed run does, or `dlrl queue delete RUN`.
@@ -52,6 +54,7 @@ from dlrl.queue import open_queue
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.train import Learner, read_state
 from rollout.worker import RolloutWorker
+from services.periodic_eval import PeriodicEval, clear_outputs
 from services.placement import Placement, actor_options, plan_placement, reserve
 from services.progress import RunLog, plot_rewards, read_metrics
 from services.telemetry import RunMetrics
@@ -122,6 +125,7 @@ class Run:
             for i in range(n)
         ]
         self.shares = split(spec.rollout.prompts_per_step, n)
+        self.evaluator = PeriodicEval(spec, run_dir, self.workers[0])
         self.telemetry = RunMetrics(run_id, spec.runtime.max_staleness)
         self.publisher = WeightPublisher.from_spec(spec.weights)
         self.learner = None
@@ -235,7 +239,6 @@ class Run:
 
     def loop(self, step: int) -> None:
         spec, total, stale = self.spec, self.spec.train.steps, self.spec.runtime.max_staleness
-        eval_steps = spec.eval.steps or spec.rollout.steps
         handle, _ = self.publish(step)
         next_batch = step
         evals: dict[int, ray.ObjectRef] = {}
@@ -246,7 +249,7 @@ class Run:
                 self.dispatch(next_batch, handle)
                 next_batch += 1
             if step % spec.eval.every == 0 and step not in evals:
-                evals[step] = self.workers[0].evaluate.remote(spec.task.eval_size, eval_steps, handle=handle)
+                evals[step] = self.evaluator.start(step, handle)
             if learner_ref is None:
                 learner_ref = self.learner.step_from_queue.remote(step, spec.rollout.prompts_per_step,
                                                                   QUEUE_WAIT_S)
@@ -273,19 +276,21 @@ class Run:
             t_step = time.perf_counter()
             step += 1
             if spec.runtime.checkpoint_every and step % spec.runtime.checkpoint_every == 0:
-                get(self.learner.save.remote(str(self.checkpoint)), f"the checkpoint of step {step}")
+                get(self.learner.save.remote(str(self.checkpoint), self.evaluator.kept(step)),
+                    f"the checkpoint of step {step}")
             if step % spec.eval.every == 0:
                 plot_rewards(self.run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
         self._log_evals(evals, upto=total)
-        final = self.workers[0].evaluate.remote(spec.task.eval_size, eval_steps, handle=handle)
-        self.log.eval(total, get(final, "the final evaluation"))
-        get(self.learner.save.remote(str(self.checkpoint)), "the final checkpoint")
+        self.log.eval(total, get(self.evaluator.start(total, handle), "the final evaluation"))
+        get(self.learner.save.remote(str(self.checkpoint), self.evaluator.kept(total)), "the final checkpoint")
+        self.evaluator.update_best()
 
     def _log_evals(self, evals: dict[int, ray.ObjectRef], upto: int) -> None:
         for s in sorted(k for k in evals if k <= upto):
             result = get(evals.pop(s), f"the evaluation at step {s}")
             self.log.eval(s, result)
             self.telemetry.record(result)
+            self.evaluator.update_best()
 
     def _rollout_metrics(self, rolled: list[dict], step_seconds: float, metrics: dict) -> dict:
         busy = sum(r["rollout_seconds"] for r in rolled)
@@ -403,6 +408,7 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
     if not resume:
         queue.purge()  # a fresh run must not train on an old run's groups
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+        clear_outputs(run_dir)
     log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record)
     placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
     try:
