@@ -10,6 +10,12 @@ bench/results/tiny_sudoku_<algorithm>_reward.png.
     python bench/tiny_sudoku.py                         # all three (about 20 minutes on 2 cores)
     python bench/tiny_sudoku.py --algorithms bgpo --steps 50
     python bench/tiny_sudoku.py --algorithms bgpo --seeds 1 2 --out bench/results/tiny_sudoku_seeds.json
+    python bench/tiny_sudoku.py --algorithms bgpo --tag cached --set rollout.engine=cached \
+        --set rollout.threshold=0.9 --out bench/results/tiny_sudoku_cached.json
+
+`--set KEY=VALUE` passes further spec overrides to every run (e.g. the rollout engine, which
+evaluation uses too); `--tag` names those runs `<tag>_<algorithm>` so their PNGs do not overwrite
+the shipped-spec ones.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
 ASSET = ROOT / "dlrl/assets/tiny-sudoku"
 
 
-def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, results: Path) -> dict:
+def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, results: Path,
+            overrides: list[str], tag: str | None) -> dict:
     name = algorithm if seed is None else f"{algorithm}-seed{seed}"
+    name = name if tag is None else f"{tag}_{name}"
     sets = ["--set", f"train.algorithm={algorithm}", "--set", f"name={name}",
             "--set", f"runtime.out_dir={out_dir}"]
     if seed is not None:  # seeds prompt order, sampling noise and MC masks; not the start or eval set
@@ -45,6 +53,8 @@ def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, 
         sets += ["--set", "train.mc_chunk=4"]
     if steps:
         sets += ["--set", f"train.steps={steps}"]
+    for kv in overrides:
+        sets += ["--set", kv]
     cmd = [sys.executable, "-m", "services.cli", "train", str(SPEC), *sets]
     print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -56,6 +66,7 @@ def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, 
     shutil.copyfile(run / "reward.png", results / f"tiny_sudoku_{name}_reward.png")
     return {
         "algorithm": algorithm,
+        "overrides": overrides,
         "seed": JobSpec.from_toml(SPEC).train.seed if seed is None else seed,
         "steps": summary["steps"],
         "first_eval_reward": summary["first_eval_reward"],
@@ -68,6 +79,10 @@ def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, 
         "wall_seconds": summary["seconds"],
         "mean_step_seconds": sum(r["step_seconds"] for r in train) / len(train),
         "mean_learner_seconds": sum(r["learner_seconds"] for r in train) / len(train),
+        "mean_rollout_seconds": sum(r["rollout_seconds"] for r in train) / len(train),
+        **{f"{k}_{end}10": sum(r[k] for r in rows) / len(rows)
+           for k in ("rollout_tokens_per_step", "rollout_mean_confidence") if k in train[0]
+           for end, rows in (("first", train[:10]), ("last", train[-10:]))},
     }
 
 
@@ -76,12 +91,18 @@ def main() -> None:
     p.add_argument("--algorithms", nargs="+", default=["bgpo", "naive_elbo", "diffu_grpo"])
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the spec's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the spec's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="further spec override for every run (repeatable), e.g. rollout.engine=cached")
+    p.add_argument("--tag", default=None, help="prefix of the run names (and PNGs) when --set is used")
     p.add_argument("--out", default=str(ROOT / "bench/results/tiny_sudoku.json"))
     p.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
     args = p.parse_args()
+    if args.overrides and not args.tag:
+        p.error("--set needs --tag, so the runs' PNGs do not overwrite the shipped-spec ones")
+    load_at_start = os.getloadavg()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="dlrl-bench-"))
     results = Path(args.out).parent
-    rows = [run_one(a, seed, args.steps, runs_dir, results)
+    rows = [run_one(a, seed, args.steps, runs_dir, results, args.overrides, args.tag)
             for a in args.algorithms for seed in (args.seeds or [None])]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     sft = json.loads((ASSET / "sft_curve.json").read_text())
@@ -95,6 +116,7 @@ def main() -> None:
         "start_checkpoint": {"path": "builtin:tiny-sudoku", "sft_recipe": sft["recipe"],
                              "teacher": sft["teacher"], "sft_saved_at_step": sft["saved_at_step"],
                              "sft_curve": sft["curve"]},
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "runs": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
