@@ -20,6 +20,7 @@
     python bench/rollout_speed.py --skip-model-steps --repeats 1
     python bench/rollout_speed.py --tiny-job          # + the tiny BGPO job on the cached engine
     bench/gpu_rollout.sh                           # LLaDA-8B shape on a GPU (--shape llada-8b --device cuda)
+    python bench/sampler_memory.py                 # peak sampler memory, 126,464 vocabulary (its own section)
 
 Writes bench/results/rollout_speed.json (machine, date, commit).
 """

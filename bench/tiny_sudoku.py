@@ -10,6 +10,12 @@ bench/results/tiny_sudoku_<algorithm>_reward.png.
     python bench/tiny_sudoku.py                         # all three (about 20 minutes on 2 cores)
     python bench/tiny_sudoku.py --algorithms bgpo --steps 50
     python bench/tiny_sudoku.py --algorithms bgpo --seeds 1 2 --out bench/results/tiny_sudoku_seeds.json
+    python bench/tiny_sudoku.py --algorithms bgpo --tag cached --set rollout.engine=cached \
+        --set rollout.threshold=0.9 --out bench/results/tiny_sudoku_cached.json
+
+`--set KEY=VALUE` passes further spec overrides to every run (e.g. the rollout engine, which
+evaluation uses too); `--tag` names those runs `<tag>_<algorithm>` so their PNGs do not overwrite
+the shipped-spec ones.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlrl.config import JobSpec  # noqa: E402
-from services.progress import read_metrics  # noqa: E402
+from services.progress import plot_rewards, read_metrics  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
 ASSET = ROOT / "dlrl/assets/tiny-sudoku"
 
 
-def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, results: Path) -> dict:
+def run_name(algorithm: str, seed: int | None, tag: str | None) -> str:
     name = algorithm if seed is None else f"{algorithm}-seed{seed}"
+    return name if tag is None else f"{tag}_{name}"
+
+
+def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, overrides: list[str],
+            tag: str | None) -> Path:
+    name = run_name(algorithm, seed, tag)
     sets = ["--set", f"train.algorithm={algorithm}", "--set", f"name={name}",
             "--set", f"runtime.out_dir={out_dir}"]
     if seed is not None:  # seeds prompt order, sampling noise and MC masks; not the start or eval set
@@ -45,17 +57,34 @@ def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, 
         sets += ["--set", "train.mc_chunk=4"]
     if steps:
         sets += ["--set", f"train.steps={steps}"]
+    for kv in overrides:
+        sets += ["--set", kv]
     cmd = [sys.executable, "-m", "services.cli", "train", str(SPEC), *sets]
     print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
-    run = out_dir / name
-    summary = json.loads((run / "summary.json").read_text())
+    return out_dir / name
+
+
+def summarize(run: Path, algorithm: str, seed: int | None, overrides: list[str], results: Path) -> dict:
+    """One run's row. A run cut short (no summary.json) is summarized from its metrics so far,
+    marked `"partial": true`, its wall time measured from the run directory's creation."""
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    shutil.copyfile(run / "reward.png", results / f"tiny_sudoku_{name}_reward.png")
+    partial = not (run / "summary.json").exists()
+    if partial:
+        target = json.loads((run / "spec.json").read_text())["train"]["steps"]
+        summary = {"steps": len(train), "first_eval_reward": evals[0]["eval_reward"],
+                   "last3_eval_reward": sum(r["eval_reward"] for r in evals[-3:]) / len(evals[-3:]),
+                   "seconds": train[-1]["time"] - (run / "spec.json").stat().st_mtime}
+        plot_rewards(run, title=f"{run.name} (PARTIAL: {len(train)} of {target} steps)")
+    else:
+        summary = json.loads((run / "summary.json").read_text())
+    shutil.copyfile(run / "reward.png", results / f"tiny_sudoku_{run.name}_reward.png")
     return {
         "algorithm": algorithm,
+        "overrides": overrides,
+        **({"partial": True, "target_steps": target} if partial else {}),
         "seed": JobSpec.from_toml(SPEC).train.seed if seed is None else seed,
         "steps": summary["steps"],
         "first_eval_reward": summary["first_eval_reward"],
@@ -68,6 +97,10 @@ def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, 
         "wall_seconds": summary["seconds"],
         "mean_step_seconds": sum(r["step_seconds"] for r in train) / len(train),
         "mean_learner_seconds": sum(r["learner_seconds"] for r in train) / len(train),
+        "mean_rollout_seconds": sum(r["rollout_seconds"] for r in train) / len(train),
+        **{f"{k}_{end}10": sum(r[k] for r in rows) / len(rows)
+           for k in ("rollout_tokens_per_step", "rollout_mean_confidence") if k in train[0]
+           for end, rows in (("first", train[:10]), ("last", train[-10:]))},
     }
 
 
@@ -76,13 +109,27 @@ def main() -> None:
     p.add_argument("--algorithms", nargs="+", default=["bgpo", "naive_elbo", "diffu_grpo"])
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the spec's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the spec's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="further spec override for every run (repeatable), e.g. rollout.engine=cached")
+    p.add_argument("--tag", default=None, help="prefix of the run names (and PNGs) when --set is used")
     p.add_argument("--out", default=str(ROOT / "bench/results/tiny_sudoku.json"))
     p.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
+    p.add_argument("--summarize", action="store_true",
+                   help="do not train: summarize the runs already in --runs-dir (ones cut short marked partial)")
     args = p.parse_args()
+    if args.summarize and not args.runs_dir:
+        p.error("--summarize needs --runs-dir")
+    if args.overrides and not args.tag:
+        p.error("--set needs --tag, so the runs' PNGs do not overwrite the shipped-spec ones")
+    load_at_start = os.getloadavg()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="dlrl-bench-"))
     results = Path(args.out).parent
-    rows = [run_one(a, seed, args.steps, runs_dir, results)
-            for a in args.algorithms for seed in (args.seeds or [None])]
+    rows = []
+    for a in args.algorithms:
+        for seed in args.seeds or [None]:
+            run = runs_dir / run_name(a, seed, args.tag) if args.summarize else \
+                run_one(a, seed, args.steps, runs_dir, args.overrides, args.tag)
+            rows.append(summarize(run, a, seed, args.overrides, results))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     sft = json.loads((ASSET / "sft_curve.json").read_text())
     result = {
@@ -95,6 +142,7 @@ def main() -> None:
         "start_checkpoint": {"path": "builtin:tiny-sudoku", "sft_recipe": sft["recipe"],
                              "teacher": sft["teacher"], "sft_saved_at_step": sft["saved_at_step"],
                              "sft_curve": sft["curve"]},
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "runs": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
