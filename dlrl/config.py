@@ -10,7 +10,9 @@ bound (`le=`) generous enough for the command line; the job API applies stricter
 
 from __future__ import annotations
 
+import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -220,6 +222,10 @@ class EvalSpec(Section):
         """The file is read and validated now, so a bad protocol fails the spec, not step 0."""
         if value is None:
             return None
+        if not FILE_CHECKS.get():  # untrusted: a lexical path only; admission checks where, then reads
+            if "\x00" in value or not value.endswith(".toml"):
+                raise ValueError(f"eval.protocol: {value!r} is not a protocol file (a .toml path)")
+            return os.path.normpath(value if os.path.isabs(value) else CHECKOUT / value)
         path = protocol_path(value)
         # lazy: dlrl.config stays light for the API and the CLI
         from rollout.eval_protocol import EvalProtocol, ProtocolError
@@ -245,6 +251,13 @@ def protocol_path(value: str) -> Path:
         return raw.resolve()
     except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
         raise ValueError(f"eval.protocol: cannot resolve {value!r}: {exc}") from None
+
+
+FILE_CHECKS: ContextVar[bool] = ContextVar("dlrl_spec_file_checks", default=True)
+"""Whether validating a spec reads the files it names (eval.protocol). The job API turns this off
+while it serves a request (services.api): a submitted spec is untrusted until admitted, so it must
+not learn through validation errors what files the server has; the admission policy checks the
+path's location first and only then reads the file. The job itself validates with reading on."""
 
 
 class QueueSpec(Section):
@@ -346,7 +359,7 @@ class JobSpec(Section):
             raise ValueError(f"runtime.keep_checkpoints needs runtime.checkpoint_every ({self.runtime.checkpoint_every}) "
                              f"to be a positive multiple of eval.every ({self.eval.every}): best.json "
                              f"chooses among evaluated checkpoints")
-        if self.eval.protocol is not None:
+        if self.eval.protocol is not None and FILE_CHECKS.get():
             from rollout.eval_protocol import EvalProtocol
 
             task = EvalProtocol.from_toml(self.eval.protocol).task.name

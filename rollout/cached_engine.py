@@ -46,6 +46,8 @@ from rollout.rollout_stats import RolloutStats, eos_positions
 from rollout.sampler import REMASKING, Sample, num_transfer_tokens, predict_x0
 
 CACHES = ("prefix", "dual")
+PREDICT_CHUNK = 64
+"""Masked positions whose noise and softmax are drawn at once (bounds the (chunk, V) temporaries)."""
 
 
 @lru_cache(maxsize=None)
@@ -96,24 +98,34 @@ def block_logits(
 
 def predict_masked(
     logits: Tensor, mask_index: Tensor, *, mask_id: int, temperature: float, remasking: str,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, chunk: int = PREDICT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x0, confidence and model probability (B, l) of the block's masked positions only.
 
     logits: (B, l, V); mask_index: (B, l) bool. Gumbel noise and softmax are drawn over the N
-    masked positions, (N, V), not over every position. Elsewhere x0 = mask_id, confidence = -inf.
+    masked positions only, `chunk` positions at a time (row-major order, one random stream), so
+    the float64 temporaries are (chunk, V) whatever the batch: with LLaDA's 126,464-token
+    vocabulary a whole batch-32 block at once would be ~1 GiB per temporary.
+    Elsewhere x0 = mask_id, confidence = -inf.
     """
-    flat = logits[mask_index][None]  # (1, N, V)
-    x0_m, conf_m = predict_x0(flat, mask_id=mask_id, temperature=temperature, remasking=remasking,
-                              generator=generator)  # (1, N) each
-    if remasking == "low_confidence":
-        prob_m = conf_m
-    else:  # the confidence is a random score; the stats want the model's probability
-        prob_m = F.softmax(flat.float(), dim=-1).gather(-1, x0_m[..., None]).squeeze(-1)
+    where = mask_index.nonzero(as_tuple=True)
+    n = where[0].numel()
+    x0_m = torch.empty(n, dtype=torch.long, device=logits.device)
+    conf_m = torch.empty(n, device=logits.device)
+    prob_m = torch.empty(n, device=logits.device)
+    for s in range(0, n, chunk):
+        part = logits[where[0][s:s + chunk], where[1][s:s + chunk]][None]  # (1, c, V)
+        x, c = predict_x0(part, mask_id=mask_id, temperature=temperature, remasking=remasking,
+                          generator=generator)  # (1, c) each
+        x0_m[s:s + chunk], conf_m[s:s + chunk] = x[0], c[0].float()
+        if remasking == "low_confidence":
+            prob_m[s:s + chunk] = c[0].float()
+        else:  # the confidence is a random score; the stats want the model's probability
+            prob_m[s:s + chunk] = F.softmax(part.float(), dim=-1).gather(-1, x[..., None]).squeeze(-1)[0]
     x0 = torch.full(mask_index.shape, mask_id, dtype=torch.long, device=logits.device)
     confidence = torch.full(mask_index.shape, float("-inf"), device=logits.device)
     prob = torch.zeros(mask_index.shape, device=logits.device)
-    x0[mask_index], confidence[mask_index], prob[mask_index] = x0_m[0], conf_m[0].float(), prob_m[0].float()
+    x0[where], confidence[where], prob[where] = x0_m, conf_m, prob_m
     return x0, confidence, prob
 
 

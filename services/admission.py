@@ -245,12 +245,13 @@ def _data_path(value: Any, policy: AdmissionPolicy, where: str, errors: list[tup
 
 
 def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> None:
-    """eval.protocol (already resolved and validated by JobSpec) must be a shipped protocol or lie
-    in the data root; the files it makes the job read must too."""
+    """eval.protocol must be a shipped protocol or lie in the data root, and the files it makes the
+    job read must too. The API validates specs without reading files (dlrl.config.FILE_CHECKS), so
+    the file is read here, only once its location is allowed, and checked against the job's task."""
     if spec.eval.protocol is None:
         return
-    # lazy, as in JobSpec validation (which has imported it already)
-    from rollout.eval_protocol import EvalProtocol
+    # lazy: it pulls in the task registry
+    from rollout.eval_protocol import EvalProtocol, ProtocolError
 
     roots = [SHIPPED_PROTOCOLS] + ([Path(policy.data_root)] if policy.data_root else [])
     shown = "deploy/eval/" + (" or the API's data root" if policy.data_root else " (this API has no data root)")
@@ -258,7 +259,14 @@ def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[st
     if not any(inside(path, r) for r in roots):
         errors.append(("eval.protocol", f"{spec.eval.protocol!r} is not a protocol file in {shown}"))
         return
-    protocol = EvalProtocol.from_toml(path)
+    try:
+        protocol = EvalProtocol.from_toml(path)
+    except ProtocolError as exc:
+        errors.append(("eval.protocol", str(exc)))
+        return
+    if protocol.task.name != spec.task.name:
+        errors.append(("eval.protocol", f"written for task {protocol.task.name!r}, the job trains "
+                                        f"task {spec.task.name!r}"))
     data = protocol.data_path()
     if data is not None and not any(inside(data, r) for r in roots):
         errors.append(("eval.protocol", f"its data.path {protocol.data.path!r} is outside {shown}"))

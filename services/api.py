@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from dlrl.config import FILE_CHECKS
 from services.gates import BearerAuth, BodyLimit
 from services.jobstore import JobStore
 from services.launcher import RayJobs, RayUnavailable
@@ -73,6 +74,21 @@ def reject_unknown_query(request: Request) -> None:
     if unknown:
         raise RequestValidationError([{"type": "extra_forbidden", "loc": ("query", k),
                                        "msg": "Unknown query parameter"} for k in unknown])
+
+
+class UntrustedSpecs:
+    """ASGI middleware: while a request is served, spec validation reads no file the spec names
+    (dlrl.config.FILE_CHECKS); services.admission reads only what it allows."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        token = FILE_CHECKS.set(False)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            FILE_CHECKS.reset(token)
 
 
 def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
@@ -126,6 +142,7 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
     # Outermost first: the token is checked before a byte of the body is read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BearerAuth, token=settings.token)
+    app.add_middleware(UntrustedSpecs)
     return app
 
 

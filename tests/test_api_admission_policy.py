@@ -263,3 +263,26 @@ def test_rate_limit_counts_per_token_in_redis(redis_server):
     assert RateLimit(r, "x", "requests", None).hit(a) is None
     dead = RateLimit(redis.Redis(port=1, socket_connect_timeout=0.2), "x", "requests", 1)
     assert dead.hit(a) is None and dead.hit(a) is None  # fails open: the route then answers 503 itself
+
+
+def test_untrusted_validation_reads_no_protocol_file(tmp_path):
+    """Over the API (dlrl.config.FILE_CHECKS off) a spec cannot probe the server's files through
+    eval.protocol: an existing valid protocol outside the allowed folders and a missing file get
+    the same refusal, from admission, and a shipped protocol is still read and checked."""
+    from dlrl.config import FILE_CHECKS
+
+    outside = tmp_path / "elsewhere.toml"
+    outside.write_text((Path(__file__).parents[1] / "deploy/eval/tiny-sudoku.toml").read_text())
+    token = FILE_CHECKS.set(False)
+    try:
+        reasons = {str(p): refusals(small(eval={"protocol": str(p)}))["eval.protocol"]
+                   for p in (outside, tmp_path / "absent.toml")}
+        assert len(set(r.replace(p, "") for p, r in reasons.items())) == 1
+        assert "not a protocol file in deploy/eval/" in reasons[str(outside)]
+        assert refusals(small(eval={"protocol": "deploy/eval/tiny-sudoku.toml"})) == {}
+        wrong_task = refusals(small(eval={"protocol": "deploy/eval/gsm8k.toml"}))
+        assert "written for task 'gsm8k'" in wrong_task["eval.protocol"]
+    finally:
+        FILE_CHECKS.reset(token)
+    with pytest.raises(ValidationError, match="written for task 'gsm8k'"):  # trusted: read at validation
+        JobSpec.model_validate(small(eval={"protocol": "deploy/eval/gsm8k.toml"}))

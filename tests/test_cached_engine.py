@@ -309,3 +309,20 @@ def test_native_families_cached_equals_reference_with_one_layer(family, cache):
     got, _ = generate_cached(m, prompt, steps=8, gen_length=16, block_length=4, mask_id=MASK_ID,
                              eos_ids=(EOS_ID,), attention_mask=attn, cache=cache)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.unmask_step, want.unmask_step)
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_masked_positions_predicted_in_chunks_equal_all_at_once(remasking):
+    """Chunking bounds the (chunk, V) temporaries and changes nothing else (greedy: exactly)."""
+    from rollout.cached_engine import predict_masked
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 50, generator=g)
+    mask_index = torch.rand(3, 8, generator=g) < 0.6
+    kw = dict(mask_id=MASK_ID, temperature=0.0, remasking=remasking)
+    whole = predict_masked(logits, mask_index, generator=torch.Generator().manual_seed(1), chunk=1000, **kw)
+    parts = predict_masked(logits, mask_index, generator=torch.Generator().manual_seed(1), chunk=3, **kw)
+    assert torch.equal(whole[0], parts[0]) and torch.equal(whole[2], parts[2])
+    if remasking == "low_confidence":
+        assert torch.equal(whole[1], parts[1])
+    assert (whole[0][~mask_index] == MASK_ID).all() and (whole[0][mask_index] != MASK_ID).any()
