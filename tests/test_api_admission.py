@@ -18,7 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from pathlib import Path
+
 from tests.test_api import ApiServer, job_state, tiny_spec, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WALL_CLOCK_S = 15
 
@@ -152,6 +156,14 @@ def test_types_are_strict_numbers_finite_and_one_authorization_header(guarded: A
 def test_data_paths_must_lie_in_the_data_root(guarded: ApiServer, http: httpx.Client):
     for path in ["/etc/passwd", "../secret.jsonl", str(guarded.base / "secret.jsonl")]:  # type: ignore[attr-defined]
         refused(http, with_task("math", {"path": path}), "task.options.path", "outside the API's data root")
+    # eval.protocol: a valid protocol outside deploy/eval/ and a missing file are refused alike, by
+    # admission; validation over HTTP reads neither (no oracle for the server's files).
+    outside = guarded.base / "outside.toml"  # type: ignore[attr-defined]
+    outside.write_text((ROOT / "deploy/eval/tiny-sudoku.toml").read_text())
+    for path in [outside, guarded.base / "absent.toml"]:  # type: ignore[attr-defined]
+        body = tiny_spec("protocol")
+        body["eval"] = {**body.get("eval", {}), "protocol": str(path)}
+        refused(http, body, "eval.protocol", "is not a protocol file in deploy/eval/")
 
 
 def test_an_admitted_job_holds_the_only_slot_has_exact_ids_and_is_stopped_at_the_wall_clock(
