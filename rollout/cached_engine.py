@@ -32,14 +32,11 @@ and it takes no further forwards. Rows are left-padded as in the reference sampl
 
 from __future__ import annotations
 
-import inspect
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlrl.models.forward import LOGIT_SHIFT, cached_diffusion_logits
+from dlrl.models.forward import cached_diffusion_logits
 from dlrl.models.kv_cache import KVCache
 from rollout.commit_policy import commit_factor, commit_scheduled, commit_threshold
 from rollout.rollout_stats import RolloutStats, eos_positions
@@ -48,31 +45,6 @@ from rollout.sampler import REMASKING, Sample, num_transfer_tokens, predict_x0
 CACHES = ("prefix", "dual")
 PREDICT_CHUNK = 64
 """Masked positions whose noise and softmax are drawn at once (bounds the (chunk, V) temporaries)."""
-
-
-@lru_cache(maxsize=None)
-def _takes_logits_to_keep(forward_fn) -> bool:
-    return "logits_to_keep" in inspect.signature(forward_fn).parameters
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (whose forward signature is the real one)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-class _KeepLogits:
-    """`model` whose forward projects only `keep` (a slice of the forwarded positions).
-
-    `cached_diffusion_logits` returns the model's logits unsliced when the family's logits are not
-    shifted, so through this view it returns the block's logits only.
-    """
-
-    def __init__(self, model: torch.nn.Module, keep: slice) -> None:
-        self.model, self.keep, self.config = model, keep, model.config
-
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, logits_to_keep=self.keep, **kwargs)
 
 
 def block_logits(
@@ -85,15 +57,10 @@ def block_logits(
     end: int,
     block: tuple[int, int],
 ) -> Tensor:
-    """Logits (B, block length, V) of positions [block[0], block[1]) from forwarding [start, end)."""
-    lo, hi = block
-    inner = _base(model)
-    shift = LOGIT_SHIFT.get(getattr(inner.config, "model_type", ""), 0)
-    if shift == 0 and _takes_logits_to_keep(type(inner).forward):
-        keep = _KeepLogits(model, slice(lo - start, hi - start))
-        return cached_diffusion_logits(keep, x, attention_mask, kv_cache=kv_cache, start=start, end=end)
-    out = cached_diffusion_logits(model, x, attention_mask, kv_cache=kv_cache, start=start, end=end)
-    return out[:, lo - start:hi - start]
+    """Logits (B, block length, V) of positions [block[0], block[1]) from forwarding [start, end):
+    only the block is projected onto the vocabulary where the model allows it."""
+    return cached_diffusion_logits(model, x, attention_mask, kv_cache=kv_cache, start=start, end=end,
+                                   keep=block)
 
 
 def predict_masked(

@@ -30,8 +30,9 @@ LOGIT_SHIFT = {"Dream": 1}
 
 
 @lru_cache(maxsize=None)
-def _accepts_position_ids(forward_fn) -> bool:
-    return "position_ids" in inspect.signature(forward_fn).parameters
+def _accepts(forward_fn, name: str) -> bool:
+    """Whether a model class's forward takes keyword `name` (looked up once per class)."""
+    return name in inspect.signature(forward_fn).parameters
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,7 +73,7 @@ def diffusion_logits(
     inner = _unwrapped(model)
     model_type = getattr(getattr(inner, "config", None), "model_type", "")
     kwargs: dict = {}
-    if _accepts_position_ids(type(inner).forward):
+    if _accepts(type(inner).forward, "position_ids"):
         kwargs["position_ids"] = padding_positions(attention_mask)
     if MASK_STYLE.get(model_type, "4d") == "2d":
         kwargs["attention_mask"] = attention_mask
@@ -100,15 +101,22 @@ def cached_diffusion_logits(
     kv_cache: KVCache,
     start: int,
     end: int,
+    keep: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Logits (B, end - start, V) for positions [start, end) of x (B, T), through `kv_cache`.
+    """Logits (B, hi - lo, V) for positions [lo, hi) = `keep` (default [start, end)) of x (B, T),
+    from forwarding [start, end) through `kv_cache`.
 
     start = 0 on an empty cache is the full forward that fills it. Otherwise only positions
     [start - shift, end) are forwarded (a model whose logits lag by `shift` needs the hidden state
     before the first position it predicts) and attend to the cached keys/values of the others.
+    `keep` lets a sampler ask for the block it can commit only: a model whose forward takes
+    `logits_to_keep` then projects just those positions onto the vocabulary.
     attention_mask: (B, T) 1/0 padding mask of the whole sequence, or None. Native families only:
     the model's forward must take `kv_cache` and `cache_start` (dlrl.models.kv_cache).
     """
+    lo, hi = keep if keep is not None else (start, end)
+    if not start <= lo <= hi <= end:
+        raise ValueError(f"keep [{lo}, {hi}) is not inside the forwarded positions [{start}, {end})")
     shift = LOGIT_SHIFT.get(_model_type(model), 0)
     first = 0 if start == 0 else start - shift
     if first < 0:
@@ -119,11 +127,19 @@ def cached_diffusion_logits(
         mask = None
     else:
         positions = padding_positions(attention_mask)[:, first:end]
-        keep = attention_mask.bool()
+        keep_keys = attention_mask.bool()
         width = max(len(kv_cache), end)  # keys attended after this call's update
-        mask = keep[:, None, None, :width].expand(-1, 1, end - first, -1)
+        mask = keep_keys[:, None, None, :width].expand(-1, 1, end - first, -1)
+    kwargs: dict = {}
+    sliced = shift == 0 and (lo, hi) != (start, end) and _accepts(type(_unwrapped(model)).forward, "logits_to_keep")
+    if sliced:
+        kwargs["logits_to_keep"] = slice(lo - first, hi - first)
     out = model(x[:, first:end], attention_mask=mask, position_ids=positions,
-                kv_cache=kv_cache, cache_start=first).logits  # (B, end - first, V)
+                kv_cache=kv_cache, cache_start=first, **kwargs).logits
+    if sliced:
+        return out  # (B, hi - lo, V)
     if start == 0:
-        return align_logits(out, shift)
-    return out[:, start - first - shift: end - first - shift] if shift else out
+        out = align_logits(out, shift)
+    elif shift:
+        out = out[:, start - first - shift: end - first - shift]
+    return out[:, lo - start:hi - start]  # (B, hi - lo, V)
