@@ -16,7 +16,9 @@ from dlrl.config import TrainSpec
 from dlrl.models.forward import diffusion_logits
 from learner.batch import TrainBatch
 from learner.losses import bgpo_loss, diffu_grpo_loss, naive_elbo_ratio_loss
+from learner import sharding
 from learner.precision import autocast, low_precision_masters
+from learner.sharding import Rank
 
 
 def elbo_chunk(
@@ -73,31 +75,50 @@ def one_step_logprobs(
     return diffusion.token_logprobs(logits, response)
 
 
-def _micro_batches(batch: TrainBatch, size: int):
-    for start in range(0, batch.size, size):
-        yield batch.rows(start, min(start + size, batch.size))
+def _pieces(batch: TrainBatch, size: int, rank: Rank) -> list[tuple[TrainBatch, slice | None]]:
+    """This rank's micro-batches of the global batch, each with its rows in the rank's share
+    (local indices), padded with zero-weighted passes (rows None) to the count every rank runs:
+    each pass is a forward (and backward) whose collectives all ranks must join. A single process
+    gets exactly its micro-batches, as before the learner group existed."""
+    rows = rank.rows(batch.size)
+    out: list[tuple[TrainBatch, slice | None]] = [
+        (batch.rows(s, min(s + size, rows.stop)), slice(s - rows.start, min(s + size, rows.stop) - rows.start))
+        for s in range(rows.start, rows.stop, size)
+    ]
+    while len(out) < rank.passes(batch.size, size):
+        out.append((batch.rows(0, 1), None))
+    return out
+
+
+def _chunks(spec: TrainSpec) -> list[slice]:
+    return [slice(j, min(j + spec.mc_chunk, spec.n_mc)) for j in range(0, spec.n_mc, spec.mc_chunk)]
+
+
+def _pad_backward(out: torch.Tensor) -> None:
+    """A padding pass's backward: zero gradient, but the same reduce-scatters as a real one."""
+    (out.sum() * 0.0).backward()
 
 
 @torch.no_grad()
 def old_policy_terms(
-    model: torch.nn.Module, batch: TrainBatch, spec: TrainSpec, mask_id: int
+    model: torch.nn.Module, batch: TrainBatch, spec: TrainSpec, mask_id: int, rank: Rank = Rank()
 ) -> torch.Tensor:
-    """l_old: (N, n_mc) ELBO terms (diffu-GRPO: (updates, N, L) log-probs) before any update."""
+    """l_old: (n, n_mc) ELBO terms (diffu-GRPO: (updates, n, L) log-probs) before any update, for
+    this rank's n rows of the batch (all N rows in a single process)."""
+    pieces = _pieces(batch, spec.micro_batch, rank)
     if spec.algorithm == "diffu_grpo":
         per_update = []
         for u in range(spec.updates_per_batch):
-            per_update.append(torch.cat([
-                one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, u, spec.compute_dtype)
-                for mb in _micro_batches(batch, spec.micro_batch)
-            ]))
+            outs = [(one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, u, spec.compute_dtype), rows)
+                    for mb, rows in pieces]
+            per_update.append(torch.cat([o for o, rows in outs if rows is not None]))
         return torch.stack(per_update)
     out = []
-    for mb in _micro_batches(batch, spec.micro_batch):
-        out.append(torch.cat([
-            elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize,
-                       spec.compute_dtype)
-            for j in range(0, spec.n_mc, spec.mc_chunk)
-        ], dim=1))
+    for mb, rows in pieces:
+        terms = torch.cat([elbo_chunk(model, mb, js, mask_id, spec.normalize, spec.compute_dtype)
+                           for js in _chunks(spec)], dim=1)
+        if rows is not None:
+            out.append(terms)
     return torch.cat(out)
 
 
@@ -108,23 +129,33 @@ def accumulate_gradients(
     spec: TrainSpec,
     mask_id: int,
     update: int = 0,
+    rank: Rank = Rank(),
 ) -> dict[str, float]:
-    """Backward the whole batch's loss in pieces; returns the loss value and ratio statistics.
+    """Backward this rank's part of the batch's loss in pieces; returns the loss value and ratio
+    statistics (summed over the learner group).
 
-    Each piece's loss is scaled by its share of the batch (m / N), so the accumulated gradient is
-    the gradient of the full-batch loss whatever the micro-batch and chunk sizes.
+    Each piece's loss is scaled by its share of the *global* batch (m / N), so the gradient
+    accumulated over pieces (and summed over ranks by the reduce-scatter, learner.sharding) is the
+    gradient of the full-batch loss whatever the micro-batch, chunk sizes and number of ranks.
+    `old` holds this rank's rows (old_policy_terms with the same rank).
     """
     n = batch.size
     loss_total, d_abs, clipped, count = 0.0, 0.0, 0.0, 0
-    start = 0
-    for mb in _micro_batches(batch, spec.micro_batch):
-        rows = slice(start, start + mb.size)
-        start += mb.size
+    for mb, rows in _pieces(batch, spec.micro_batch, rank):
+        if rows is None:  # padding pass: same collectives, no gradient
+            if spec.algorithm == "diffu_grpo":
+                _pad_backward(one_step_logprobs(model, mb, mask_id, spec.p_mask_prompt, update, spec.compute_dtype))
+            elif spec.algorithm == "naive_elbo":
+                _pad_backward(torch.cat([elbo_chunk(model, mb, js, mask_id, spec.normalize, spec.compute_dtype)
+                                         for js in _chunks(spec)], dim=1))
+            else:
+                for js in _chunks(spec):
+                    _pad_backward(elbo_chunk(model, mb, js, mask_id, spec.normalize, spec.compute_dtype))
+            continue
         share = mb.size / n
         adv = mb.advantages.to(old.dtype)
         if spec.algorithm == "bgpo":
-            for j in range(0, spec.n_mc, spec.mc_chunk):
-                js = slice(j, min(j + spec.mc_chunk, spec.n_mc))
+            for js in _chunks(spec):
                 terms = elbo_chunk(model, mb, js, mask_id, spec.normalize, spec.compute_dtype)
                 old_j = old[rows, js]
                 loss = sum(
@@ -141,9 +172,7 @@ def accumulate_gradients(
                 count += d.numel()
         elif spec.algorithm == "naive_elbo":
             terms = torch.cat([
-                elbo_chunk(model, mb, slice(j, min(j + spec.mc_chunk, spec.n_mc)), mask_id, spec.normalize,
-                       spec.compute_dtype)
-                for j in range(0, spec.n_mc, spec.mc_chunk)
+                elbo_chunk(model, mb, js, mask_id, spec.normalize, spec.compute_dtype) for js in _chunks(spec)
             ], dim=1)  # (m, n_mc): every MC graph alive until the backward below
             loss = naive_elbo_ratio_loss(terms, old[rows], adv) * share
             loss.backward()
@@ -162,6 +191,9 @@ def accumulate_gradients(
             count += d.numel()
         else:
             raise ValueError(f"unknown algorithm {spec.algorithm!r}")
+    if rank.sharded:
+        loss_total, d_abs, clipped, count = sharding.all_sum([loss_total, d_abs, clipped, count],
+                                                             batch.tokens.device)
     return {
         "loss": loss_total,
         "d_abs": d_abs / max(count, 1),
@@ -175,8 +207,11 @@ def train_step(
     batch: TrainBatch,
     spec: TrainSpec,
     mask_id: int,
+    rank: Rank = Rank(),
 ) -> dict[str, float]:
-    """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics."""
+    """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics.
+
+    In a learner group every rank calls this with the same global batch and trains its rows."""
     t0 = time.perf_counter()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,17 +221,22 @@ def train_step(
             f"them. Keep the trained weights in float32 (model.dtype = 'float32') and compute in bf16 "
             f"(train.compute_dtype = 'bfloat16'), or train a LoRA adapter (model.lora)"
         )
-    old = old_policy_terms(model, batch, spec, mask_id)
+    old = old_policy_terms(model, batch, spec, mask_id, rank)
     metrics: dict[str, float] = {}
     for update in range(spec.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(model, batch, old, spec, mask_id, update)
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
+        metrics = accumulate_gradients(model, batch, old, spec, mask_id, update, rank)
+        metrics["grad_norm"] = (sharding.clip_grad_norm(params, spec.grad_clip) if rank.sharded
+                                else float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)))
         optimizer.step()
     seconds = time.perf_counter() - t0
     passes = 1 if spec.algorithm == "diffu_grpo" else spec.n_mc
+    kept = old[0][batch.valid[rank.rows(batch.size)]] if spec.algorithm == "diffu_grpo" else old
+    total, count = float(kept.sum()), kept.numel()
+    if rank.sharded:
+        total, count = sharding.all_sum([total, count], batch.tokens.device)
     metrics.update(
-        elbo_old=float(old.mean()) if spec.algorithm != "diffu_grpo" else float(old[0][batch.valid].mean()),
+        elbo_old=total / max(count, 1),
         learner_seconds=seconds,
         learner_tokens_per_s=batch.tokens.numel() * passes * (1 + spec.updates_per_batch) / seconds,
     )
