@@ -294,8 +294,13 @@ class RuntimeSpec(Section):
     worker_gpus) whatever the cluster shows at start, so an autoscaling cluster scales up.
     'auto': GPUs only if the cluster has some when the job starts, shared (small machines).
     See services/placement.py."""
+    learner_ranks: int = Field(1, ge=1, le=512)
+    """Learner processes. N > 1: a learner group that shards the model, its gradients and AdamW
+    state 1/N per rank with FSDP2 and trains 1/N of each batch per rank (learner/sharding.py);
+    the gradient is the single learner's. One per GPU with device = 'cuda'. A checkpoint resumes
+    only with the N that wrote it."""
     learner_gpus: float = Field(1.0, gt=0, le=64)
-    """GPUs the learner asks for with device = 'cuda' (a fraction shares a GPU)."""
+    """GPUs each learner rank asks for with device = 'cuda' (a fraction shares a GPU)."""
     worker_gpus: float = Field(1.0, gt=0, le=64)
     """GPUs each rollout worker asks for with device = 'cuda'."""
     placement_timeout_s: float = Field(600.0, gt=0, le=86_400)

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dlrl.models.blocks import transformer_blocks
+from dlrl.weights.update import materialize
 from learner.precision import autocast_dtype
 
 GROUP_TIMEOUT_S = 1800.0
@@ -132,20 +133,21 @@ def shard(model: nn.Module, compute_dtype: str, device: torch.device) -> nn.Modu
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor") and hasattr(module, "reshard"):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a shard (an all-gather every rank must join, in the same order), or the
-    tensor itself when it is not sharded."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+full = materialize
+"""The whole tensor of a shard (an all-gather every rank must join, in the same order), or the
+tensor itself when it is not sharded."""
 
 
-def follow_gather(state: dict[str, torch.Tensor]) -> None:
+def follow_gather(state: dict[str, torch.Tensor], skip_empty: bool) -> None:
     """What a non-lead rank runs while the lead gathers `state` tensor by tensor to publish it:
-    the same all-gathers, in manifest order, empty tensors skipped as the bucket plan skips them."""
+    the same all-gathers in manifest order (the object store's encode takes every tensor; the
+    broadcast's bucket plan skips empty ones: `skip_empty`)."""
     for value in state.values():
-        if value.numel():
+        if value.numel() or not skip_empty:
             full(value)
 
 

@@ -41,8 +41,10 @@ from dlrl.queue.group_ids import batch_of
 from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
+from learner import sharded_state, sharding
 from learner.batch import collate
 from learner.schedule import lr_factor
+from learner.sharding import Rank
 from learner.step import train_step
 
 STATE_JSON = "trainer_state.json"
@@ -78,34 +80,60 @@ def read_state(checkpoint: str | Path) -> dict | None:
 
 
 class Learner:
-    def __init__(self, spec: JobSpec, run_id: str | None = None, resume_from: str | None = None) -> None:
+    """One learner process; with `world` > 1, one rank of a learner group (learner.sharding).
+
+    A single learner is ready when constructed. A group's ranks are constructed first (each loads
+    the model), then `join_group` is called on all of them at once with the lead's
+    `group_address()`: that forms the process group, shards the model and restores the checkpoint.
+    """
+
+    def __init__(self, spec: JobSpec, run_id: str | None = None, resume_from: str | None = None,
+                 rank: int = 0, world: int = 1) -> None:
         set_threads(spec.runtime.threads)
         torch.manual_seed(spec.train.seed)
         self.spec = spec
         self.run_id = run_id or spec.name
+        self.rank = Rank(rank, world)
         self.device = pick_device(spec.runtime.device)
         self.model, self.tokenizer = load_model(
             spec.model.path, dtype=spec.model.dtype, device=self.device,
             trust_remote_code=spec.model.trust_remote_code, lora=spec.model.lora,
         )
         self.ids = special_ids(self.model, self.tokenizer)
-        t = spec.train
+        self.version = 0
+        self.trained: list[str] = []  # group ids, in the order they were trained on
+        self._trained_set: set[str] = set()
+        self.unacked: list[str] = []  # queue entries used by steps not yet in a checkpoint
+        self.counts = {"duplicates_dropped": 0, "stale_dropped": 0, "future_dropped": 0}
+        self.publisher = WeightPublisher.from_spec(spec.weights)
+        self.queue: TrajectoryQueue | None = None  # opened by the lead's first step_from_queue
+        self.ahead: dict[int, dict[str, Delivery]] = {}  # batch -> its groups read so far, not yet trained
+        self._resume_from = resume_from
+        if not self.rank.sharded:
+            self._setup()
+
+    def group_address(self) -> tuple[str, int]:
+        """The lead's rendezvous address for `join_group` (a free port on its node)."""
+        return sharding.free_address()
+
+    def join_group(self, host: str, port: int) -> int:
+        """Form the learner group (every rank at once), shard the model, restore; returns the version."""
+        sharding.join(self.rank, host, port, self.device)
+        sharding.shard(self.model, self.spec.train.compute_dtype, self.device)
+        self._setup()
+        return self.version
+
+    def _setup(self) -> None:
+        """The optimizer over the (sharded) trainable weights, and the checkpoint's state if any."""
+        t = self.spec.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_factor, warmup_steps=t.warmup_steps, total_steps=t.steps, decay=t.lr_decay,
             final_ratio=t.final_lr_ratio,
         ))
-        self.version = 0
-        self.trained: list[str] = []  # group ids, in the order they were trained on
-        self._trained_set: set[str] = set()
-        self.unacked: list[str] = []  # queue entries used by steps not yet in a checkpoint
-        self.counts = {"duplicates_dropped": 0, "stale_dropped": 0, "future_dropped": 0}
-        if resume_from is not None:
-            self._restore(Path(resume_from))
-        self.publisher = WeightPublisher.from_spec(spec.weights)
-        self.queue: TrajectoryQueue | None = None  # opened by the first step_from_queue
-        self.ahead: dict[int, dict[str, Delivery]] = {}  # batch -> its groups read so far, not yet trained
+        if self._resume_from is not None:
+            self._restore(Path(self._resume_from))
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -115,7 +143,7 @@ class Learner:
         batch = collate(groups, pad_id=self.ids.pad_id, eos_ids=self.ids.eos_ids, n_mc=t.n_mc,
                         mask_scheme=t.mask_scheme, time_form=t.time_form,
                         mask_coupling=t.mask_coupling).to(self.device)
-        metrics = train_step(self.model, self.optimizer, batch, t, self.ids.mask_id)
+        metrics = train_step(self.model, self.optimizer, batch, t, self.ids.mask_id, self.rank)
         metrics["lr"] = self.schedule.get_last_lr()[0]
         self.schedule.step()
         staleness = [self.version - g.policy_version for g in groups]
@@ -169,10 +197,41 @@ class Learner:
         The batch is sorted by (policy version, group id), so which worker delivered first does not
         change the update (a resumed synchronous run is bit-identical to an uninterrupted one).
         TimeoutError naming the missing groups' batch after `timeout` seconds without them.
+        In a learner group every rank calls this; the lead reads the queue and hands the groups on.
         """
         if batch != self.version:
             raise ValueError(f"learner at version {self.version} asked to train batch {batch}: step b "
                              f"trains batch b from version b")
+        if not self.rank.lead:
+            blobs = sharding.broadcast_blobs(None)
+            if not blobs:
+                raise RuntimeError(f"the lead learner failed before step {batch} (its error is the run's)")
+            return self.step([TrajectoryGroup.from_bytes(b) for b in blobs])
+        try:
+            chosen, waited, before = self._collect(batch, n_groups, timeout)
+        except BaseException:
+            if self.rank.sharded:
+                sharding.broadcast_blobs([])  # release the other ranks
+            raise
+        groups = [d.group for d in chosen]
+        if self.rank.sharded:
+            sharding.broadcast_blobs([g.to_bytes() for g in groups])
+        metrics = self.step(groups)
+        self.unacked += [d.entry_id for d in chosen]
+        if not self.spec.runtime.checkpoint_every:  # no checkpoint to wait for: nothing could resume
+            self.queue.ack(self.unacked)
+            self.unacked = []
+        metrics.update(
+            learner_wait_seconds=waited,
+            redeliveries=sum(d.deliveries > 1 for d in chosen),
+            queue_depth=self.queue.depth(),
+            groups_ahead=sum(len(v) for v in self.ahead.values()),
+            **{k: self.counts[k] - before[k] for k in self.counts},
+        )
+        return metrics
+
+    def _collect(self, batch: int, n_groups: int, timeout: float) -> tuple[list[Delivery], float, dict]:
+        """The lead's wait for batch `batch`'s groups (sorted), the seconds waited, counts before."""
         if self.queue is None:
             self._open_queue()
         t0 = time.perf_counter()
@@ -187,33 +246,36 @@ class Learner:
             self._file(self.queue.get(n_groups - len(have), timeout=min(left, 5.0)))
         waited = time.perf_counter() - t0
         chosen = sorted(self.ahead.pop(batch).values(), key=lambda d: (d.group.policy_version, d.group.group_id))
-        metrics = self.step([d.group for d in chosen])
-        self.unacked += [d.entry_id for d in chosen]
-        if not self.spec.runtime.checkpoint_every:  # no checkpoint to wait for: nothing could resume
-            self.queue.ack(self.unacked)
-            self.unacked = []
-        metrics.update(
-            learner_wait_seconds=waited,
-            redeliveries=sum(d.deliveries > 1 for d in chosen),
-            queue_depth=self.queue.depth(),
-            groups_ahead=sum(len(v) for v in self.ahead.values()),
-            **{k: self.counts[k] - before[k] for k in self.counts},
-        )
-        return metrics
+        return chosen, waited, before
 
     # -- weights and checkpoints --------------------------------------------------------------
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Trainable weights on the CPU (the full model, or only the LoRA adapter tensors)."""
+    def _published(self) -> dict[str, torch.Tensor]:
+        """What a weights version holds (the full model, or only the LoRA adapter tensors), as this
+        process holds it: shards (DTensors) in a learner group."""
         state = self.model.state_dict()
         if self.spec.model.lora is not None:
             state = {k: v for k, v in state.items() if "lora_" in k}
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return state
 
-    def weight_payload(self) -> tuple[WeightUpdate, list[np.ndarray]]:
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Trainable weights on the CPU, whole (in a group: gathered, and every rank must call)."""
+        return {k: sharding.full(v).detach().to("cpu", copy=True) for k, v in self._published().items()}
+
+    def weight_payload(self) -> tuple[WeightUpdate | None, list[np.ndarray] | None]:
         """This version's manifest and bytes; called with num_returns=2 so the driver owns both
-        (dlrl.weights.object_store.adopt) and the version outlives this actor."""
-        return encode(self.version, self.weights())
+        (dlrl.weights.object_store.adopt) and the version outlives this actor.
+
+        In a learner group every rank calls it: the lead gathers the shards tensor by tensor
+        straight into the payload (the one host copy the object store needs; no full copy on any
+        device), the others join each all-gather and return (None, None)."""
+        if not self.rank.sharded:
+            return encode(self.version, self.weights())
+        state = self._published()
+        if not self.rank.lead:
+            sharding.follow_gather(state, skip_empty=False)
+            return None, None
+        return encode(self.version, state)
 
     def open_weight_group(self, world_size: int, host: str = "127.0.0.1") -> GroupAddress:
         """Rank 0 of a broadcast group of this learner and world_size - 1 rollout workers."""
@@ -222,9 +284,19 @@ class Learner:
     def join_weight_group(self) -> bool:
         return self.publisher.join_group()
 
-    def send_weights(self) -> SyncStats:
-        """Broadcast the current version (every worker calls recv_weights at the same time)."""
-        return self.publisher.send(self.version, self.weights())
+    def send_weights(self) -> SyncStats | None:
+        """Broadcast the current version (every worker calls recv_weights at the same time).
+
+        In a learner group every rank calls it: the lead packs each bucket from tensors gathered
+        as the bucket is filled (one bucket of full weights at a time), the others join the
+        all-gathers and return None."""
+        if not self.rank.sharded:
+            return self.publisher.send(self.version, self.weights())
+        state = self._published()
+        if not self.rank.lead:
+            sharding.follow_gather(state, skip_empty=True)
+            return None
+        return self.publisher.send(self.version, state)
 
     def save(self, path: str | Path, keep: str | Path | None = None) -> str:
         """Atomically write an HF checkpoint plus the resume state to `path`, then acknowledge
@@ -235,36 +307,71 @@ class Learner:
         that folder, atomically and before `path` is replaced, so every step `path` has held is
         kept too (a crash in between only leaves a kept step that the resumed run redoes)."""
         path = Path(path)
+        if self.rank.sharded:
+            return self._save_group(path, keep)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_checkpoint(self.model, self.tokenizer, tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / STATE_PT)
+        torch.save(self._resume_blob(optimizer=True), tmp / STATE_PT)
+        self._finish_save(tmp, path, keep)
+        return str(path)
+
+    def _save_group(self, path: Path, keep: str | Path | None) -> str:
+        """A learner group's save (every rank calls it): HF weights gathered onto the lead, the
+        optimizer state sharded by DCP (learner.sharded_state), one folder renamed by the lead."""
+        tmp = path.with_name(path.name + f".tmp-v{self.version}")  # the same name on every rank
+        if self.rank.lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        sharding.barrier()
+        full = sharded_state.full_model_state(self.model)
+        sharded_state.save_shards(self.model, self.optimizer, tmp)
+        if self.rank.lead:
+            if self.spec.model.lora is not None:
+                full = {k: v for k, v in full.items() if "lora_" in k}
+            save_checkpoint(self.model, self.tokenizer, tmp, state_dict=full)
+            torch.save(self._resume_blob(optimizer=False), tmp / STATE_PT)
+            self._finish_save(tmp, path, keep)
+        sharding.barrier()
+        return str(path)
+
+    def _resume_blob(self, optimizer: bool) -> dict:
+        blob = {"schedule": self.schedule.state_dict(), "torch_rng": torch.get_rng_state()}
+        if optimizer:
+            blob["optimizer"] = self.optimizer.state_dict()
+        return blob
+
+    def _finish_save(self, tmp: Path, path: Path, keep: str | Path | None) -> None:
+        """Resume JSON, the kept copy, the rename, then the acknowledgements (see `save`)."""
         # One step per version, and rollout batch b is trained at step b: the version is also the
         # step and the prompt cursor a resumed run starts from.
         state = {"version": self.version, "step": self.version, "trained_groups": self.trained,
-                 "counts": self.counts}
+                 "counts": self.counts, "learner_ranks": self.rank.world}
         (tmp / STATE_JSON).write_text(json.dumps(state) + "\n")
         if keep is not None:
             keep = Path(keep)
             keep.parent.mkdir(parents=True, exist_ok=True)
             kept = keep.with_name(keep.name + f".tmp-{os.getpid()}")
             shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(tmp, kept, ignore=shutil.ignore_patterns(STATE_PT), copy_function=_link_or_copy)
+            shutil.copytree(tmp, kept, ignore=shutil.ignore_patterns(STATE_PT, sharded_state.DCP_DIR),
+                            copy_function=_link_or_copy)
             _replace_dir(kept, keep)
         _replace_dir(tmp, path)
         if self.unacked and self.queue is not None:
             self.queue.ack(self.unacked)
         self.unacked = []
-        return str(path)
 
     def _restore(self, path: Path) -> None:
-        load_trainable(self.model, path)
+        state = read_state(path)
+        sharded_state.check_group_size(state, self.rank.world, path)
         blob = torch.load(path / STATE_PT, weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        if self.rank.sharded:
+            sharded_state.load_shards(self.model, self.optimizer, path)
+        else:
+            load_trainable(self.model, path)
+            self.optimizer.load_state_dict(blob["optimizer"])
         self.schedule.load_state_dict(blob["schedule"])
         torch.set_rng_state(blob["torch_rng"])
-        state = read_state(path)
         self.version = state["version"]
         self.trained = list(state["trained_groups"])
         self._trained_set = set(self.trained)

@@ -45,17 +45,18 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import RayActorError, RayError
 from ray.util import remove_placement_group
 from ray.util.placement_group import PlacementGroup
 
 from dlrl.config import JobSpec
 from dlrl.queue import open_queue
 from dlrl.weights import WeightHandle, WeightPublisher
-from learner.train import Learner, read_state
+from learner.train import read_state
 from rollout.worker import RolloutWorker
 from services.periodic_eval import PeriodicEval, clear_outputs
-from services.placement import Placement, actor_options, plan_placement, reserve
+from services.learner_group import CALL_WAIT_S, LearnerGroup, get
+from services.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
 from services.progress import RunLog, plot_rewards, read_metrics
 from services.telemetry import RunMetrics
 
@@ -68,10 +69,6 @@ QUEUE_WAIT_S = 1800.0
 """Longest the learner waits for one rollout batch's groups (then TimeoutError naming them)."""
 STEP_WAIT_S = QUEUE_WAIT_S + 300.0
 """Longest the driver waits for one learner step, rollout failures aside (they fail it at once)."""
-CALL_WAIT_S = 1800.0
-"""Longest the driver waits for any other actor call (a save, an evaluation, a weight payload)."""
-NAME_RELEASE_S = 30.0
-"""Longest a dead learner's actor name may stay taken after its handle is released."""
 
 
 class ResumeError(RuntimeError):
@@ -80,14 +77,6 @@ class ResumeError(RuntimeError):
 
 class RolloutFailed(RuntimeError):
     """A rollout worker failed for good (could not start, ran out of restarts, or raised)."""
-
-
-def get(refs, what: str, timeout: float = CALL_WAIT_S):
-    """ray.get with a deadline and an error that says what did not answer."""
-    try:
-        return ray.get(refs, timeout=timeout)
-    except GetTimeoutError:
-        raise TimeoutError(f"dlrl: {what} did not answer within {timeout:.0f}s") from None
 
 
 def start_ray(spec: JobSpec) -> None:
@@ -120,7 +109,7 @@ class Run:
         self.workers = [
             ray.remote(RolloutWorker).options(
                 name=f"dlrl:{run_id}:worker:{i}", namespace=NAMESPACE,
-                max_restarts=restarts, max_task_retries=restarts, **actor_options(placement, pg, 1 + i),
+                max_restarts=restarts, max_task_retries=restarts, **actor_options(placement, pg, worker_bundle(placement, i)),
             ).remote(spec, i, n, run_id)
             for i in range(n)
         ]
@@ -128,47 +117,27 @@ class Run:
         self.evaluator = PeriodicEval(spec, run_dir, self.workers[0])
         self.telemetry = RunMetrics(run_id, spec.runtime.max_staleness)
         self.publisher = WeightPublisher.from_spec(spec.weights)
-        self.learner = None
-        self.learner_name = f"dlrl:{run_id}:learner"
+        self.learners = LearnerGroup(spec, run_id, NAMESPACE, placement, pg)
         self.rebuilds = 0  # learner rebuilds since a step last finished
         self.broadcast = False  # a collective weight group is formed and healthy
         self.rollouts: dict[int, list[ray.ObjectRef]] = {}  # batch -> the workers' rollout calls
         self.origin: dict[ray.ObjectRef, tuple[int, int]] = {}  # rollout call -> (batch, worker)
 
+    @property
+    def learner(self):
+        """The lead learner (the only one, unless runtime.learner_ranks > 1)."""
+        return self.learners.lead
+
     def start_learner(self) -> int:
-        """(Re)create the learner from the last checkpoint if there is one; returns its step."""
+        """(Re)create the learner (group) from the last checkpoint if there is one; returns its step."""
         state = read_state(self.checkpoint)
-        resume_from = str(self.checkpoint) if state else None
-        self.learner = ray.remote(Learner).options(
-            name=self.learner_name, namespace=NAMESPACE, **actor_options(self.placement, self.pg, 0),
-        ).remote(self.spec, self.run_id, resume_from)
+        self.learners.start(str(self.checkpoint) if state else None)
         if self.spec.weights.sync == "collective" and self.publisher.generation == 0:
             self._form_group()
         return state["version"] if state else 0
 
     def release_learner(self) -> None:
-        """Kill the learner (dead or alive) and wait until its actor name is free again.
-
-        Ray keeps the name of an actor that died by SIGKILL taken while a handle to it lives, so a
-        replacement under the same name would fail with ActorAlreadyExistsError; ray.kill of the
-        handle frees it."""
-        if self.learner is None:
-            return
-        try:
-            ray.kill(self.learner, no_restart=True)
-        except RayError:
-            pass  # already gone
-        self.learner = None
-        deadline = time.monotonic() + NAME_RELEASE_S
-        while True:
-            try:
-                ray.get_actor(self.learner_name, namespace=NAMESPACE)
-            except ValueError:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dlrl: the learner's actor name {self.learner_name!r} is still taken "
-                                   f"{NAME_RELEASE_S:.0f}s after the learner was killed; cannot rebuild it")
-            time.sleep(0.2)
+        self.learners.release()
 
     def _form_group(self) -> None:
         """The learner and every worker join one broadcast group (all at once); on failure every
@@ -187,12 +156,15 @@ class Run:
 
         The object store gets every version even when it is broadcast: a worker that already holds
         it ignores the handle, a restarted worker (or one whose broadcast failed) catches up from it."""
-        update_ref, payload_ref = self.learner.weight_payload.options(num_returns=2).remote()
+        update_ref, payload_ref, peers = self.learners.weight_payload()
         handle = self.publisher.adopt(update_ref, payload_ref)
+        get(peers, f"the learner ranks' part in publishing version {version}")
         metrics = handle.stats.metrics()
         if self.broadcast and version > 0:
-            sent, *got = get([self.learner.send_weights.remote(), *[w.recv_weights.remote() for w in self.workers]],
+            sends = self.learners.call("send_weights")
+            sent, *got = get([sends[0], *[w.recv_weights.remote() for w in self.workers]],
                              f"weight broadcast of version {version}")
+            get(sends[1:], f"the learner ranks' part in the broadcast of version {version}")
             ok = sent.error is None and all(g.error is None and g.version == version for g in got)
             metrics = {"weight_sync_seconds": max(sent.seconds, *(g.seconds for g in got)),
                        "weight_sync_bytes": float(sent.bytes), "weight_sync_transport": "collective"}
@@ -212,21 +184,29 @@ class Run:
                 refs.append(ref)
         self.rollouts[batch] = refs
 
-    def wait_step(self, learner_ref: ray.ObjectRef, step: int) -> dict:
-        """The learner's metrics of `step`, watching every rollout call meanwhile: one that failed for
-        good fails the run now (a learner waiting for its groups would otherwise wait for ever).
-        RayActorError when the learner died."""
+    def wait_step(self, learner_refs: list[ray.ObjectRef], step: int) -> dict:
+        """The lead learner's metrics of `step` (every rank's call finished), watching every rollout
+        call meanwhile: one that failed for good fails the run now (a learner waiting for its
+        groups would otherwise wait for ever). RayActorError when a learner rank died."""
         deadline = time.monotonic() + STEP_WAIT_S
+        pending = list(learner_refs)
         while True:
             watch = [ref for refs in self.rollouts.values() for ref in refs if ref in self.origin]
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"dlrl: learner step {step} did not finish within {STEP_WAIT_S:.0f}s")
-            ready, _ = ray.wait([learner_ref, *watch], num_returns=1, timeout=min(left, 10.0))
+            ready, _ = ray.wait([*pending, *watch], num_returns=1, timeout=min(left, 10.0))
             for ref in ready:
-                if ref == learner_ref:
-                    return ray.get(learner_ref)
-                self.check_rollout(ref)
+                if ref in pending:
+                    try:
+                        ray.get(ref)
+                    except RayError as e:
+                        raise self.learners.failure(learner_refs, e)  # noqa: B904 - it may be e itself
+                    pending.remove(ref)
+                    if not pending:
+                        return ray.get(learner_refs[0])
+                else:
+                    self.check_rollout(ref)
 
     def check_rollout(self, ref: ray.ObjectRef) -> None:
         """Raise RolloutFailed with the worker's error if this finished rollout call failed."""
@@ -242,7 +222,7 @@ class Run:
         handle, _ = self.publish(step)
         next_batch = step
         evals: dict[int, ray.ObjectRef] = {}
-        learner_ref = None
+        learner_refs = None
         t_step = time.perf_counter()
         while step < total:
             while next_batch < total and next_batch <= step + stale:
@@ -250,18 +230,18 @@ class Run:
                 next_batch += 1
             if step % spec.eval.every == 0 and step not in evals:
                 evals[step] = self.evaluator.start(step, handle)
-            if learner_ref is None:
-                learner_ref = self.learner.step_from_queue.remote(step, spec.rollout.prompts_per_step,
-                                                                  QUEUE_WAIT_S)
+            if learner_refs is None:
+                learner_refs = self.learners.call("step_from_queue", step, spec.rollout.prompts_per_step,
+                                                  QUEUE_WAIT_S)
             try:
-                metrics = self.wait_step(learner_ref, step)
+                metrics = self.wait_step(learner_refs, step)
             except RayActorError as e:
                 step = self._rewind(e)
                 handle, _ = self.publish(step)
-                next_batch, learner_ref, evals = step, None, {}
+                next_batch, learner_refs, evals = step, None, {}
                 continue
             self.rebuilds = 0
-            learner_ref = None
+            learner_refs = None
             self._log_evals(evals, upto=step)
             refs = self.rollouts.pop(step, [])
             rolled = get(refs, f"the rollout calls of batch {step}")
@@ -276,13 +256,13 @@ class Run:
             t_step = time.perf_counter()
             step += 1
             if spec.runtime.checkpoint_every and step % spec.runtime.checkpoint_every == 0:
-                get(self.learner.save.remote(str(self.checkpoint), self.evaluator.kept(step)),
-                    f"the checkpoint of step {step}")
+                self.learners.run("save", str(self.checkpoint), self.evaluator.kept(step),
+                                  what=f"the checkpoint of step {step}")
             if step % spec.eval.every == 0:
                 plot_rewards(self.run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
         self._log_evals(evals, upto=total)
         self.log.eval(total, get(self.evaluator.start(total, handle), "the final evaluation"))
-        get(self.learner.save.remote(str(self.checkpoint), self.evaluator.kept(total)), "the final checkpoint")
+        self.learners.run("save", str(self.checkpoint), self.evaluator.kept(total), what="the final checkpoint")
         self.evaluator.update_best()
 
     def _log_evals(self, evals: dict[int, ray.ObjectRef], upto: int) -> None:
@@ -425,9 +405,8 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
     try:
         r.loop(r.start_learner())
     finally:
-        for actor in [*r.workers, r.learner]:
-            if actor is not None:
-                ray.kill(actor)
+        for actor in [*r.workers, *r.learners.actors]:
+            ray.kill(actor)
         remove_placement_group(pg)
         # Finished, failed or stopped: the queue must not outlive the run (see the module docstring).
         dead_letters = close_queue(queue)

@@ -3,11 +3,14 @@
 The requests come from the spec, never from what the cluster shows when the job starts: on a
 `ray up` or KubeRay cluster whose GPU workers start at zero (deploy/ray-cluster.yaml) a job that
 sized its requests from the GPUs present would ask for none, the autoscaler would never scale up
-and the actors would land on the CPU head. With `runtime.device = "cuda"` the learner asks for
-`runtime.learner_gpus` and each rollout worker for `runtime.worker_gpus`, whatever is up now.
+and the actors would land on the CPU head. With `runtime.device = "cuda"` each of the
+`runtime.learner_ranks` learner ranks asks for `runtime.learner_gpus` and each rollout worker for
+`runtime.worker_gpus`, whatever is up now.
 
-All of a job's actors go into one placement group (strategy PACK: the learner and workers as close
-together as the cluster allows, as Ray users expect of one job). The reservation is pending demand
+All of a job's actors go into one placement group (strategy PACK: the learner ranks, one bundle
+each, and the workers as close together as the cluster allows, as Ray users expect of one job:
+PACK puts the ranks of a learner group on one node when one node has room, so their collectives
+stay on NVLink). The reservation is pending demand
 that an autoscaler acts on; if it is not granted within `runtime.placement_timeout_s` the job fails
 with what it asked for and what the cluster has, instead of hanging with actors that never start.
 A learner rebuilt after a crash, or a worker Ray restarts, takes its own bundle again.
@@ -35,19 +38,22 @@ class PlacementError(RuntimeError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Per-actor requests: bundle 0 is the learner's, bundles 1..n the rollout workers'."""
+    """Per-actor requests: bundles 0..R-1 are the learner ranks', then the n rollout workers'."""
 
     learner: dict[str, float]
     worker: dict[str, float]
     num_workers: int
+    learner_ranks: int = 1
 
     def bundles(self) -> list[dict[str, float]]:
-        return [_bundle(self.learner)] + [_bundle(self.worker) for _ in range(self.num_workers)]
+        return ([_bundle(self.learner) for _ in range(self.learner_ranks)]
+                + [_bundle(self.worker) for _ in range(self.num_workers)])
 
     def describe(self) -> str:
         def one(res: dict[str, float]) -> str:
             return ", ".join(f"{v:g} {'GPU' if k == 'num_gpus' else 'CPU'}" for k, v in res.items())
-        return f"learner: {one(self.learner)}; {self.num_workers} rollout worker(s): {one(self.worker)} each"
+        return (f"{self.learner_ranks} learner rank(s): {one(self.learner)} each; "
+                f"{self.num_workers} rollout worker(s): {one(self.worker)} each")
 
 
 def _bundle(res: dict[str, float]) -> dict[str, float]:
@@ -56,15 +62,15 @@ def _bundle(res: dict[str, float]) -> dict[str, float]:
 
 def plan_placement(spec: JobSpec, cluster_gpus: float) -> Placement:
     """The job's requests (pure). `cluster_gpus` matters only for device = "auto"."""
-    rt, n = spec.runtime, spec.rollout.num_workers
+    rt, n, r = spec.runtime, spec.rollout.num_workers, spec.runtime.learner_ranks
     if rt.device == "cuda":
         learner = {"num_cpus": 1.0, "num_gpus": rt.learner_gpus}
         worker = {"num_cpus": 1.0, "num_gpus": rt.worker_gpus}
-        return Placement(learner, worker, n)
-    share = {"num_cpus": 1.0 / (n + 1)}
+        return Placement(learner, worker, n, r)
+    share = {"num_cpus": 1.0 / (n + r)}
     if rt.device == "auto" and cluster_gpus >= 1:
-        share["num_gpus"] = min(1.0, cluster_gpus / (n + 1))
-    return Placement(dict(share), dict(share), n)
+        share["num_gpus"] = min(1.0, cluster_gpus / (n + r))
+    return Placement(dict(share), dict(share), n, r)
 
 
 def reserve(placement: Placement, timeout_s: float, name: str = "") -> PlacementGroup:
@@ -88,7 +94,13 @@ def reserve(placement: Placement, timeout_s: float, name: str = "") -> Placement
 
 
 def actor_options(placement: Placement, pg: PlacementGroup, index: int) -> dict:
-    """Ray actor options for bundle `index` (0: learner, 1 + i: worker i)."""
-    res = placement.learner if index == 0 else placement.worker
+    """Ray actor options for bundle `index` (r < learner_ranks: learner rank r; then the workers:
+    `worker_bundle(placement, i)`)."""
+    res = placement.learner if index < placement.learner_ranks else placement.worker
     return {**res, "scheduling_strategy": PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=index)}
+
+
+def worker_bundle(placement: Placement, i: int) -> int:
+    """The bundle index of rollout worker i."""
+    return placement.learner_ranks + i

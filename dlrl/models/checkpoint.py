@@ -15,9 +15,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def save_checkpoint(
-    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Save `model` (adapter only if it is a PeftModel) and `tokenizer` to `path`; returns path."""
+    """Save `model` (adapter only if it is a PeftModel) and `tokenizer` to `path`; returns path.
+
+    `state_dict`: the weights to write instead of the model's own (a sharded learner group passes
+    the whole weights gathered from its shards)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
@@ -28,7 +32,10 @@ def save_checkpoint(
                 "the LoRA base model has no name_or_path: save the base model and load it with "
                 "load_model(dir, lora=...) so the adapter can point at it"
             )
-    model.save_pretrained(path, safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(path, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     return path
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlrl.weights.update import TensorSpec
+from dlrl.weights.update import TensorSpec, materialize
 
 ALIGN = 64
 """Byte alignment of every tensor in a bucket (>= the largest element size, and a cache line)."""
@@ -70,7 +70,7 @@ def pack(bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.device) 
     """The bucket's bytes: each slot's tensor copied to its offset (one bucket-sized buffer)."""
     buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
     for slot in bucket.slots:
-        buffer.narrow(0, slot.offset, slot.nbytes).copy_(byte_view(tensors[slot.index].detach().contiguous()))
+        buffer.narrow(0, slot.offset, slot.nbytes).copy_(byte_view(materialize(tensors[slot.index]).detach().contiguous()))
     return buffer
 
 

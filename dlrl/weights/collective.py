@@ -47,6 +47,7 @@ from dlrl.weights.update import (
     WeightUpdate,
     check_manifest,
     check_version,
+    materialize,
     target_state,
 )
 
@@ -215,12 +216,15 @@ class CollectiveSender:
         return SyncStats(version, "collective", time.perf_counter() - t0, update.nbytes, generation=generation)
 
     def _bucket_bytes(self, bucket: Bucket, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The bucket's bytes on the group's device. Each tensor is materialized once, here (a
+        learner group's shards are all-gathered as their bucket is filled, in manifest order)."""
         device = self.group.device
+        full = {slot.index: materialize(tensors[slot.index]).detach() for slot in bucket.slots}
         if len(bucket.slots) == 1:
-            t = tensors[bucket.slots[0].index].detach()
+            t = full[bucket.slots[0].index]
             if t.device == device and t.is_contiguous():
                 return byte_view(t)  # a bucket-sized tensor goes out as it is, no copy
-        return pack(bucket, tensors, device)
+        return pack(bucket, full, device)
 
     def close(self) -> None:
         if self.group is not None:

@@ -29,7 +29,7 @@ import ray
 import torch
 
 from dlrl.weights.buckets import byte_view
-from dlrl.weights.update import SyncStats, WeightUpdate, dtype_of
+from dlrl.weights.update import SyncStats, WeightUpdate, dtype_of, materialize
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def encode(version: int, state: Mapping[str, torch.Tensor],
         raise TypeError(f"weights must be a name -> tensor mapping, got {type(state).__name__}: publish "
                         "in the process that holds the weights (the learner actor), not a reference to them")
     update = WeightUpdate.of(version, state, "object_store", generation)
-    return update, [byte_view(t.detach().to("cpu").contiguous()).numpy() for t in state.values()]
+    return update, [byte_view(materialize(t).detach().to("cpu").contiguous()).numpy() for t in state.values()]
 
 
 def publish(version: int, state: Mapping[str, torch.Tensor], generation: int = 0) -> WeightHandle:

@@ -151,3 +151,11 @@ def check_version(incoming: int, held: int, incoming_generation: int = 0, held_g
         raise StaleVersionError(f"weights version {incoming} (generation {incoming_generation}) is older than "
                                 f"the held version {held} (generation {held_generation})")
     return (incoming_generation, incoming) > (held_generation, held)
+
+
+def materialize(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a shard of a sharded learner (a torch DTensor) is all-gathered (a
+    collective its peers join in the same order, learner.sharding.follow_gather); any other tensor
+    is itself."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if full is not None else tensor
