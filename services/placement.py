@@ -88,7 +88,7 @@ def reserve(placement: Placement, timeout_s: float, name: str = "") -> Placement
             f"the cluster did not grant the job's resources within {timeout_s:g} s "
             f"(runtime.placement_timeout_s): it asked for {placement.describe()} "
             f"(bundles {placement.bundles()}, strategy PACK); the cluster has {have or 'no CPU/GPU'}. "
-            "Add nodes (or let the autoscaler), lower runtime.learner_gpus / runtime.worker_gpus or "
+            "Add nodes (or let the autoscaler), lower runtime.learner_ranks / learner_gpus / worker_gpus or "
             "rollout.num_workers, or set runtime.device = 'cpu'.")
     return pg
 

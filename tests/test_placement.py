@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dlrl.config import JobSpec
-from services.placement import PlacementError, plan_placement, reserve
+from services.placement import PlacementError, plan_placement, reserve, worker_bundle
 
 
 def spec(**runtime) -> JobSpec:
@@ -21,6 +21,16 @@ def test_cuda_asks_for_its_gpus_on_a_cluster_that_has_none_yet():
     assert p.learner == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert p.worker == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert p.bundles() == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 0.5}, {"CPU": 1.0, "GPU": 0.5}]
+
+
+def test_every_learner_rank_gets_its_own_gpu_bundle_before_the_workers():
+    """The paper's layout on one 8-GPU node: a 4-rank learner group and 4 rollout workers."""
+    s = JobSpec.model_validate({"rollout": {"num_workers": 4},
+                                "runtime": {"device": "cuda", "learner_ranks": 4, "learner_gpus": 1}})
+    p = plan_placement(s, cluster_gpus=0)
+    assert p.bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 8
+    assert [worker_bundle(p, i) for i in range(4)] == [4, 5, 6, 7]
+    assert "4 learner rank(s): 1 CPU, 1 GPU each" in p.describe()
 
 
 def test_cpu_and_auto_share_a_small_machine():
@@ -45,7 +55,7 @@ def test_a_job_the_cluster_cannot_place_fails_fast_with_its_request(ray_cluster)
     assert time.monotonic() - t0 < 30
     msg = str(err.value)
     assert "runtime.placement_timeout_s" in msg and "2 rollout worker(s): 1 CPU, 2 GPU each" in msg
-    assert "learner: 1 CPU, 1 GPU" in msg
+    assert "1 learner rank(s): 1 CPU, 1 GPU each" in msg
     # The refused reservation is removed, not left pending for an autoscaler to chase.
     states = [pg["state"] for pg in ray.util.placement_group_table().values()
               if pg["name"] == "dlrl:test-unplaceable"]
