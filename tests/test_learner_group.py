@@ -25,8 +25,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dlrl.config import TrainSpec
+from dlrl.config import LoraSpec, TrainSpec
 from dlrl.models import build_tiny
+from dlrl.models.lora import apply_lora
 from dlrl.trajectory import TrajectoryGroup
 from learner import sharding
 from learner.batch import collate
@@ -36,43 +37,53 @@ from learner.step import train_step
 STEPS = 3
 
 
-def _groups(vocab: int, n_groups: int, per_group: int) -> list[TrajectoryGroup]:
+def _groups(vocab: int, n_groups: int, per_group: int, length: int = 8) -> list[TrajectoryGroup]:
     rng = np.random.default_rng(7)
     return [
         TrajectoryGroup(group_id=f"g{k}", task="t", prompt_id=str(k),
-                        prompt_ids=rng.integers(4, vocab, size=4 + k),
-                        completion_ids=rng.integers(4, vocab, size=(per_group, 8)),
+                        prompt_ids=rng.integers(3, vocab, size=4 + k),
+                        completion_ids=rng.integers(3, vocab, size=(per_group, length)),
                         rewards=rng.random(per_group), policy_version=0, mask_seed=11 + k)
         for k in range(n_groups)
     ]
 
 
-def _train(rank: Rank, spec: TrainSpec, shape: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
-    """STEPS steps from the same initial weights; the full weights after step 1 and step STEPS."""
+def _model(dtype: torch.dtype, lora: bool):
     torch.manual_seed(0)
     model, tok = build_tiny(hidden=32, layers=2, heads=2)
-    model = model.double()
+    model = model.to(dtype)
+    if lora:
+        model = apply_lora(model, LoraSpec(r=4, alpha=8.0))
+    return model, tok
+
+
+def _train(rank: Rank, spec: TrainSpec, shape: tuple[int, int], steps: int = STEPS, dtype: str = "float64",
+           lora: bool = False, length: int = 8) -> list[dict[str, torch.Tensor]]:
+    """`steps` steps from the same initial weights; the full weights at the start, after step 1
+    and after the last step."""
+    model, tok = _model(getattr(torch, dtype), lora)
     if rank.sharded:
-        sharding.shard(model, "float64", torch.device("cpu"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    snapshots = []
-    for step in range(STEPS):
-        groups = _groups(len(tok), *shape)
+        sharding.shard(model, spec.compute_dtype, torch.device("cpu"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    snapshots = [{k: sharding.full(v).detach().clone() for k, v in model.state_dict().items()}]
+    for step in range(steps):
+        groups = _groups(len(tok), *shape, length=length)
         for g in groups:
             g.mask_seed += 100 * step
         batch = collate(groups, pad_id=tok.pad_token_id, eos_ids=(tok.eos_token_id,), n_mc=spec.n_mc)
         train_step(model, opt, batch, spec, tok.mask_token_id, rank)
-        if step in (0, STEPS - 1):
+        if step in (0, steps - 1):
             snapshots.append({k: sharding.full(v).detach().clone() for k, v in model.state_dict().items()})
     return snapshots
 
 
-def _rank_main(rank: int, world: int, port: int, spec_json: str, shape: tuple[int, int], out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, spec_json: str, shape: tuple[int, int], out: str,
+               options: dict) -> None:
     torch.set_num_threads(1)
     r = Rank(rank, world)
     sharding.join(r, "127.0.0.1", port, torch.device("cpu"))
     try:
-        snaps = _train(r, TrainSpec.model_validate_json(spec_json), shape)
+        snaps = _train(r, TrainSpec.model_validate_json(spec_json), shape, **options)
         if r.lead:
             torch.save(snaps, out)
     finally:
@@ -85,10 +96,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(spec: TrainSpec, shape: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+def _two_ranks(spec: TrainSpec, shape: tuple[int, int], **options) -> list[dict[str, torch.Tensor]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "weights.pt")
-        mp.start_processes(_rank_main, args=(2, _free_port(), spec.model_dump_json(), shape, out),
+        mp.start_processes(_rank_main, args=(2, _free_port(), spec.model_dump_json(), shape, out, options),
                            nprocs=2, join=True, start_method="spawn")
         return torch.load(out, weights_only=True)
 
@@ -103,18 +114,40 @@ def test_two_ranks_train_what_one_process_trains(mc_chunk, micro_batch, shape):
     torch.set_num_threads(1)
     single = _train(Rank(), spec, shape)
     sharded = _two_ranks(spec, shape)
-    for after, one, two in zip((1, STEPS), single, sharded):
+    start = single[0]
+    for after, one, two in zip((1, STEPS), single[1:], sharded[1:]):
         assert one.keys() == two.keys()
-        moved = max(float((one[k] - v).abs().max()) for k, v in _train_start().items())
+        moved = max(float((one[k] - start[k]).abs().max()) for k in one)
         assert moved > 1e-4, "the weights did not move: the comparison would prove nothing"
         worst = max(float((one[k] - two[k]).abs().max()) for k in one)
         assert worst < 1e-12, f"after {after} step(s) the 2-rank weights differ by {worst:.3g}"
 
 
-def _train_start() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model, _ = build_tiny(hidden=32, layers=2, heads=2)
-    return {k: v.double() for k, v in model.state_dict().items()}
+def test_lora_trains_the_same_adapters_under_the_group():
+    """LoRA under the same group: the frozen base is sharded too, only the adapters move, and
+    they move as in one process."""
+    spec = TrainSpec(algorithm="bgpo", n_mc=2, mc_chunk=1, micro_batch=3, lr=1e-3, compute_dtype="float64")
+    torch.set_num_threads(1)
+    single = _train(Rank(), spec, (2, 3), steps=2, lora=True)
+    start, two = single[0], _two_ranks(spec, (2, 3), steps=2, lora=True)[-1]
+    adapters = [k for k in start if "lora_" in k]
+    assert adapters and all(torch.equal(two[k], start[k]) for k in start if "lora_" not in k)
+    assert any(not torch.equal(two[k], start[k]) for k in adapters)
+    worst = max(float((single[-1][k] - two[k]).abs().max()) for k in start)
+    assert worst < 1e-12, worst
+
+
+def test_bf16_compute_with_fp32_masters_learns_at_the_paper_lr_under_the_group():
+    """MixedPrecisionPolicy (bf16 all-gathers and compute, fp32 reduce-scatter into fp32 shards):
+    20 steps at lr 5e-7 change at least 99 % of the weights, as in one process
+    (tests/test_precision.py); bf16 masters would keep ~1-2 % of them."""
+    spec = TrainSpec(algorithm="bgpo", n_mc=2, mc_chunk=2, micro_batch=8, lr=5e-7, compute_dtype="bfloat16")
+    # Long random completions, so that every embedding row is some row's input and gets a gradient.
+    start, _, last = _two_ranks(spec, (4, 4), steps=20, dtype="float32", length=32)
+    assert all(v.dtype == torch.float32 for v in last.values())
+    changed = sum(int((last[k] != start[k]).sum()) for k in start if start[k].is_floating_point())
+    total = sum(start[k].numel() for k in start if start[k].is_floating_point())
+    assert changed / total >= 0.99, f"only {changed / total:.2%} of the weights changed"
 
 
 def test_rank_rows_cover_the_batch_once():
