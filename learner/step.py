@@ -175,8 +175,18 @@ def train_step(
     batch: TrainBatch,
     spec: TrainSpec,
     mask_id: int,
+    *,
+    old: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics."""
+    """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics.
+
+    `old`: the behaviour policy's ELBO terms l_old (N, n_mc), measured by the weights that
+    generated the batch (asynchronous runs, rollout/behaviour.py), so d = l_new - l_old shows and
+    clips the staleness from the first update on. None: this model's own terms before any update,
+    the behaviour policy when the batch is on-policy (d = 0 at the first update). BGPO and naive
+    ELBO only: diffu-GRPO's old terms are per-update log-probs the learner always computes itself.
+    d_abs_first / clip_frac_first are the first update's |d| and clip fraction.
+    """
     t0 = time.perf_counter()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,13 +196,20 @@ def train_step(
             f"them. Keep the trained weights in float32 (model.dtype = 'float32') and compute in bf16 "
             f"(train.compute_dtype = 'bfloat16'), or train a LoRA adapter (model.lora)"
         )
-    old = old_policy_terms(model, batch, spec, mask_id)
+    if old is None:
+        old = old_policy_terms(model, batch, spec, mask_id)
+    elif spec.algorithm == "diffu_grpo" or old.shape != (batch.size, spec.n_mc):
+        raise ValueError(f"behaviour terms {tuple(old.shape)} for {spec.algorithm}: expected ELBO terms "
+                         f"({batch.size}, {spec.n_mc}) of bgpo or naive_elbo")
     metrics: dict[str, float] = {}
     for update in range(spec.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         metrics = accumulate_gradients(model, batch, old, spec, mask_id, update)
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
         optimizer.step()
+        if update == 0:
+            first = {"d_abs_first": metrics["d_abs"], "clip_frac_first": metrics["clip_frac"]}
+    metrics.update(first)
     seconds = time.perf_counter() - t0
     passes = 1 if spec.algorithm == "diffu_grpo" else spec.n_mc
     metrics.update(
