@@ -6,7 +6,11 @@ one after the other, attached to that cluster. Every actor gets one torch thread
 machine the learner and a rollout worker can overlap, which is what asynchrony buys.
 Writes bench/results/pipeline.json: steps/min, training reward over the last 10 steps, held-out
 reward after the last step, weight-sync seconds per step, learner/rollout idle fractions,
-staleness and drops, plus machine, date and commit.
+staleness and drops, plus machine, date and commit. Asynchronous configurations train against
+the l_old their rollout workers shipped (rollout/behaviour.py): the JSON has the first update's
+|d| and clip fraction on the steps whose batch was stale, the workers' seconds spent on l_old,
+and each configuration's steps/min and held-out reward next to the synchronous one with as many
+workers.
 
     python bench/pipeline.py                 # 6 configurations x 40 steps (about 15 min on 2 cores)
     python bench/pipeline.py --steps 10 --configs sync-1w-ray async1-2w-redis
@@ -70,6 +74,8 @@ def measure(name: str, steps: int, out_dir: Path, ray_address: str, redis_url: s
     loop_seconds = train[-1]["time"] - train[0]["time"] + train[0]["step_seconds"]
     mean = lambda key: sum(r.get(key, 0.0) for r in train) / len(train)  # noqa: E731
     staleness, workers, backend = CONFIGS[name]
+    stale = [r for r in train if r["max_staleness"] >= 1]
+    mean_of = lambda rs, key: sum(r[key] for r in rs) / len(rs) if rs else None  # noqa: E731
     return {
         "config": name, "max_staleness": staleness, "rollout_workers": workers, "queue": backend,
         "steps": len(train),
@@ -84,6 +90,14 @@ def measure(name: str, steps: int, out_dir: Path, ray_address: str, redis_url: s
         "max_staleness_seen": max(r["max_staleness"] for r in train),
         "stale_dropped": sum(r.get("stale_dropped", 0) for r in train),
         "duplicates_dropped": sum(r.get("duplicates_dropped", 0) for r in train),
+        # d = l_new - l_old at each step's first update: 0 on an on-policy batch; on a stale one,
+        # how far the learner has moved from the weights that generated it (what the clip sees).
+        "stale_steps": len(stale),
+        "d_abs_first_stale_steps": mean_of(stale, "d_abs_first"),
+        "clip_frac_first_stale_steps": mean_of(stale, "clip_frac_first"),
+        "d_abs_first_all_steps": mean_of(train, "d_abs_first"),
+        "behaviour_elbo_missing": sum(r.get("behaviour_elbo_missing", 0) for r in train),
+        "behaviour_elbo_seconds_per_step": mean("behaviour_elbo_seconds"),
         "wall_seconds_with_startup": wall,
     }
 
@@ -101,6 +115,11 @@ def main() -> None:
     finally:
         head.cleanup()
         redis.cleanup()
+    for r in results:  # against the synchronous configuration with as many rollout workers
+        sync = next((b for b in results if b["max_staleness"] == 0 and b["rollout_workers"] == r["rollout_workers"]), None)
+        if sync is not None and r["max_staleness"] > 0:
+            r["vs_sync"] = {"config": sync["config"], "steps_per_min_ratio": r["steps_per_min"] / sync["steps_per_min"],
+                            "eval_reward_last_diff": r["eval_reward_last"] - sync["eval_reward_last"]}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {
         "benchmark": "pipeline",
@@ -113,11 +132,13 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'config':18s} {'steps/min':>9s} {'reward10':>8s} {'eval':>11s} {'sync s':>7s} "
-          f"{'L idle':>6s} {'R idle':>6s}")
+          f"{'L idle':>6s} {'R idle':>6s} {'|d|1 stale':>10s} {'clip1':>6s}")
     for r in results:
+        d, clip = r["d_abs_first_stale_steps"], r["clip_frac_first_stale_steps"]
         print(f"{r['config']:18s} {r['steps_per_min']:9.1f} {r['train_reward_last10']:8.3f} "
               f"{r['eval_reward_first']:.3f}->{r['eval_reward_last']:.3f} {r['weight_sync_seconds_per_step']:7.3f} "
-              f"{r['learner_idle_fraction']:6.2f} {r['rollout_idle_fraction']:6.2f}")
+              f"{r['learner_idle_fraction']:6.2f} {r['rollout_idle_fraction']:6.2f} "
+              f"{'-' if d is None else f'{d:.2e}':>10s} {'-' if clip is None else f'{clip:.3f}':>6s}")
     print(f"wrote {args.out}")
 
 

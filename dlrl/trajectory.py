@@ -18,8 +18,13 @@ copies a byte:
                        "arrays": {name: {"dtype": str, "shape": [int, ...], "offset": int}}}
     offset 14 + H   payload: the arrays' raw little-endian bytes, back to back in the order
                     prompt_ids (<i4, (P,)), completion_ids (<i4, (G, L)), rewards (<f4, (G,)),
-                    unmask_steps (<i2, (G, L), present only when the group has them);
+                    unmask_steps (<i2, (G, L), present only when the group has them),
+                    behaviour_elbo (<f8, (G, n_mc), present only when the group has them);
                     each "offset" is relative to the payload start; nothing follows the last one.
+
+The optional arrays were added without a new version number: a group without them is encoded
+exactly as before, so every version-1 reader and writer agree on it. A reader that predates
+behaviour_elbo refuses a group that carries it (WireError "unknown arrays") rather than misread it.
 
 A reader that meets a version it does not know refuses the bytes (`WireError` naming the
 version) rather than guessing; a new layout gets a new version number.
@@ -47,12 +52,13 @@ MAX_DIM = 1 << 24
 MAX_TEXT = {"group_id": 256, "task": 128, "prompt_id": 512}
 MAX_TIMINGS = 64
 MAX_TIMING_KEY = 64
+MAX_MC = 4096  # behaviour_elbo columns: TrainSpec.n_mc's bound
 _INT_RANGE = (-(1 << 63), 1 << 64)  # policy_version and mask_seed fit an int64 or a uint64
 
 # (name, wire dtype, number of dimensions), in payload order.
 _ARRAYS = (("prompt_ids", "<i4", 1), ("completion_ids", "<i4", 2), ("rewards", "<f4", 1),
-           ("unmask_steps", "<i2", 2))
-_OPTIONAL_ARRAYS = {"unmask_steps"}
+           ("unmask_steps", "<i2", 2), ("behaviour_elbo", "<f8", 2))
+_OPTIONAL_ARRAYS = {"unmask_steps", "behaviour_elbo"}
 _HEADER_KEYS = {"group_id", "task", "prompt_id", "policy_version", "mask_seed", "timings", "arrays"}
 _ARRAY_KEYS = {"dtype", "shape", "offset"}
 
@@ -82,7 +88,12 @@ class TrajectoryGroup:
     policy_version: int  # weights version that generated the completions
     mask_seed: int  # seeds the learner's MC masks: mask(i, j) = f(mask_seed, i, j)
     unmask_steps: np.ndarray | None = None  # (G, L) int16, sampler step that revealed each token
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: generate, reward
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: generate, reward, behaviour_elbo
+    # (G, n_mc) float64: the ELBO terms l_old of each completion under the MC masks `mask_seed`
+    # gives, measured by the weights that generated the group (policy_version). Shipped in
+    # asynchronous runs, where the learner's weights have moved on by the time it trains on the
+    # group: BGPO's d = l_new - l_old is then taken against the behaviour policy (rollout/behaviour.py).
+    behaviour_elbo: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int32)
@@ -98,6 +109,9 @@ class TrajectoryGroup:
             self.unmask_steps = np.asarray(self.unmask_steps, dtype=np.int16)
             if self.unmask_steps.shape != self.completion_ids.shape:
                 raise ValueError("unmask_steps must have the shape of completion_ids")
+        if self.behaviour_elbo is not None:
+            self.behaviour_elbo = np.asarray(self.behaviour_elbo, dtype=np.float64)
+            _check_behaviour(self.behaviour_elbo, self.completion_ids.shape[0])
 
     @property
     def size(self) -> int:
@@ -127,6 +141,8 @@ class TrajectoryGroup:
         shape = self.completion_ids.shape
         if self.rewards.shape != shape[:1] or (self.unmask_steps is not None and self.unmask_steps.shape != shape):
             raise WireError(f"rewards {self.rewards.shape} / unmask_steps do not match completion_ids {shape}")
+        if self.behaviour_elbo is not None:
+            _check_behaviour(self.behaviour_elbo, shape[0])
         total = sum(value.nbytes for *_, value in present)
         if total > MAX_PAYLOAD_BYTES:
             raise WireError(f"group payload {total} bytes exceeds the wire limit {MAX_PAYLOAD_BYTES}")
@@ -189,6 +205,18 @@ class TrajectoryGroup:
                        timings=header["timings"], **values)
         except ValueError as e:
             raise WireError(f"inconsistent group: {e}") from None
+
+
+def _check_behaviour(value: np.ndarray, completions: int) -> None:
+    """behaviour_elbo is (completions, n_mc) with 1 <= n_mc <= MAX_MC and only finite terms: an
+    inf or NaN l_old would turn every ratio of its completion into NaN and poison the update."""
+    if value.ndim != 2 or value.shape[0] != completions:
+        raise WireError(f"behaviour_elbo shape {value.shape} does not match {completions} completions "
+                        f"(expected ({completions}, n_mc))")
+    if not 1 <= value.shape[1] <= MAX_MC:
+        raise WireError(f"behaviour_elbo has {value.shape[1]} MC terms per completion, expected 1 to {MAX_MC}")
+    if not np.isfinite(value).all():
+        raise WireError("behaviour_elbo has non-finite terms (NaN or inf)")
 
 
 def _check_text(value: Any, name: str, cap: int) -> str:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from dlrl import diffusion
+from dlrl.config import TrainSpec
+from dlrl.models import SpecialIds
 from dlrl.trajectory import TrajectoryGroup
 from learner.losses import group_advantages
 
@@ -101,3 +103,11 @@ def collate(
         valid=diffusion.first_eos_valid(tokens[:, prompt_len:], eos_ids),
         seeds=torch.stack(seeds),
     )
+
+
+def collate_for(groups: list[TrajectoryGroup], spec: TrainSpec, ids: SpecialIds) -> TrainBatch:
+    """`collate` with a job's settings. The learner's batch and a rollout worker's behaviour ELBO
+    terms (rollout/behaviour.py) are both built by this call, so their MC masks, weights and
+    padding agree by construction."""
+    return collate(groups, pad_id=ids.pad_id, eos_ids=ids.eos_ids, n_mc=spec.n_mc, mask_scheme=spec.mask_scheme,
+                   time_form=spec.time_form, mask_coupling=spec.mask_coupling)

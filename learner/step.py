@@ -208,10 +208,20 @@ def train_step(
     spec: TrainSpec,
     mask_id: int,
     rank: Rank = Rank(),
+    *,
+    old: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics.
 
-    In a learner group every rank calls this with the same global batch and trains its rows."""
+    In a learner group every rank calls this with the same global batch and trains its rows.
+
+    `old`: the behaviour policy's ELBO terms l_old (N, n_mc) of the whole batch, measured by the
+    weights that generated it (asynchronous runs, rollout/behaviour.py), so d = l_new - l_old shows
+    and clips the staleness from the first update on. None: this model's own terms before any
+    update, the behaviour policy when the batch is on-policy (d = 0 at the first update). BGPO and
+    naive ELBO only: diffu-GRPO's old terms are per-update log-probs the learner always computes
+    itself. d_abs_first / clip_frac_first are the first update's |d| and clip fraction.
+    """
     t0 = time.perf_counter()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -221,7 +231,13 @@ def train_step(
             f"them. Keep the trained weights in float32 (model.dtype = 'float32') and compute in bf16 "
             f"(train.compute_dtype = 'bfloat16'), or train a LoRA adapter (model.lora)"
         )
-    old = old_policy_terms(model, batch, spec, mask_id, rank)
+    if old is None:
+        old = old_policy_terms(model, batch, spec, mask_id, rank)
+    elif spec.algorithm == "diffu_grpo" or old.shape != (batch.size, spec.n_mc):
+        raise ValueError(f"behaviour terms {tuple(old.shape)} for {spec.algorithm}: expected ELBO terms "
+                         f"({batch.size}, {spec.n_mc}) of bgpo or naive_elbo")
+    else:
+        old = old[rank.rows(batch.size)]  # this rank's rows, as old_policy_terms gives them
     metrics: dict[str, float] = {}
     for update in range(spec.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
@@ -229,6 +245,9 @@ def train_step(
         metrics["grad_norm"] = (sharding.clip_grad_norm(params, spec.grad_clip) if rank.sharded
                                 else float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)))
         optimizer.step()
+        if update == 0:
+            first = {"d_abs_first": metrics["d_abs"], "clip_frac_first": metrics["clip_frac"]}
+    metrics.update(first)
     seconds = time.perf_counter() - t0
     passes = 1 if spec.algorithm == "diffu_grpo" else spec.n_mc
     kept = old[0][batch.valid[rank.rows(batch.size)]] if spec.algorithm == "diffu_grpo" else old

@@ -42,10 +42,11 @@ from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
 from learner import sharded_state, sharding
-from learner.batch import collate
+from learner.batch import collate_for
 from learner.schedule import lr_factor
 from learner.sharding import Rank
 from learner.step import train_step
+from rollout.behaviour import ships_behaviour_elbo
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
@@ -138,12 +139,25 @@ class Learner:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
-        """One learner step on these groups; the weights version goes up by one."""
+        """One learner step on these groups; the weights version goes up by one.
+
+        Asynchronous runs (BGPO, naive ELBO) measure d against the behaviour policy: the l_old the
+        workers shipped with the groups (rollout/behaviour.py), stacked in batch row order (collate
+        stacks groups, then completions, in order). If a group lacks them, the learner's own terms
+        stand in for the batch and `behaviour_elbo_missing` counts the groups without."""
         t = self.spec.train
-        batch = collate(groups, pad_id=self.ids.pad_id, eos_ids=self.ids.eos_ids, n_mc=t.n_mc,
-                        mask_scheme=t.mask_scheme, time_form=t.time_form,
-                        mask_coupling=t.mask_coupling).to(self.device)
-        metrics = train_step(self.model, self.optimizer, batch, t, self.ids.mask_id, self.rank)
+        batch = collate_for(groups, t, self.ids).to(self.device)
+        old, behaviour = None, {}
+        if ships_behaviour_elbo(self.spec):
+            shipped = [g.behaviour_elbo for g in groups]
+            missing = sum(e is None or e.shape != (g.size, t.n_mc) for g, e in zip(groups, shipped))
+            if not missing:  # the dtype old_policy_terms gives: float32, float64 for a float64 model
+                old = torch.from_numpy(np.concatenate(shipped)).to(
+                    self.device, torch.promote_types(torch.float32, self.model.dtype))
+            behaviour = {"behaviour_elbo_missing": missing,
+                         "behaviour_elbo_seconds": sum(g.timings.get("behaviour_elbo", 0.0) for g in groups)}
+        metrics = train_step(self.model, self.optimizer, batch, t, self.ids.mask_id, self.rank, old=old)
+        metrics.update(behaviour)
         metrics["lr"] = self.schedule.get_last_lr()[0]
         self.schedule.step()
         staleness = [self.version - g.policy_version for g in groups]

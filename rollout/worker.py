@@ -31,6 +31,7 @@ from dlrl.runtime import pick_device, set_threads
 from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
+from rollout.behaviour import ships_behaviour_elbo, with_behaviour_elbo
 from rollout.completion import (
     SamplingParams, decode_completion, encode_prompt, evaluate, sample_completions, score,
 )
@@ -104,7 +105,11 @@ class RolloutWorker:
         return version
 
     def rollout(self, n_groups: int, batch: int) -> list[TrajectoryGroup]:
-        """Sample G completions for each of the n_groups prompts of rollout batch `batch`, score them."""
+        """Sample G completions for each of the n_groups prompts of rollout batch `batch`, score them.
+
+        With max_staleness >= 1 (BGPO, naive ELBO) each group also carries the ELBO terms l_old of
+        the weights that generated it (rollout/behaviour.py), so the learner measures d against
+        the behaviour policy however far its own weights have moved since."""
         examples = self.examples(batch, n_groups)
         generator = torch.Generator(device=self.device).manual_seed(
             mix_seed(self.spec.train.seed, self.index, batch, 0x5A))
@@ -133,6 +138,8 @@ class RolloutWorker:
                 unmask_steps=steps[rows],
                 timings={"generate": t_gen / len(examples), "reward": time.perf_counter() - t1},
             ))
+        if ships_behaviour_elbo(self.spec):
+            groups = with_behaviour_elbo(self.model, groups, self.spec.train, self.ids, self.device)
         return groups
 
     def sync_weights(self, handle: WeightHandle | None) -> dict[str, float]:
@@ -175,6 +182,7 @@ class RolloutWorker:
             "rollout_seconds": seconds,
             "rollout_tokens": sum(gr.completion_ids.size for gr in groups),
             "reward_errors": len(self.reward_errors),
+            "behaviour_elbo_seconds": sum(gr.timings.get("behaviour_elbo", 0.0) for gr in groups),
             "restarted": int(self._restarted()),
             **self.sampler_stats.metrics(),
             **sync,
