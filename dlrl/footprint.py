@@ -9,8 +9,8 @@ The learner's layout is FSDP-style (ZeRO-3): with N learner GPUs each holds 1/N 
 weights, their gradients and AdamW's two moments, and gathers the full weights one transformer
 block at a time in the compute dtype (two blocks in flight: the one running, the one prefetched),
 plus the root module (embedding and head), which stays gathered. With N = 1 there is no sharding
-and autocast caches a compute-dtype copy of every weight for the forward instead. (Today's
-learner is the N = 1 case; N > 1 is the FSDP2 learner group of issue 10, whose layout this is.)
+and autocast caches a compute-dtype copy of every weight for the forward instead. N > 1 is the
+FSDP2 learner group (`runtime.learner_ranks`, learner/sharding.py), whose layout this is.
 
 The activation formula counts the tensors autograd saves in the built-in block
 (dlrl/models/bidirectional.py); LLaDA's and Dream's blocks are the same Llama-style layers (RMSNorm,
@@ -382,8 +382,13 @@ def describe(p: Plan, spec: JobSpec) -> str:
     if p.fits and p.rollout_batch < spec.rollout.batch_size:
         lines.append(f"set rollout.batch_size = {p.rollout_batch} (the spec's {spec.rollout.batch_size} "
                      f"does not fit a worker)")
+    if p.fits and p.learner_gpus > 1:
+        lines.append(f"set runtime.learner_ranks = {p.learner_gpus}, runtime.learner_gpus = 1 "
+                     f"(the FSDP2 learner group)")
+    if p.fits and p.checkpointing:
+        lines.append("set train.activation_checkpointing = true")
     if p.fits and not p.colocated:
-        lines.append(f"set rollout.num_workers = {p.rollout_gpus}")
+        lines.append(f"set rollout.num_workers = {p.rollout_gpus}, runtime.worker_gpus = 1")
     return "\n".join(lines)
 
 

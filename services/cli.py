@@ -250,9 +250,6 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
         print(f"dlrl plan: {exc}", file=sys.stderr)
         return 2
     print(footprint.describe(plan, spec))
-    if plan.learner_gpus > 1:
-        print(f"note: a {plan.learner_gpus}-GPU learner is the sharded (FSDP2) learner group, which dlrl "
-              "does not have yet: today's learner is one process on one device")
     if plan.fits:
         print("fits")
         return 0
