@@ -55,6 +55,7 @@ DEFAULT_LIMITS: dict[str, float] = {
     "weights.bucket_mb": 4096,
     "runtime.num_cpus": 64, "runtime.threads": 64, "runtime.checkpoint_every": 10_000,
     "runtime.max_staleness": 8, "runtime.max_restarts": 10,
+    "runtime.learner_ranks": 8, "runtime.learner_gpus": 8, "runtime.worker_gpus": 8,
 }
 """Server-side upper bound of each size field (dotted path → max). A settings file may lower or
 raise one; JobSpec's own `le=` bounds still hold."""
