@@ -42,6 +42,7 @@ from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
 from learner.batch import collate
+from learner.memory import prepare_memory
 from learner.schedule import lr_factor
 from learner.step import train_step
 
@@ -88,6 +89,7 @@ class Learner:
             spec.model.path, dtype=spec.model.dtype, device=self.device,
             trust_remote_code=spec.model.trust_remote_code, lora=spec.model.lora,
         )
+        self.spec = spec = prepare_memory(self.model, spec, self.device)  # checkpointing; mc_chunk "auto" -> a number
         self.ids = special_ids(self.model, self.tokenizer)
         t = spec.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
