@@ -64,7 +64,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = LLaDAConfig(d_model=args.hidden, n_heads=args.hidden // 64, n_kv_heads=args.hidden // 64,
                       n_layers=args.layers, mlp_hidden_size=args.hidden * 8 // 3 // 8 * 8,
-                      vocab_size=args.vocab, embedding_size=args.vocab, mask_token_id=MASK)
+                      vocab_size=args.vocab, embedding_size=args.vocab, mask_token_id=MASK,
+                      pad_token_id=0, eos_token_id=1)
     spec = TrainSpec(n_mc=2, mc_chunk=1, micro_batch=args.rows, compute_dtype="float32")
     rng = np.random.default_rng(0)
     groups = [TrajectoryGroup(group_id=f"g{k}", task="bench", prompt_id=str(k),

@@ -111,7 +111,7 @@ def prepare_memory(model: nn.Module, spec: JobSpec, device: torch.device) -> Job
     if t.mc_chunk != "auto":
         return spec
     free = free_memory_bytes(device)
-    shape = footprint.shape_from_config(getattr(model, "config").to_dict())
+    shape = footprint.shape_from_config(model.config.to_dict())
     chunk = resolve_mc_chunk(spec, device, free, shape=shape)
     log.info("train.mc_chunk = 'auto' -> %d of n_mc %d (%.1f GB free on %s, micro_batch %d, checkpointing %s)",
              chunk, t.n_mc, free / 1e9, device, t.micro_batch, t.activation_checkpointing)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_writes_the_full_report(tmp_path):
     out = tmp_path / "gpu_learner.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_learner.py"), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "s/step" in proc.stdout and "weights device->host" in proc.stdout  # the table
     r = json.loads(out.read_text())

@@ -5,6 +5,8 @@ The memory saved is measured by bench/activation_memory.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,25 @@ def test_prepare_memory_gives_the_step_a_number():
     assert isinstance(out.train.mc_chunk, int) and 1 <= out.train.mc_chunk <= 16
     assert out.train.activation_checkpointing and out.model == spec.model
     assert prepare_memory(model, _job(mc_chunk=2), torch.device("cpu")).train.mc_chunk == 2
+
+
+def test_the_learner_starts_with_a_number_and_checkpointed_blocks(tmp_path, caplog):
+    from learner.train import Learner
+
+    spec = _job(mc_chunk="auto", activation_checkpointing=True).model_copy(
+        update={"runtime": JobSpec().runtime.model_copy(update={"device": "cpu", "out_dir": str(tmp_path)})})
+    with caplog.at_level("INFO", logger="learner.memory"):
+        learner = Learner(spec)
+    chunk = learner.spec.train.mc_chunk
+    assert isinstance(chunk, int) and 1 <= chunk <= 16
+    assert f"train.mc_chunk = 'auto' -> {chunk} of n_mc 16" in caplog.text
+    vocab = learner.model.get_input_embeddings().num_embeddings
+    rng = np.random.default_rng(0)
+    groups = [TrajectoryGroup(group_id=f"0:{k}", task="t", prompt_id=str(k), prompt_ids=rng.integers(4, vocab, size=6),
+                              completion_ids=rng.integers(4, vocab, size=(4, 8)),
+                              rewards=np.array([1.0, 0.0, 0.5, 0.0]), policy_version=0, mask_seed=k)
+              for k in range(2)]
+    metrics = learner.step(groups)
+    assert metrics["grad_norm"] > 0 and learner.version == 1
+    saved = learner.save(tmp_path / "ckpt")  # the checkpointed model saves under the published names
+    assert (Path(saved) / "config.json").exists()
