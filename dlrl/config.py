@@ -149,8 +149,14 @@ class TrainSpec(Section):
     """Learner steps (one rollout batch each)."""
     n_mc: int = Field(16, ge=1, le=4096)
     """Monte-Carlo ELBO samples per completion (n_t)."""
-    mc_chunk: int = Field(1, ge=1, le=4096)
-    """MC samples per forward/backward pass (1 = least memory; n_mc = one pass). BGPO only."""
+    mc_chunk: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 1
+    """MC samples per forward/backward pass (1 = least memory; n_mc = one pass). BGPO only.
+    "auto": the largest that fits the learner's free memory, chosen once at start
+    (learner.memory.resolve_mc_chunk); every chunk size gives the same gradient."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward instead of keeping its activations
+    (learner.memory): about a block's worth of activations instead of all of them, for roughly
+    one more forward pass of compute."""
     mask_scheme: Literal["iid", "stratified", "antithetic"] = "stratified"
     """How the n_mc masks of a completion are drawn."""
     mask_coupling: Literal["completion", "group"] = "group"
@@ -197,7 +203,7 @@ class TrainSpec(Section):
 
     @model_validator(mode="after")
     def _chunk_fits(self) -> "TrainSpec":
-        if self.mc_chunk > self.n_mc:
+        if self.mc_chunk != "auto" and self.mc_chunk > self.n_mc:
             raise ValueError(f"mc_chunk {self.mc_chunk} exceeds n_mc {self.n_mc}")
         return self
 

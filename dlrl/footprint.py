@@ -279,6 +279,8 @@ class Plan:
     rollout: RolloutMemory
     rollout_batch: int
     colocated: bool
+    mc_chunk: int
+    """The MC chunk the learner is sized for (train.mc_chunk, or what "auto" picks here)."""
 
     @property
     def budget(self) -> int:
@@ -297,15 +299,20 @@ def job_shape(spec: JobSpec) -> ModelShape:
 
 
 def job_learner_memory(
-    spec: JobSpec, shape: ModelShape, gpus: int, checkpointing: bool, prompt_len: int
+    spec: JobSpec, shape: ModelShape, gpus: int, checkpointing: bool, prompt_len: int,
+    mc_chunk: int | None = None,
 ) -> LearnerMemory:
     """`learner_memory` for a JobSpec: dtypes from model.dtype / train.compute_dtype, rows from
-    train.micro_batch x train.mc_chunk, T from prompt_len + rollout.gen_length."""
+    train.micro_batch x the chunk (`mc_chunk`, default train.mc_chunk, which must then be a
+    number), T from prompt_len + rollout.gen_length."""
     t, m = spec.train, spec.model
+    chunk = t.mc_chunk if mc_chunk is None else mc_chunk
+    if chunk == "auto":
+        raise ValueError("train.mc_chunk = 'auto': pass the chunk to size (largest_mc_chunk picks one)")
     on_cpu = spec.runtime.device == "cpu"
     compute = t.compute_dtype
     compute_bytes = BYTES[compute] if compute != "auto" else BYTES[m.dtype] if on_cpu else BYTES["bfloat16"]
-    rows = min(t.micro_batch, spec.rollout.prompts_per_step * spec.rollout.group_size) * t.mc_chunk
+    rows = min(t.micro_batch, spec.rollout.prompts_per_step * spec.rollout.group_size) * chunk
     return learner_memory(
         shape, gpus=gpus, master_bytes=BYTES[m.dtype], compute_bytes=min(compute_bytes, BYTES[m.dtype]),
         rows=rows, seq_len=prompt_len + spec.rollout.gen_length, resp_len=spec.rollout.gen_length,
@@ -313,11 +320,33 @@ def job_learner_memory(
     )
 
 
+def largest_mc_chunk(
+    spec: JobSpec, shape: ModelShape, budget: int, *, gpus: int, checkpointing: bool, prompt_len: int
+) -> int:
+    """train.mc_chunk = "auto": the largest chunk c in 1..n_mc whose learner peak fits `budget`
+    bytes (1 when even that does not: the least memory a chunked step can take).
+
+    Any c gives BGPO the same gradient (the loss is a sum over MC samples, each chunk backwarded
+    on its own), so c only trades memory for fewer, larger passes. The peak grows with c (rows
+    of activations and logits), so the answer is found by bisection.
+    """
+    def fits(c: int) -> bool:
+        return job_learner_memory(spec, shape, gpus, checkpointing, prompt_len, mc_chunk=c).total <= budget
+
+    lo, hi = 1, spec.train.n_mc
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> Plan:
     """The split that fits with the fewest learner GPUs (most left to rollout), without
     activation checkpointing if possible. One GPU: learner and rollout worker share it (sync mode
     takes turns, but both keep their weights). Rollout workers (model.dtype weights, as
     rollout/worker.py loads them) run rollout.batch_size sequences, or the largest batch that fits.
+    train.mc_chunk = "auto" is sized per layout: the largest chunk whose learner fits the budget
+    (a colocated rollout worker's weights and one sequence of sampling taken out first).
     Returns the best failing layout when nothing fits (`fits` False)."""
     shape = job_shape(spec)
     r = spec.rollout
@@ -332,11 +361,16 @@ def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) 
     splits = [(1, 0)] if gpus == 1 else [(n, gpus - n) for n in range(1, gpus)]
     for checkpointing in (False, True):
         for n_learn, n_roll in splits:
-            learner = job_learner_memory(spec, shape, n_learn, checkpointing, prompt_len)
+            chunk = spec.train.mc_chunk
+            if chunk == "auto":
+                worker = rollout_memory(shape, batch=1, **rollout_args).total if n_roll == 0 else 0
+                chunk = largest_mc_chunk(spec, shape, budget - worker, gpus=n_learn,
+                                         checkpointing=checkpointing, prompt_len=prompt_len)
+            learner = job_learner_memory(spec, shape, n_learn, checkpointing, prompt_len, mc_chunk=chunk)
             room = budget - learner.total if n_roll == 0 else budget
             batch = min(r.batch_size, largest_batch(shape, room, **rollout_args))
             rollout = rollout_memory(shape, batch=max(batch, 1), **rollout_args)
-            p = Plan(gpus, gpu_bytes, n_learn, n_roll, checkpointing, learner, rollout, batch, n_roll == 0)
+            p = Plan(gpus, gpu_bytes, n_learn, n_roll, checkpointing, learner, rollout, batch, n_roll == 0, chunk)
             if p.fits:
                 return p
             candidates.append(p)
@@ -370,7 +404,8 @@ def describe(p: Plan, spec: JobSpec) -> str:
         f"  grads      {_gb(lm.grads)}",
         f"  optimizer  {_gb(lm.optimizer)}",
         f"  gathered   {_gb(lm.gathered)}   (compute-dtype copies)",
-        f"  activations{_gb(lm.activations)}   (micro_batch x mc_chunk rows)",
+        f"  activations{_gb(lm.activations)}   (micro_batch x mc_chunk rows, mc_chunk {p.mc_chunk}"
+        f"{' picked by auto' if spec.train.mc_chunk == 'auto' else ''})",
         f"  logits     {_gb(lm.logits)}",
         f"  total      {_gb(lm.total)} per GPU",
         f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), batch {p.rollout_batch}"
@@ -389,6 +424,9 @@ def describe(p: Plan, spec: JobSpec) -> str:
         lines.append("set train.activation_checkpointing = true")
     if p.fits and not p.colocated:
         lines.append(f"set rollout.num_workers = {p.rollout_gpus}, runtime.worker_gpus = 1")
+    if spec.train.mc_chunk == "auto":
+        lines.append(f"train.mc_chunk = 'auto' picks {p.mc_chunk} of n_mc {spec.train.n_mc} on "
+                     f"{p.gpu_bytes / GB:.0f} GB (the learner decides at start from its free memory)")
     return "\n".join(lines)
 
 

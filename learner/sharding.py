@@ -167,6 +167,13 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_min(value: int, device: torch.device) -> int:
+    """The smallest of the ranks' values."""
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def broadcast_blobs(blobs: list[bytes] | None) -> list[bytes]:
     """The lead's list of byte strings on every rank (the lead passes it, the others None)."""
     group = control_group()

@@ -43,6 +43,7 @@ from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
 from learner import sharded_state, sharding
 from learner.batch import collate_for
+from learner.memory import prepare_memory
 from learner.schedule import lr_factor
 from learner.sharding import Rank
 from learner.step import train_step
@@ -100,6 +101,7 @@ class Learner:
             spec.model.path, dtype=spec.model.dtype, device=self.device,
             trust_remote_code=spec.model.trust_remote_code, lora=spec.model.lora,
         )
+        self.spec = spec = prepare_memory(self.model, spec, self.device)  # checkpointing; mc_chunk "auto" -> a number
         self.ids = special_ids(self.model, self.tokenizer)
         self.version = 0
         self.trained: list[str] = []  # group ids, in the order they were trained on
@@ -120,6 +122,11 @@ class Learner:
     def join_group(self, host: str, port: int) -> int:
         """Form the learner group (every rank at once), shard the model, restore; returns the version."""
         sharding.join(self.rank, host, port, self.device)
+        # Every rank must run the same chunks (each is a forward with collectives): the smallest
+        # "auto" pick of the group (prepare_memory measured each rank's own free memory).
+        chunk = sharding.all_min(self.spec.train.mc_chunk, self.device)
+        if chunk != self.spec.train.mc_chunk:
+            self.spec = self.spec.model_copy(update={"train": self.spec.train.model_copy(update={"mc_chunk": chunk})})
         sharding.shard(self.model, self.spec.train.compute_dtype, self.device)
         self._setup()
         return self.version

@@ -173,7 +173,7 @@ def _required(spec: JobSpec, errors: list[tuple[str, str]]) -> None:
 def _limits(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> None:
     for path, limit in policy.limits.items():
         value = _get(spec, path)
-        if value is not None and value > limit:
+        if isinstance(value, (int, float)) and value > limit:  # None and "auto" (train.mc_chunk) have no size
             shown = int(limit) if float(limit).is_integer() else limit
             errors.append((path, f"{value} exceeds the API's limit of {shown}"))
 

@@ -26,6 +26,16 @@ def test_overrides_are_typed_and_validated():
         load_spec(str(TINY), ["train.mc_chunk=99"])  # chunk larger than n_mc
 
 
+def test_mc_chunk_is_a_number_or_auto():
+    assert load_spec(str(TINY), ["train.mc_chunk=auto"]).train.mc_chunk == "auto"
+    assert JobSpec.model_validate({"train": {"n_mc": 4, "mc_chunk": "auto"}}).train.mc_chunk == "auto"
+    for bad in ("Auto", "4", 0, True):
+        with pytest.raises(ValidationError):
+            JobSpec.model_validate({"train": {"n_mc": 4, "mc_chunk": bad}})
+    spec = JobSpec.model_validate({"train": {"mc_chunk": "auto", "activation_checkpointing": True}})
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec  # the API's round trip
+
+
 @pytest.mark.parametrize(
     "patch, field",
     [

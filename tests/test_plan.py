@@ -167,3 +167,16 @@ def test_full_finetune_of_8b_on_one_80_gb_gpu_is_refused_with_what_would_fit(cap
 def test_plan_rejects_nonsense_sizes(capsys):
     assert main(["plan", str(PAPER), "--gpus", "0", "--gpu-memory", "80"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_plan_reports_what_auto_picks(capsys):
+    assert main(["plan", str(PAPER), "--gpus", "8", "--gpu-memory", "80",
+                 "--set", "train.mc_chunk=auto"]) == 0
+    out = capsys.readouterr().out
+    paper = JobSpec.from_toml(PAPER)
+    spec = paper.model_copy(update={"train": paper.train.model_copy(update={"mc_chunk": "auto"})})
+    plan = fp.plan(spec, 8, 80)
+    assert plan.fits and 1 <= plan.mc_chunk <= 16
+    assert f"train.mc_chunk = 'auto' picks {plan.mc_chunk} of n_mc 16 on 80 GB" in out
+    bigger = fp.plan(spec, 8, 141)  # an H200 fits a larger chunk
+    assert bigger.mc_chunk > plan.mc_chunk
