@@ -1,49 +1,79 @@
-"""Run model-written Python in a contained child process and judge, unforgeably, whether it passed.
+"""Run model-written Python in contained child processes, and judge from outside it whether its
+tests passed.
 
-Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_program(source)` runs it
+Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_tests(program, tests)`
+starts two interpreters, the candidate's (the model's program) and the judge's (the reference
+solution and the tests, with the candidate's functions bound to proxies over a pipe; see
+dlrl/judge.py), each
 
 - inside **bubblewrap** (`bwrap`, the sandbox Flatpak uses) with new network, PID, IPC and UTS
   namespaces: no network beyond the namespace's own loopback (the host's 127.0.0.1 services,
-  Redis and Ray among them, are unreachable), no view of host processes (so `os.kill` of the parent or of a worker cannot reach them), and a
-  filesystem of read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev,
-  and a size-capped tmpfs as the working directory (/sandbox; /tmp points there).  Nothing of the
-  host's /etc, /root, /home, /work, Ray or Redis files is mounted;
-- as a fresh random unprivileged uid when the caller is root (`setpriv`, with no_new_privs and an
-  empty capability bounding set), so even a mount mistake could not hand root to the program;
+  Redis and Ray among them, are unreachable), no view of host processes or of the other side (so
+  `os.kill` of the parent, of a worker or of the judge cannot reach them), and a filesystem of
+  read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev, and a
+  size-capped tmpfs of its own as the working directory (/sandbox; /tmp points there).  Nothing
+  of the host's /etc, /root, /home, /run, /work, Ray or Redis files is mounted;
+- as a fresh random unprivileged uid per side when the caller is root (`setpriv`, with
+  no_new_privs and an empty capability bounding set), so even a mount mistake could not hand
+  root to the program, and the two sides cannot signal or trace each other in any mode;
+- unable to create user namespaces (a seccomp filter the interpreter installs before any model
+  code runs; a backend whose probe can still make one is not used): with none, the unprivileged
+  program has no capability to mount a tmpfs of its own outside the caps below;
 - under rlimits set by `prlimit` on the interpreter: CPU seconds, address space, processes
   (a fork bomb hits the process cap), open files, file size, no core dumps;
-- with a wall-clock deadline: on expiry the whole process group is SIGKILLed, and since the
-  program runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
+- in **one memory cgroup for the whole run** where this host lets us make one
+  (`memory_cgroup()`: cgroup v2 with the memory controller delegated, or v1's memory hierarchy
+  writable; `DLRL_SANDBOX_CGROUP` names a delegated one): both sides, everything they fork and
+  the tmpfs pages they write count against the same `memory_bytes`, and past it the kernel kills
+  the run (status "memory_limit").  Where none can be made, a warning is logged once and memory
+  is capped per process only (a run may then hold up to memory_bytes x max_procs);
+- with a wall-clock deadline: on expiry both process groups are SIGKILLed, and since each side
+  runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
 - with a scrubbed environment (`PATH`, `LANG`, `HOME` only: no Redis password, Ray token or
   other secret of the worker's environment) and the interpreter in isolated mode (`-I`);
-- with stdout + stderr capped: a program that writes more than `max_output_bytes` is killed.
+- with stdout + stderr capped: a run that writes more than `max_output_bytes` is killed.
 
-**Judging a pass.**  A fixed harness reads a per-run random nonce from stdin (with the program
-after it), closes stdin, executes the program, and only after it *returned normally* writes the
-nonce to a copy of stdout it saved beforehand.  The parent counts a pass only if the exit status
-is 0 and stdout ends with the nonce.  `sys.exit(0)`, `os._exit(0)`, an exception, a killed process,
-or printing "passed"/"OK" all fail: the nonce never appears in the program's source, arguments or
-environment.  Not contained: a program that deliberately searches the interpreter's own memory
-(`gc.get_objects()`, `sys._getframe(1).f_locals`) runs in the same process as the harness and could find the
-nonce, and one that monkeypatches builtins the tests rely on can fool those tests; the sandbox
-guarantees the host is unharmed, not that a hostile program cannot fake its own test result.
+**Judging a pass.**  The verdict is reached in the judge's interpreter, which never runs model
+code: the tests' asserts execute there, on values that cross from the candidate as JSON of plain
+data (None, bool, int, float, str, bytes, complex, list, tuple, dict, set, frozenset), rebuilt
+with exactly those types, so comparisons run the builtin types' own code.  Anything else the
+candidate returns stays in its process; the judge holds a bare reference, equal only to itself.
+The judge writes a per-run random nonce to its own stdout only after every test returned, and
+the parent counts a pass only if the judge exited 0 with stdout ending in that nonce (the nonce
+is kept, but nothing relies on it: the candidate never sees it, nor the judge's stdout).
+So every trick that works by changing the interpreter the tests run in — replacing the exit or
+exception printing of a harness, `sys.settrace` jumping over asserts, `atexit`, `sys.exit(0)` /
+`os._exit(0)` before the asserts, patching builtins (`abs`, `AssertionError`, `print`), an
+answer whose `__eq__` is always true — changes only the candidate's own interpreter, and scores
+0 (tests/test_reward_attacks.py runs each through the real `task.reward`).
+
+What remains, and why it cannot reach a reward: the candidate controls its own process, so it
+can answer each call with any plain value it likes, write anything on its reply pipe, or keep
+state between calls — all of which is just "returning values", which the tests judge.  It can
+return a correct value only by computing it: the tests' expected values live in the judge,
+never in its process (MBPP's prompt does show its three asserts, so a completion may hard-code
+those answers; that is the benchmark's weakness, not the harness's).  It can hang, crash or
+flood output, which fails.  `run_program(source)` (no tests) reports whether the program ran to
+its end as the program's own process says so; that is forgeable and serves containment tests
+only, never a reward.
 
 **Fallbacks.**  If bwrap is missing or cannot create namespaces (e.g. a container whose seccomp
 profile blocks them), `unshare` from util-linux is tried: network, PID, IPC, UTS and mount
-namespaces, fresh size-capped tmpfs mounts over /tmp, /var/tmp and /dev/shm (the cwd is the new
-/tmp), and the same uid drop and caps — but the rest of the host filesystem stays visible, so
-world-readable files can be read and world-writable ones outside those three written.  If
-neither works, `require()` / `run_program` raise `SandboxUnavailable` unless the operator sets
-`DLRL_SANDBOX_UNISOLATED=1`, which runs the program with rlimits, uid drop (when root), scrubbed
-environment, output cap and timeouts but WITH network access and the host filesystem, in a
-private host temporary directory (when root, every process of the run's fresh uid is killed
-afterwards, so a `setsid()` child does not linger) — only for machines that hold nothing worth
-protecting.
+namespaces, fresh size-capped tmpfs mounts over /tmp, /var/tmp, /dev/shm and /run (the cwd is the
+new /tmp), the same uid drop and caps, `--kill-child` plus a parent-death signal on unshare
+and again after the uid drop (which clears it), so the run dies with its caller — but the rest
+of the host filesystem stays visible, so world-readable files can be read and world-writable ones
+outside those four written.  If neither works, `require()` / `run_tests` raise
+`SandboxUnavailable` unless the operator sets `DLRL_SANDBOX_UNISOLATED=1`, which runs the
+program with rlimits, uid drop (when root), the user-namespace filter, scrubbed environment,
+output cap and timeouts but WITH network access and the host filesystem, in a private host
+temporary directory (when root, every process of the run's fresh uids is killed afterwards, so
+a `setsid()` child does not linger) — only for machines that hold nothing worth protecting (and
+when not root, the two sides share a uid there, so the candidate could trace the judge).
 
-Not contained in any mode: CPU cache / timing side channels, kernel exploits (the program may
-still create user namespaces of its own where the kernel allows them), and disk or memory
-pressure up to the caps (tmpfs size, address space per process × process cap).  A legitimate
-program that prints more than the output cap fails.
+Not contained in any mode: CPU cache / timing side channels, kernel exploits, and disk or memory
+pressure up to the caps (tmpfs size; memory_bytes per run with a cgroup, per process without).
+A legitimate program that prints more than the output cap fails.
 """
 
 from __future__ import annotations
@@ -176,6 +206,11 @@ def works(name: str) -> bool:
     return True
 
 
+def host_memory_mb() -> int:
+    """This host's physical memory in MiB: the most one run's cap can mean."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
 def _run_uid() -> int | None:
     """A fresh unprivileged uid for one run when we are root (none in use: processes of distinct
     runs cannot signal each other, and RLIMIT_NPROC counts one run's processes only)."""
@@ -258,8 +293,9 @@ def _reachable_by_others(path: str) -> bool:
 def _uid_drop(uid: int | None) -> list[str]:
     if uid is None:
         return []
+    # A uid change clears the parent-death signal (unshare's --kill-child sets one): set it again.
     return [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-            "--inh-caps=-all", "--bounding-set=-all", "--"]
+            "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig", "KILL", "--"]
 
 
 def _prlimit(limits: Limits, uid: int | None) -> list[str]:

@@ -166,6 +166,33 @@ def test_plain_exits_and_patches_still_score_0(humaneval, mbpp, name):
                        "  return 16\n```", ex) == 0.0
 
 
+# Aimed at the split itself: the pipe to the judge, and values that try to cross as more than data.
+CHANNEL = {
+    # Flood every fd with forged "all names exported" / "True" replies.
+    "forge-replies": "import os\nfor _fd in range(3, 64):\n    try:\n"
+                     "        os.write(_fd, b'{\"ok\": true}\\n' * 50)\n    except OSError:\n"
+                     "        pass\n",
+    # An int subclass equal to everything crosses as a plain int.
+    "equal-int-subclass": "class _Anything(int):\n    def __eq__(self, other):\n"
+                          "        return True\n    __hash__ = int.__hash__\n",
+    # Kill everything the candidate can see, hoping the judge is among it.
+    "kill-all": "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n"
+                "    pass\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHANNEL))
+def test_attacks_on_the_judges_channel_score_0(humaneval, mbpp, name):
+    task, ex, _ = humaneval
+    body = "    return _Anything(0)\n" if name == "equal-int-subclass" else "    return False\n"
+    assert task.reward(f"```python\n{CHANNEL[name]}def has_close_elements(numbers, threshold):\n"
+                       f"{body}```", ex) == 0.0
+    task, ex = mbpp
+    body = "  return _Anything(0)\n" if name == "equal-int-subclass" else "  return 16\n"
+    assert task.reward(f"```python\n{CHANNEL[name]}def square_perimeter(a):\n{body}```",
+                       ex) == 0.0
+
+
 @pytest.mark.parametrize("body", ["    while True:\n        pass\n",
                                   "    x = []\n    while True:\n        x.append(bytearray(1 << 24))\n"])
 def test_loops_and_memory_hogs_score_0_within_the_timeout(body):

@@ -175,7 +175,7 @@ def mbpp_judge(ex: Example) -> dict:
     tests = "\n".join([ex.answer["setup"], *ex.answer["imports"], *ex.answer["tests"],
                        *ex.answer["extra_tests"]]) + "\n"
     defined = re.findall(r"^(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)", ex.answer["solution"],
-                         re.M)
+                         re.MULTILINE)
     names = tuple(dict.fromkeys(n for n in defined if re.search(rf"\b{n}\b", tests)))
     return {"reference": ex.answer["solution"], "names": names, "tests": tests}
 
@@ -198,15 +198,18 @@ def code_task(dataset: str = "humaneval", path: str | None = None, name: str | N
               memory_mb: int = 1024) -> Task:
     """A HumanEval-format (`dataset="humaneval"`) or MBPP-format ("mbpp", "mbpp_sanitized")
     task from the shipped file or `path`.  `timeout_s` is the wall-clock limit of one reward
-    (CPU seconds are capped at the same value), `memory_mb` the address space of the program.
+    (CPU seconds are capped at the same value), `memory_mb` the memory of one run: the address
+    space of each process, and all processes together where a memory cgroup can be made
+    (`sandbox.memory_cgroup`); at most this host's memory.
 
     Raises `sandbox.SandboxUnavailable` here, at construction, when the host cannot contain the
     programs (rather than every reward quietly scoring 0)."""
     if dataset not in FILES:
         raise ValueError(f"unknown code dataset {dataset!r}; known: {sorted(FILES)}")
-    if not 0 < timeout_s <= 300 or not 16 <= memory_mb <= 65536:
-        raise ValueError(f"timeout_s must be in (0, 300] and memory_mb in [16, 65536], "
-                         f"got {timeout_s}, {memory_mb}")
+    if not 0 < timeout_s <= 300 or not 16 <= memory_mb <= sandbox.host_memory_mb():
+        raise ValueError(f"timeout_s must be in (0, 300] and memory_mb in [16, "
+                         f"{sandbox.host_memory_mb()}] (this host's memory), got {timeout_s}, "
+                         f"{memory_mb}")
     sandbox.require()
     task_name = name or dataset
     limits = sandbox.Limits(wall_s=timeout_s, cpu_s=max(1, int(timeout_s)),
