@@ -153,6 +153,7 @@ def _error(e: BaseException) -> dict:
 def serve(requests_fd: int, replies_fd: int) -> None:
     """The candidate's side: stdin is a JSON line naming what to export, then the program."""
     deny_user_namespaces()
+    sys.set_int_max_str_digits(0)  # big integers are answers too (and cost only the run's time)
     header, _, source = _stdin_then_devnull().partition(b"\n")
     requests, replies = os.fdopen(requests_fd, "rb"), os.fdopen(replies_fd, "wb")
     objects: list = []
@@ -272,6 +273,7 @@ class Remote:
 def judge(requests_fd: int, replies_fd: int) -> None:
     """The trusted side: stdin is the nonce line, then JSON {"names", "reference", "tests"}."""
     deny_user_namespaces()
+    sys.set_int_max_str_digits(0)
     nonce, _, body = _stdin_then_devnull().partition(b"\n")
     report = os.dup(1)
     try:

@@ -25,8 +25,12 @@ dlrl/judge.py), each
   (`memory_cgroup()`: cgroup v2 with the memory controller delegated, or v1's memory hierarchy
   writable; `DLRL_SANDBOX_CGROUP` names a delegated one): both sides, everything they fork and
   the tmpfs pages they write count against the same `memory_bytes`, and past it the kernel kills
-  the run (status "memory_limit").  Where none can be made, a warning is logged once and memory
-  is capped per process only (a run may then hold up to memory_bytes x max_procs);
+  the run (status "memory_limit").  cgroup v2 forbids processes in a cgroup whose children get
+  controllers, so this process's own cgroup serves only where it is the root or already
+  delegated; otherwise the operator delegates one (systemd `Delegate=yes`, a pod's subtree) and
+  names an empty child of it with memory in its subtree_control.  Where none can be made, a
+  warning is logged once and memory is capped per process only (a run may then hold up to
+  memory_bytes x max_procs);
 - with a wall-clock deadline: on expiry both process groups are SIGKILLed, and since each side
   runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
 - with a scrubbed environment (`PATH`, `LANG`, `HOME` only: no Redis password, Ray token or
