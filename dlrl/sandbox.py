@@ -1,54 +1,90 @@
-"""Run model-written Python in a contained child process and judge, unforgeably, whether it passed.
+"""Run model-written Python in contained child processes, and judge from outside it whether its
+tests passed.
 
-Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_program(source)` runs it
+Code rewards (HumanEval, MBPP) execute whatever the policy wrote.  `run_tests(program, tests)`
+starts two interpreters, the candidate's (the model's program) and the judge's (the reference
+solution and the tests, with the candidate's functions bound to proxies over a pipe; see
+dlrl/judge.py), each
 
 - inside **bubblewrap** (`bwrap`, the sandbox Flatpak uses) with new network, PID, IPC and UTS
   namespaces: no network beyond the namespace's own loopback (the host's 127.0.0.1 services,
-  Redis and Ray among them, are unreachable), no view of host processes (so `os.kill` of the parent or of a worker cannot reach them), and a
-  filesystem of read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev,
-  and a size-capped tmpfs as the working directory (/sandbox; /tmp points there).  Nothing of the
-  host's /etc, /root, /home, /work, Ray or Redis files is mounted;
-- as a fresh random unprivileged uid when the caller is root (`setpriv`, with no_new_privs and an
-  empty capability bounding set), so even a mount mistake could not hand root to the program;
+  Redis and Ray among them, are unreachable), no view of host processes or of the other side (so
+  `os.kill` of the parent, of a worker or of the judge cannot reach them), and a filesystem of
+  read-only /usr, the interpreter (read-only at /python), a fresh /proc and /dev, and a
+  size-capped tmpfs of its own as the working directory (/sandbox; /tmp points there).  Nothing
+  of the host's /etc, /root, /home, /run, /work, Ray or Redis files is mounted;
+- as a fresh random unprivileged uid per side when the caller is root (`setpriv`, with
+  no_new_privs and an empty capability bounding set), so even a mount mistake could not hand
+  root to the program, and the two sides cannot signal or trace each other in any mode;
+- unable to create user namespaces (a seccomp filter the interpreter installs before any model
+  code runs; a backend whose probe can still make one is not used): with none, the unprivileged
+  program has no capability to mount a tmpfs of its own outside the caps below;
 - under rlimits set by `prlimit` on the interpreter: CPU seconds, address space, processes
   (a fork bomb hits the process cap), open files, file size, no core dumps;
-- with a wall-clock deadline: on expiry the whole process group is SIGKILLed, and since the
-  program runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
+- in **one memory cgroup for the whole run** where this host lets us make one
+  (`memory_cgroup()`: cgroup v2 with the memory controller delegated, or v1's memory hierarchy
+  writable; `DLRL_SANDBOX_CGROUP` names a delegated one): both sides, everything they fork and
+  the tmpfs pages they write count against the same `memory_bytes`, and past it the kernel kills
+  the run (status "memory_limit").  cgroup v2 forbids processes in a cgroup whose children get
+  controllers, so this process's own cgroup serves only where it is the root or already
+  delegated; otherwise the operator delegates one (systemd `Delegate=yes`, a pod's subtree) and
+  names an empty child of it with memory in its subtree_control.  Where none can be made, a
+  warning is logged once and memory is capped per process only (a run may then hold up to
+  memory_bytes x max_procs);
+- with a wall-clock deadline: on expiry both process groups are SIGKILLed, and since each side
+  runs in its own PID namespace under `--die-with-parent`, so is anything it spawned;
 - with a scrubbed environment (`PATH`, `LANG`, `HOME` only: no Redis password, Ray token or
   other secret of the worker's environment) and the interpreter in isolated mode (`-I`);
-- with stdout + stderr capped: a program that writes more than `max_output_bytes` is killed.
+- with stdout + stderr capped: a run that writes more than `max_output_bytes` is killed.
 
-**Judging a pass.**  A fixed harness reads a per-run random nonce from stdin (with the program
-after it), closes stdin, executes the program, and only after it *returned normally* writes the
-nonce to a copy of stdout it saved beforehand.  The parent counts a pass only if the exit status
-is 0 and stdout ends with the nonce.  `sys.exit(0)`, `os._exit(0)`, an exception, a killed process,
-or printing "passed"/"OK" all fail: the nonce never appears in the program's source, arguments or
-environment.  Not contained: a program that deliberately searches the interpreter's own memory
-(`gc.get_objects()`, `sys._getframe(1).f_locals`) runs in the same process as the harness and could find the
-nonce, and one that monkeypatches builtins the tests rely on can fool those tests; the sandbox
-guarantees the host is unharmed, not that a hostile program cannot fake its own test result.
+**Judging a pass.**  The verdict is reached in the judge's interpreter, which never runs model
+code: the tests' asserts execute there, on values that cross from the candidate as JSON of plain
+data (None, bool, int, float, str, bytes, complex, list, tuple, dict, set, frozenset), rebuilt
+with exactly those types, so comparisons run the builtin types' own code.  Anything else the
+candidate returns stays in its process; the judge holds a bare reference, equal only to itself.
+The judge writes a per-run random nonce to its own stdout only after every test returned, and
+the parent counts a pass only if the judge exited 0 with stdout ending in that nonce (the nonce
+is kept, but nothing relies on it: the candidate never sees it, nor the judge's stdout).
+So every trick that works by changing the interpreter the tests run in — replacing the exit or
+exception printing of a harness, `sys.settrace` jumping over asserts, `atexit`, `sys.exit(0)` /
+`os._exit(0)` before the asserts, patching builtins (`abs`, `AssertionError`, `print`), an
+answer whose `__eq__` is always true — changes only the candidate's own interpreter, and scores
+0 (tests/test_reward_attacks.py runs each through the real `task.reward`).
+
+What remains, and why it cannot reach a reward: the candidate controls its own process, so it
+can answer each call with any plain value it likes, write anything on its reply pipe, or keep
+state between calls — all of which is just "returning values", which the tests judge.  It can
+return a correct value only by computing it: the tests' expected values live in the judge,
+never in its process (MBPP's prompt does show its three asserts, so a completion may hard-code
+those answers; that is the benchmark's weakness, not the harness's).  It can hang, crash or
+flood output, which fails.  `run_program(source)` (no tests) reports whether the program ran to
+its end as the program's own process says so; that is forgeable and serves containment tests
+only, never a reward.
 
 **Fallbacks.**  If bwrap is missing or cannot create namespaces (e.g. a container whose seccomp
 profile blocks them), `unshare` from util-linux is tried: network, PID, IPC, UTS and mount
-namespaces, fresh size-capped tmpfs mounts over /tmp, /var/tmp and /dev/shm (the cwd is the new
-/tmp), and the same uid drop and caps — but the rest of the host filesystem stays visible, so
-world-readable files can be read and world-writable ones outside those three written.  If
-neither works, `require()` / `run_program` raise `SandboxUnavailable` unless the operator sets
-`DLRL_SANDBOX_UNISOLATED=1`, which runs the program with rlimits, uid drop (when root), scrubbed
-environment, output cap and timeouts but WITH network access and the host filesystem, in a
-private host temporary directory (when root, every process of the run's fresh uid is killed
-afterwards, so a `setsid()` child does not linger) — only for machines that hold nothing worth
-protecting.
+namespaces, fresh size-capped tmpfs mounts over /tmp, /var/tmp, /dev/shm and /run (the cwd is the
+new /tmp), the same uid drop and caps, `--kill-child` plus a parent-death signal on unshare
+and again after the uid drop (which clears it), so the run dies with its caller — but the rest
+of the host filesystem stays visible, so world-readable files can be read and world-writable ones
+outside those four written.  If neither works, `require()` / `run_tests` raise
+`SandboxUnavailable` unless the operator sets `DLRL_SANDBOX_UNISOLATED=1`, which runs the
+program with rlimits, uid drop (when root), the user-namespace filter, scrubbed environment,
+output cap and timeouts but WITH network access and the host filesystem, in a private host
+temporary directory (when root, every process of the run's fresh uids is killed afterwards, so
+a `setsid()` child does not linger) — only for machines that hold nothing worth protecting (and
+when not root, the two sides share a uid there, so the candidate could trace the judge).
 
-Not contained in any mode: CPU cache / timing side channels, kernel exploits (the program may
-still create user namespaces of its own where the kernel allows them), and disk or memory
-pressure up to the caps (tmpfs size, address space per process × process cap).  A legitimate
-program that prints more than the output cap fails.
+Not contained in any mode: CPU cache / timing side channels, kernel exploits, and disk or memory
+pressure up to the caps (tmpfs size; memory_bytes per run with a cgroup, per process without).
+A legitimate program that prints more than the output cap fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import os
 import secrets
@@ -60,6 +96,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -74,34 +111,15 @@ PYTHON_MOUNT = "/python"
 """Where bwrap mounts this interpreter's installation (read-only)."""
 MAX_SOURCE_BYTES = 1 << 20
 
-# The harness: nonce first (stdin line 1), program after; stdin is then /dev/null.  The nonce is a
-# local of `_run` (not a module global a program could read as `__main__._nonce`), written to a
-# saved copy of fd 1 only after exec() returned; any BaseException exits 1.  The program's
-# __name__ is "program", so a completion's `if __name__ == "__main__":` demo (which may read
-# input or loop) does not run, as evaluation harnesses strip such blocks.
-HARNESS = r"""
-import os, sys
-def _run():
-    data = sys.stdin.buffer.read()
-    fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
-    nl = data.index(b"\n")
-    nonce, src = data[:nl] + b"\n", data[nl + 1:].decode("utf-8")
-    del data
-    report = os.dup(1)
-    try:
-        exec(compile(src, "program.py", "exec"), {"__name__": "program", "__builtins__": __builtins__})
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        os._exit(1)
-    os.write(report, b"\n" + nonce)
-    os._exit(0)
-_run()
-"""
+JUDGE_SOURCE = (Path(__file__).resolve().parent / "judge.py").read_text()
+"""Both sides of a run (dlrl/judge.py), passed to each interpreter with -c."""
+PROBE = ("\ndeny_user_namespaces()\nimport ctypes\n"
+         "print('ok' if ctypes.CDLL(None).unshare(0x10000000) != 0 else 'made a user namespace')\n")
+"""A backend's probe: it runs, and the program in it cannot create a user namespace."""
+CGROUP_ENV = "DLRL_SANDBOX_CGROUP"
+"""Optional: a cgroup directory (v2 with the memory controller in its subtree_control, or in
+v1's memory hierarchy) that this process may create children in; each run gets one, capped at
+the run's memory limit.  Unset: this process's own memory cgroup, where that works."""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -146,7 +164,8 @@ BACKENDS = ("bwrap", "unshare")
 """Isolating backends, best first; "none" (opt-in only) runs without namespaces."""
 TOOLS = {"bwrap": ("bwrap", "prlimit", "setpriv"), "unshare": ("unshare", "prlimit", "setpriv"),
          "none": ("prlimit", "setpriv")}
-"""Programs each backend needs (all from util-linux but bwrap; setpriv only when root)."""
+"""Programs each backend needs (all from util-linux but bwrap; setpriv only when root, but
+always for unshare, which gets a parent-death signal from it)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,11 +183,12 @@ def backend() -> str:
     return "none"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def works(name: str) -> bool:
-    """True if backend `name` has its tools and runs a program here (probed once per process)."""
+    """True if backend `name` has its tools and runs a program here that cannot create a user
+    namespace (probed once per process)."""
     missing = [tool for tool in TOOLS[name] if _tool(tool) is None
-               and not (tool == "setpriv" and os.getuid() != 0)]
+               and not (tool == "setpriv" and os.getuid() != 0 and name != "unshare")]
     if missing:
         logger.info("sandbox backend %s unavailable: %s not installed", name, ", ".join(missing))
         return False
@@ -177,17 +197,22 @@ def works(name: str) -> bool:
             uid = _run_uid()
             if uid is not None:
                 os.chown(tmp, uid, uid)
-            cmd = _command(name, Limits(), uid) + ["-c", "print('ok')"]
-            done = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True,
+            cmd = _command(name, Limits(), uid) + ["-c", JUDGE_SOURCE + PROBE]
+            done = subprocess.run(cmd, check=False, cwd=tmp, env=_clean_env(), capture_output=True,
                                   timeout=30)
     except (OSError, subprocess.SubprocessError):
         logger.warning("sandbox backend %s failed its probe", name, exc_info=True)
         return False
-    if done.returncode != 0 or done.stdout.strip() != b"ok":
+    if done.returncode != 0 or done.stdout.strip() != b"ok":  # 97: no seccomp filter here
         logger.warning("sandbox backend %s cannot run here (exit %s): %s", name,
                        done.returncode, done.stderr.decode(errors="replace")[-300:])
         return False
     return True
+
+
+def host_memory_mb() -> int:
+    """This host's physical memory in MiB: the most one run's cap can mean."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
 
 
 def _run_uid() -> int | None:
@@ -208,6 +233,7 @@ def require(name: str | None = None) -> str:
     if chosen != "none":
         if not works(chosen):
             raise SandboxUnavailable(f"sandbox backend {chosen!r} does not work on this host")
+        _warn_without_memory_cgroup()
         return chosen
     if os.environ.get(UNISOLATED_ENV) != "1":
         raise SandboxUnavailable(
@@ -216,8 +242,21 @@ def require(name: str | None = None) -> str:
             f"Set {UNISOLATED_ENV}=1 to run it without isolation at your own risk.")
     if _tool("prlimit") is None:
         raise SandboxUnavailable("prlimit (util-linux) is needed even for unisolated runs")
+    if not works("none"):
+        raise SandboxUnavailable("cannot forbid user namespaces to the program here (seccomp)")
     _warn_unisolated()
     return "none"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_without_memory_cgroup() -> None:
+    if memory_cgroup() is None:
+        limits = Limits()
+        logger.warning(
+            "sandbox: no memory cgroup to join here (cgroup v2 with the memory controller "
+            "delegated, or v1's memory hierarchy writable; or set %s): memory is capped per "
+            "process only, so one run may hold up to memory x max_procs (%d GiB at the "
+            "defaults)", CGROUP_ENV, limits.memory_bytes * limits.max_procs >> 30)
 
 
 @functools.lru_cache(maxsize=1)
@@ -258,8 +297,9 @@ def _reachable_by_others(path: str) -> bool:
 def _uid_drop(uid: int | None) -> list[str]:
     if uid is None:
         return []
+    # A uid change clears the parent-death signal (unshare's --kill-child sets one): set it again.
     return [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-            "--inh-caps=-all", "--bounding-set=-all", "--"]
+            "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig", "KILL", "--"]
 
 
 def _prlimit(limits: Limits, uid: int | None) -> list[str]:
@@ -295,6 +335,129 @@ def _kill_uid(uid: int) -> None:
             pass
 
 
+@functools.lru_cache(maxsize=1)
+def memory_cgroup() -> str | None:
+    """The cgroup directory each run gets its own memory cgroup under (`DLRL_SANDBOX_CGROUP`, or
+    this process's own memory cgroup), or None where none can be made here (probed once)."""
+    forced = os.environ.get(CGROUP_ENV)
+    for path in [forced] if forced else _own_memory_cgroups():
+        if os.path.exists(os.path.join(path, "cgroup.controllers")):  # v2: children need it
+            try:
+                with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory")
+            except OSError:
+                pass  # not ours to change, or this cgroup holds processes itself
+        try:
+            RunCgroup.make(path, 64 << 20).remove()
+        except OSError as e:
+            logger.info("sandbox: no memory cgroup under %s: %s", path, e)
+            continue
+        return path
+    return None
+
+
+def _own_memory_cgroups() -> list[str]:
+    """This process's cgroup in the v2 hierarchy and in v1's memory hierarchy, where mounted."""
+    v2 = v1 = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mount, fstype, options = line.split()[:4]
+            if fstype == "cgroup2":
+                v2 = v2 or mount
+            elif fstype == "cgroup" and "memory" in options.split(","):
+                v1 = v1 or mount
+    found = []
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+            if hierarchy == "0" and v2:
+                found.append(v2 + path.rstrip("/"))
+            elif "memory" in controllers.split(",") and v1:
+                found.append(v1 + path.rstrip("/"))
+    return found
+
+
+@dataclass(frozen=True)
+class RunCgroup:
+    """One run's memory cgroup: every process of the run (both sides, all they fork, and the
+    tmpfs pages they write) is charged to it, so together they stay under one limit; past it
+    the kernel's OOM killer ends a process of the run, and nothing outside it."""
+
+    path: str
+
+    @classmethod
+    def create(cls, limit_bytes: int) -> RunCgroup | None:
+        parent = memory_cgroup()
+        return cls.make(parent, limit_bytes) if parent else None
+
+    @classmethod
+    def make(cls, parent: str, limit_bytes: int) -> RunCgroup:
+        path = os.path.join(parent, f"dlrl-run-{secrets.token_hex(8)}")
+        os.mkdir(path)
+        cgroup = cls(path)
+        try:
+            if os.path.exists(os.path.join(path, "memory.max")):  # v2
+                cgroup._write("memory.max", limit_bytes)
+                cgroup._write("memory.swap.max", 0, optional=True)
+                cgroup._write("memory.oom.group", 1, optional=True)  # the whole run at once
+            else:  # v1: the memory+swap limit must not be below the memory limit
+                cgroup._write("memory.limit_in_bytes", limit_bytes)
+                cgroup._write("memory.memsw.limit_in_bytes", limit_bytes, optional=True)
+        except OSError:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def _write(self, name: str, value: int, optional: bool = False) -> None:
+        try:
+            with open(os.path.join(self.path, name), "w") as f:
+                f.write(str(value))
+        except OSError:
+            if not optional:
+                raise
+
+    def enter(self) -> list[str]:
+        """argv prefix that moves the command into this cgroup before it execs (its children,
+        the sandbox's processes, start inside)."""
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"',
+                os.path.join(self.path, "cgroup.procs")]
+
+    def oom_killed(self) -> bool:
+        for name in ("memory.events", "memory.oom_control"):  # v2, v1
+            try:
+                with open(os.path.join(self.path, name)) as f:
+                    for line in f:
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill" and int(value) > 0:
+                            return True
+            except (OSError, ValueError):
+                pass
+        return False
+
+    def remove(self) -> None:
+        """Kill whatever is left in it and delete it (a cgroup with processes cannot be)."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with open(os.path.join(self.path, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+            except OSError:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    logger.warning("sandbox: could not remove cgroup %s", self.path)
+                    return
+                time.sleep(0.01)
+
+
 def _command(name: str, limits: Limits, uid: int | None) -> list[str]:
     """argv up to (and including) the interpreter; the caller appends its arguments."""
     inner = _uid_drop(uid) + _prlimit(limits, uid) + [_python_inside(name), "-I"]
@@ -314,50 +477,98 @@ def _command(name: str, limits: Limits, uid: int | None) -> list[str]:
     if name == "unshare":
         # Fresh size-capped tmpfs over the world-writable places, and cwd there; the rest of the
         # host filesystem stays visible (protected only by the dropped uid's permissions).
-        mount = (f"for d in /tmp /var/tmp /dev/shm; do [ -d $d ] && mount -t tmpfs -o "
-                 f"size={limits.tmpfs_bytes},mode=1777,nosuid,nodev tmpfs $d || exit 97; done; "
-                 'cd /tmp && exec "$@"')
+        # /run too: its unix sockets (e.g. a host daemon's) are reachable by path across network
+        # namespaces.  --kill-child ends the namespace's init (so everything in it) when unshare
+        # dies, and setpriv's parent-death signal kills unshare when its caller dies.
+        mount = (f"for d in /tmp /var/tmp /dev/shm /run; do if [ -d $d ]; then mount -t tmpfs "
+                 f"-o size={limits.tmpfs_bytes},mode=1777,nosuid,nodev tmpfs $d || exit 97; fi; "
+                 'done; cd /tmp && exec "$@"')
         user = [] if os.getuid() == 0 else ["--user", "--map-root-user"]
-        return [_tool("unshare"), *user, "--mount", "--net", "--pid", "--ipc", "--uts",
-                "--fork", "--kill-child", "--mount-proc", "--", "/bin/sh", "-c", mount, "sh",
-                *inner]
+        return [_tool("setpriv"), "--pdeathsig", "KILL", "--", _tool("unshare"), *user,
+                "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
+                "--mount-proc", "--", "/bin/sh", "-c", mount, "sh", *inner]
     return inner
 
 
 def run_program(source: str, limits: Limits = Limits(), backend_name: str | None = None) -> Result:
-    """Run `source` (a whole Python program, e.g. a solution followed by its asserts) contained.
+    """Run `source` (a whole Python program) contained, with no tests.
 
-    passed is True only if the program ran to its end without an exception or exit (see the
-    module docstring for how that is judged).  Raises SandboxUnavailable when there is no
-    isolation and `DLRL_SANDBOX_UNISOLATED=1` is not set; never raises for anything the program
-    does.  `backend_name` forces a backend (tests run the attack suite against each)."""
+    passed is True if the program ran to its end without an exception or exit, as its own
+    process reports it: a program can fake that, so rewards use `run_tests`, whose verdict comes
+    from a process the program never ran in.  This serves tests of the containment itself."""
+    return run_tests(source, "", limits=limits, backend_name=backend_name)
+
+
+def run_tests(program: str, tests: str, names: tuple[str, ...] = (), reference: str = "",
+              limits: Limits = Limits(), backend_name: str | None = None) -> Result:
+    """Run `program` (the model's code) contained, and `tests` against it in a second contained
+    interpreter, the judge (dlrl/judge.py), after `reference` (trusted: the prompt's helpers and
+    imports), with each of `names` bound to the program's object of that name (absent if the
+    program has none).  passed is True only if the judge ran every test to its end.
+
+    Raises SandboxUnavailable when there is no isolation and `DLRL_SANDBOX_UNISOLATED=1` is not
+    set; never raises for anything the program does.  `backend_name` forces a backend."""
     name = require(backend_name)
-    data = source.encode("utf-8", "replace")
+    data = program.encode("utf-8", "replace")
     if len(data) > MAX_SOURCE_BYTES:
         return Result(False, "failed", None, "", "program too long", 0.0)
     nonce = secrets.token_hex(16).encode()
-    uid = _run_uid()
-    with tempfile.TemporaryDirectory(prefix="dlrl-sbx-") as tmp:
-        if uid is not None:
-            os.chown(tmp, uid, uid)
-        cmd = _command(name, limits, uid) + ["-c", HARNESS]
+    plan = json.dumps({"names": list(names), "reference": reference, "tests": tests})
+    stdin = {"candidate": json.dumps(list(names)).encode() + b"\n" + data,
+             "judge": nonce + b"\n" + plan.encode("utf-8", "replace")}
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    open_fds = [requests_r, requests_w, replies_r, replies_w]
+    fds = {"candidate": (requests_r, replies_w), "judge": (requests_w, replies_r)}
+    entry = {"candidate": "serve", "judge": "judge"}
+    uids = {side: _run_uid() for side in stdin}  # distinct: neither can signal the other
+    procs: dict[str, subprocess.Popen] = {}
+    with contextlib.ExitStack() as stack:
+        cgroup = RunCgroup.create(limits.memory_bytes)
         try:
-            return _supervise(cmd, tmp, nonce + b"\n" + data, nonce, limits)
+            for side in stdin:
+                cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="dlrl-sbx-"))
+                if uids[side] is not None:
+                    os.chown(cwd, uids[side], uids[side])
+                code = f"{JUDGE_SOURCE}\n{entry[side]}{fds[side]}\n"
+                cmd = (cgroup.enter() if cgroup else []) + _command(name, limits, uids[side])
+                procs[side] = subprocess.Popen(
+                    cmd + ["-c", code], cwd=cwd, env=_clean_env(), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    pass_fds=fds[side])
+            while open_fds:  # only the two sides hold the pipes: each sees EOF when the other ends
+                os.close(open_fds.pop())
+            return _supervise(procs, stdin, nonce, limits, cgroup)
         finally:
-            if uid is not None:
-                _kill_uid(uid)  # whatever escaped the group (setsid) in the unisolated mode
+            while open_fds:
+                os.close(open_fds.pop())
+            for proc in procs.values():
+                _kill_group(proc)
+                proc.wait()
+            for uid in uids.values():
+                if uid is not None:
+                    _kill_uid(uid)  # whatever escaped the group (setsid) in the unisolated mode
+            if cgroup:
+                cgroup.remove()
 
 
-def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Limits) -> Result:
+def _supervise(procs: dict[str, subprocess.Popen], stdin: dict[str, bytes], nonce: bytes,
+               limits: Limits, cgroup: RunCgroup | None) -> Result:
+    """Feed both sides, collect their output until the judge has finished or `limits` end the
+    run, and read the verdict from the judge's stdout alone."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_clean_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
-    out, err, total, status = bytearray(), bytearray(), 0, None
-    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    for side, proc in procs.items():
+        threading.Thread(target=_feed, args=(proc.stdin, stdin[side]), daemon=True).start()
+    buffers = {(side, kind): bytearray() for side in procs for kind in ("out", "err")}
+    streams = {}
+    for side, proc in procs.items():
+        streams[proc.stdout.fileno()] = buffers[side, "out"]
+        streams[proc.stderr.fileno()] = buffers[side, "err"]
+    judge = procs["judge"]
+    judge_fds = {judge.stdout.fileno(), judge.stderr.fileno()}
+    total, status = 0, None
     deadline = start + limits.wall_s
-    while streams:
+    while judge_fds & streams.keys():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             status = "timeout"
@@ -373,20 +584,24 @@ def _supervise(cmd: list[str], cwd: str, stdin: bytes, nonce: bytes, limits: Lim
         if total > limits.max_output_bytes:
             status = "output_limit"
             break
-    if status is None and not _exited(proc, deadline):
+    if status is None and not _exited(judge, deadline):
         status = "timeout"
-    # The leader is at most a zombie until proc.wait() below, so its pid (= the group id) cannot
-    # have been reused: killing the group never hits an unrelated process.  This also ends what
-    # is left in the group (the unisolated mode has no PID namespace to do it).
-    _kill_group(proc)
-    returncode = proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        pipe.close()
-    passed = status is None and returncode == 0 and out.endswith(b"\n" + nonce + b"\n")
+    # The leaders are at most zombies until the caller's wait(), so their pids (= the group ids)
+    # cannot have been reused: killing the groups never hits an unrelated process.
+    for proc in procs.values():
+        _kill_group(proc)
+    returncode = judge.wait()
+    for proc in procs.values():
+        proc.stdout.close()
+        proc.stderr.close()
+    passed = (status is None and returncode == 0
+              and buffers["judge", "out"].endswith(b"\n" + nonce + b"\n"))
     if status is None:
-        status = "passed" if passed else "failed"
-    text = out.decode("utf-8", "replace").replace(nonce.decode(), "<pass>")
-    return Result(passed, status, returncode, text, err.decode("utf-8", "replace"),
+        status = "passed" if passed else ("memory_limit" if cgroup and cgroup.oom_killed()
+                                          else "failed")
+    out = (buffers["candidate", "out"] + buffers["judge", "out"]).decode("utf-8", "replace")
+    err = (buffers["candidate", "err"] + buffers["judge", "err"]).decode("utf-8", "replace")
+    return Result(passed, status, returncode, out.replace(nonce.decode(), "<pass>"), err,
                   time.monotonic() - start)
 
 

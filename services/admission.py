@@ -12,6 +12,7 @@ started. Its rules (services/README.md lists them too):
 - task names come from the registry (`dlrl.tasks.TASKS`) or the operator's `tasks` list; an
   import path ("module:factory") is refused unless listed. Options must be the factory's own
   keyword arguments, with small JSON values; an option naming a file must lie in `data_root`;
+  a code task's `memory_mb` (one cap for all processes of a run) is at most this host's memory;
 - `eval.protocol` (a protocol file) lies in `data_root` or the shipped deploy/eval/, and so do
   the eval data file it pins and any file its task options name;
 - models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrl.config import JobSpec
+from dlrl.sandbox import host_memory_mb
 from dlrl.tasks import TASKS
 from dlrl.tasks.data_root import inside
 
@@ -196,6 +198,9 @@ def _task(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]])
         where = f"task.options.{key}"
         if (reason := _small_json(value)) is not None:
             errors.append((where, reason))
+        elif key == "memory_mb" and isinstance(value, (int, float)) and value > host_memory_mb():
+            errors.append((where, (f"{value} MiB exceeds this host's memory ({host_memory_mb()} MiB): "
+                                   "all processes of a code run share that one cap")))
         elif _PATH_OPTION.search(key):
             checked = _data_path(value, policy, where, errors)
             if checked is not None:

@@ -217,6 +217,93 @@ def test_faking_success_fails(backend, source):
     assert not result.passed
 
 
+def test_no_user_namespace_inside_the_sandbox(backend):
+    # With one, an unprivileged program could mount a tmpfs of its own that no cap counts.
+    source = """
+import ctypes, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.unshare(0x10000000) == -1 and ctypes.get_errno() == 1  # CLONE_NEWUSER: EPERM
+made = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                       "mount -t tmpfs -o size=1g tmpfs /tmp && echo mounted"],
+                      capture_output=True, text=True)
+assert made.returncode != 0 and "mounted" not in made.stdout, made
+t = threading.Thread(target=print, args=("threads still start",))  # clone3 falls back to clone
+t.start()
+t.join()
+"""
+    result = run(source, backend)
+    assert result.passed, result
+    assert "threads still start" in result.stdout
+
+
+def test_host_run_folder_is_not_visible(backend):
+    # Host daemons' unix sockets live there; a socket path reaches across network namespaces.
+    result = run("import os\nassert not os.path.isdir('/run') or os.listdir('/run') == []",
+                 backend)
+    assert result.passed, result
+
+
+MEMORY = Limits(wall_s=8.0, cpu_s=6, memory_bytes=256 << 20, max_output_bytes=64 << 10)
+
+
+def _forks(children: int, mib: int) -> str:
+    """A program whose `children` processes each hold `mib` MiB (written, so resident) at once."""
+    return f"""
+import os, time
+pids = []
+for _ in range({children}):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * ({mib} << 20)
+        time.sleep(1.5)
+        os._exit(0)
+    pids.append(pid)
+assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids), "a child was killed"
+"""
+
+
+@pytest.mark.skipif(sandbox.memory_cgroup() is None,
+                    reason="no memory cgroup can be made here (cgroup v2 with the memory "
+                           "controller delegated, or a writable v1 memory hierarchy): memory is "
+                           "capped per process only")
+def test_one_memory_cap_for_all_processes_of_a_run(backend):
+    # 6 x 100 MiB: each child is under the 256 MiB per-process limit, together far over it.
+    result = run(_forks(6, 100), backend, MEMORY)
+    assert not result.passed and result.status == "memory_limit", result
+    assert run(_forks(2, 40), backend, MEMORY).passed  # the same program within the cap
+
+
+def test_the_run_dies_with_its_caller(backend, tmp_path):
+    # SIGKILL the process that called run_program: nothing of the run may live on.
+    half = f"{os.getpid()}-{backend}"
+    marker = "dlrl-orphan-" + half  # the caller's command line holds it only in two pieces
+    program = f"import subprocess\nsubprocess.run(['sh', '-c', 'sleep 60; : ' + 'dlrl-orphan-' + {half!r}])"
+    caller = subprocess.Popen(
+        [sys.executable, "-c", (f"from dlrl import sandbox\nsandbox.run_program({program!r}, "
+                                f"sandbox.Limits(wall_s=60, cpu_s=60), {backend!r})")],
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 30
+        while not _with_marker(marker):
+            assert time.monotonic() < deadline, "the sandboxed program never started"
+            time.sleep(0.1)
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 5
+    while _with_marker(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _with_marker(marker), "the sandboxed program outlived its killed caller"
+
+
+def _with_marker(marker: str) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or []):
+            found.append(proc.pid)
+    return found
+
+
 def test_refuses_without_isolation_unless_the_operator_opts_in(tmp_path):
     code = ("from dlrl import sandbox\n"
             "try:\n    sandbox.run_program('pass')\nexcept sandbox.SandboxUnavailable as e:\n"

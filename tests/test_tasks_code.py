@@ -173,3 +173,17 @@ def test_registry_splits_and_bad_options():
         code_task("apps")
     with pytest.raises(ValueError, match="timeout_s"):
         code_task("humaneval", timeout_s=float("inf"))
+
+
+def test_memory_is_bounded_by_what_one_host_has():
+    # All processes of a run share one cap (a cgroup where one can be made), so it must fit a
+    # host; the API refuses more too.
+    from tests.test_api_admission_policy import refusals, small
+
+    too_much = sandbox.host_memory_mb() + 1
+    with pytest.raises(ValueError, match="this host's memory"):
+        code_task("humaneval", memory_mb=too_much)
+    body = small(task={"name": "humaneval", "options": {"memory_mb": too_much}})
+    assert "host's memory" in refusals(body)["task.options.memory_mb"]
+    assert "task.options.memory_mb" not in refusals(
+        small(task={"name": "humaneval", "options": {"memory_mb": 512}}))

@@ -20,11 +20,15 @@ fence counts to the end) that defines the entry point, else the first block, els
 cut at "[DONE]".  A HumanEval completion that defines the entry point itself is run after the
 prompt (so helper functions of the prompt stay defined); a body is appended to the prompt.
 
-Programs.  HumanEval: prompt + completion + the problem's `test` + `check(entry_point)`.  MBPP:
-solution, then `test_setup_code` (it uses the solution's classes, e.g. `Node`), the sanitized
-set's `test_imports`, then the asserts of `test_list`.  A row may carry an optional
-`extra_tests` list (MBPP+/HumanEval+ style: more assert statements, run last, with the entry
-point in scope); `challenge_tests=True` adds MBPP's `challenge_test_list` too.
+Programs.  The completion and the tests run in two interpreters (`sandbox.run_tests`): the
+candidate's runs the prompt + completion (HumanEval) or the code (MBPP); the judge's runs the
+reference solution, then the tests with the candidate's functions and classes bound by name
+(values cross as plain data, see dlrl/judge.py).  HumanEval's tests: the problem's `test` +
+`check(entry_point)`.  MBPP's: `test_setup_code` (it builds the solution's classes, e.g. `Node`
+trees, through the candidate's class), the sanitized set's `test_imports`, then the asserts of
+`test_list`.  A row may carry an optional `extra_tests` list (MBPP+/HumanEval+ style: more
+assert statements, run last, with the entry point in scope); `challenge_tests=True` adds MBPP's
+`challenge_test_list` too.
 """
 
 from __future__ import annotations
@@ -102,11 +106,19 @@ def humaneval_target(ex: Example, style: str) -> str:
 
 
 def humaneval_program(completion: str, ex: Example) -> str:
+    """The candidate's program: the prompt with the completion."""
     prompt, entry = ex.question["prompt"], ex.question["entry_point"]
     code = extract_code(completion, entry)
-    solution = f"{prompt}\n{code}" if _defines(code, entry) else prompt + code
+    return f"{prompt}\n{code}" if _defines(code, entry) else prompt + code
+
+
+def humaneval_judge(ex: Example) -> dict:
+    """The judge's side: the reference solution (so the prompt's helpers, e.g. `encode_cyclic`,
+    are the trusted ones) and `check(entry_point)` on the candidate's function."""
+    prompt, entry = ex.question["prompt"], ex.question["entry_point"]
     extra = "\n".join(ex.answer.get("extra_tests", []))
-    return f"{solution}\n\n{ex.answer['test']}\n\ncheck({entry})\n{extra}\n"
+    return {"reference": prompt + ex.answer["solution"], "names": (entry,),
+            "tests": f"{ex.answer['test']}\n\ncheck({entry})\n{extra}\n"}
 
 
 # --- MBPP ------------------------------------------------------------------------------------
@@ -152,19 +164,33 @@ def mbpp_target(ex: Example, style: str) -> str:
 
 
 def mbpp_program(completion: str, ex: Example) -> str:
-    code = extract_code(completion, ex.question.get("entry_point"))
-    parts = [code, ex.answer["setup"], *ex.answer["imports"], *ex.answer["tests"],
-             *ex.answer["extra_tests"]]
-    return "\n".join(parts) + "\n"
+    """The candidate's program: the extracted code alone."""
+    return extract_code(completion, ex.question.get("entry_point"))
+
+
+def mbpp_judge(ex: Example) -> dict:
+    """The judge's side: the reference solution (its imports and helpers), then the setup code
+    and asserts, with each function or class the reference defines and they use (the entry
+    point, a `Node` or `Pair` class) bound to the candidate's."""
+    tests = "\n".join([ex.answer["setup"], *ex.answer["imports"], *ex.answer["tests"],
+                       *ex.answer["extra_tests"]]) + "\n"
+    defined = re.findall(r"^(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)", ex.answer["solution"],
+                         re.MULTILINE)
+    names = tuple(dict.fromkeys(n for n in defined if re.search(rf"\b{n}\b", tests)))
+    return {"reference": ex.answer["solution"], "names": names, "tests": tests}
 
 
 # --- the task --------------------------------------------------------------------------------
 
-def code_reward(program_of, completion: str, ex: Example, limits: sandbox.Limits) -> float:
-    """1.0 if the program built from `completion` passes in the sandbox, else 0.0."""
+def code_reward(program_of, judge_of, completion: str, ex: Example,
+                limits: sandbox.Limits) -> float:
+    """1.0 if the tests pass against the program built from `completion`, else 0.0: the program
+    and the tests run in two sandboxed interpreters, and only the tests' one gives the verdict
+    (dlrl/judge.py)."""
     if not completion.strip() or len(completion) > MAX_COMPLETION_CHARS:
         return 0.0
-    return 1.0 if sandbox.run_program(program_of(completion, ex), limits).passed else 0.0
+    result = sandbox.run_tests(program_of(completion, ex), limits=limits, **judge_of(ex))
+    return 1.0 if result.passed else 0.0
 
 
 def code_task(dataset: str = "humaneval", path: str | None = None, name: str | None = None,
@@ -172,15 +198,18 @@ def code_task(dataset: str = "humaneval", path: str | None = None, name: str | N
               memory_mb: int = 1024) -> Task:
     """A HumanEval-format (`dataset="humaneval"`) or MBPP-format ("mbpp", "mbpp_sanitized")
     task from the shipped file or `path`.  `timeout_s` is the wall-clock limit of one reward
-    (CPU seconds are capped at the same value), `memory_mb` the address space of the program.
+    (CPU seconds are capped at the same value), `memory_mb` the memory of one run: the address
+    space of each process, and all processes together where a memory cgroup can be made
+    (`sandbox.memory_cgroup`); at most this host's memory.
 
     Raises `sandbox.SandboxUnavailable` here, at construction, when the host cannot contain the
     programs (rather than every reward quietly scoring 0)."""
     if dataset not in FILES:
         raise ValueError(f"unknown code dataset {dataset!r}; known: {sorted(FILES)}")
-    if not 0 < timeout_s <= 300 or not 16 <= memory_mb <= 65536:
-        raise ValueError(f"timeout_s must be in (0, 300] and memory_mb in [16, 65536], "
-                         f"got {timeout_s}, {memory_mb}")
+    if not 0 < timeout_s <= 300 or not 16 <= memory_mb <= sandbox.host_memory_mb():
+        raise ValueError(f"timeout_s must be in (0, 300] and memory_mb in [16, "
+                         f"{sandbox.host_memory_mb()}] (this host's memory), got {timeout_s}, "
+                         f"{memory_mb}")
     sandbox.require()
     task_name = name or dataset
     limits = sandbox.Limits(wall_s=timeout_s, cpu_s=max(1, int(timeout_s)),
@@ -205,7 +234,8 @@ def code_task(dataset: str = "humaneval", path: str | None = None, name: str | N
         return random.Random(f"{task_name}:{split}:{seed}").sample(examples, n)
 
     program_of = humaneval_program if is_humaneval else mbpp_program
+    judge_of = humaneval_judge if is_humaneval else mbpp_judge
     return Task(name=task_name, make_examples=make_examples,
                 make_prompt=humaneval_prompt if is_humaneval else mbpp_prompt,
-                score=partial(code_reward, program_of, limits=limits),
+                score=partial(code_reward, program_of, judge_of, limits=limits),
                 make_target=humaneval_target if is_humaneval else mbpp_target)
