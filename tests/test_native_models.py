@@ -20,10 +20,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-import dlrl.models.families as families
 import dlrl.models.dream as dream_module
 import dlrl.models.llada as llada_module
-from dlrl.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, diffusion_logits, load_model
+from dlrl.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, diffusion_logits, families, load_model
 from dlrl.models.forward import cached_diffusion_logits, padding_positions, padding_to_4d
 from dlrl.models.kv_cache import KVCache
 from dlrl.models.published import check_checkpoint, published_names

@@ -14,12 +14,11 @@ from dlrl.models.tokenizer import SPECIALS
 
 
 def published_names(cfg: PretrainedConfig) -> dict[str, str]:
-    """BidirectionalModel = {embed, blocks[i] (Block), norm, lm_head (absent when tied)}."""
-    names = ["embed.weight", "norm.weight"]
+    """BidirectionalModel = {embed, blocks[i] (Block), norm, lm_head}; the head is its own tensor
+    whatever `tie_word_embeddings` says (the model declares no tied weights)."""
+    names = ["embed.weight", "norm.weight", "lm_head.weight"]
     for i in range(cfg.num_hidden_layers):
         names += [f"blocks.{i}.{m}.weight" for m in ("attn_norm", "qkv", "out", "mlp_norm", "gate_up", "down")]
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
     return {name: name for name in names}
 
 
