@@ -41,7 +41,7 @@ class LoraSpec(Section):
     """Dropout on the adapter input (0 keeps the old-policy and new-policy passes identical)."""
     target_modules: list[str] | str | None = Field(None, max_length=256)
     """Module-name suffixes, a full-match regex, or "all-linear"; None = the family's default
-    (dlrl.models.lora.DEFAULT_TARGETS)."""
+    (`Family.lora_targets`, dlrl.models.families)."""
 
 
 class ModelSpec(Section):

@@ -74,22 +74,13 @@ class ModelShape:
 
 
 def shape_from_config(cfg: dict) -> ModelShape:
-    """ModelShape from a config.json: HF names (hidden_size, ...) or LLaDA's OLMo names (d_model, ...)."""
-    if "d_model" in cfg:  # LLaDA (configuration_llada.py): mlp_hidden_size is each of ff_proj / up_proj
-        heads = cfg["n_heads"]
-        return ModelShape(
-            vocab=cfg.get("embedding_size") or cfg["vocab_size"], hidden=cfg["d_model"],
-            layers=cfg["n_layers"], heads=heads, kv_heads=cfg.get("n_kv_heads") or heads,
-            ffn=cfg.get("mlp_hidden_size") or cfg["mlp_ratio"] * cfg["d_model"],
-            tied=bool(cfg.get("weight_tying", False)), qkv_bias=bool(cfg.get("include_qkv_bias", False)),
-        )
-    heads = cfg["num_attention_heads"]
-    return ModelShape(
-        vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-        heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads, ffn=cfg["intermediate_size"],
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=cfg.get("model_type") in ("Dream", "qwen2"),  # Qwen2-shaped: biased q, k, v
-    )
+    """ModelShape from a config.json dict, read by the config's model family: each family knows its
+    own config names (LLaDA's OLMo names, Hugging Face names elsewhere) and its layout's extras."""
+    # Imported here: the family registry imports the model classes (torch, transformers), which
+    # the rest of this module's arithmetic does not need, and each family module imports ModelShape.
+    from dlrl.models.families import family_of
+
+    return family_of(cfg).shape(cfg)
 
 
 def model_config(path: str) -> dict:

@@ -12,6 +12,7 @@ Run: .venv/bin/pytest tests/test_native_models.py -q
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-import dlrl.models.forward as forward
 import dlrl.models.dream as dream_module
 import dlrl.models.llada as llada_module
-from dlrl.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, diffusion_logits, load_model
+from dlrl.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, diffusion_logits, families, load_model
 from dlrl.models.forward import cached_diffusion_logits, padding_positions, padding_to_4d
 from dlrl.models.kv_cache import KVCache
 from dlrl.models.published import check_checkpoint, published_names
@@ -187,7 +187,7 @@ def test_logits_to_keep_slices_the_head():
 def test_dream_without_its_shift_is_caught(monkeypatch):
     native, ref = native_and_reference("Dream")
     ids, _ = batch()
-    monkeypatch.setattr(forward, "LOGIT_SHIFT", {})
+    monkeypatch.setitem(families._BY_MODEL_TYPE, "Dream", replace(families.dream.FAMILY, logit_shift=0))
     with torch.no_grad():
         assert max_diff(diffusion_logits(native, ids), reference_logits("Dream", ref, ids, None)) > 1e-2
 
@@ -352,6 +352,6 @@ def test_saved_checkpoint_reloads_with_plain_transformers(tmp_path, family):
 def test_family_is_read_from_model_type_or_architectures():
     from dlrl.models.loading import native_family
 
-    assert native_family({"model_type": "llada"}) == "llada"
-    assert native_family({"architectures": ["DreamModel"]}) == "Dream"  # a config without model_type
+    assert native_family({"model_type": "llada"}) is families.llada.FAMILY
+    assert native_family({"architectures": ["DreamModel"]}) is families.dream.FAMILY  # no model_type
     assert native_family({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}) is None

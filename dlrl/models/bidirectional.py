@@ -29,8 +29,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from dlrl.models.forward import padding_positions, padding_to_4d
 from dlrl.models.kv_cache import KVCache
+from dlrl.models.padding import padding_positions, padding_to_4d
 
 
 class BidirectionalConfig(PretrainedConfig):

@@ -4,9 +4,10 @@ Dream starts from Qwen2.5 weights and keeps Qwen2's module tree (`model.{embed_t
 {input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj},
 norm}`, `lm_head`), with biases on q/k/v only, half-split RoPE (rope_theta 1e6), RMSNorm and a
 SiLU-gated MLP; attention is non-causal. Like the autoregressive model it comes from, its hidden
-state i predicts token i + 1: the model returns those raw logits and `dlrl.models.forward`
-(LOGIT_SHIFT) aligns them, as Dream's published generation code does. Keeping the published names
-lets the published safetensors load by name; `dlrl.models.published` holds the explicit map.
+state i predicts token i + 1: the model returns those raw logits and `dlrl.models.forward` aligns
+them (the family record's `logit_shift`), as Dream's published generation code does. Keeping the
+published names lets the published safetensors load by name; the family record
+(`dlrl.models.families.dream`) holds the explicit map.
 """
 
 from __future__ import annotations

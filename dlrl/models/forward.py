@@ -1,12 +1,18 @@
 """One forward call for every masked-diffusion model family.
 
-The sampler and the learner both call `diffusion_logits`; it is the only place that knows how a
-model family wants its padding mask. A 2-D padding mask silently turns many HF models causal, so
-families that take a mask get an explicit 4-D (B, 1, T, T) boolean one (the default for unknown
-families). LLaDA's published convention is a 2-D key-padding mask (its modeling file reshapes it
-with `.view(B, -1)[:, None, None, :]` into an additive bias, non-causal by construction), so it
-gets that; the native LLaDA (dlrl/models/llada.py) also takes position ids. Dream's generation code builds a 4-D boolean (B, 1, T, T) mask from the padding mask
-and passes it straight to SDPA (True = may attend), and takes `position_ids`.
+The sampler and the learner both call `diffusion_logits`; it reads from the model's family record
+(dlrl.models.families) how the family takes its padding mask and how its logits are aligned. A 2-D
+padding mask silently turns many HF models causal, so families that take a mask get an explicit
+4-D (B, 1, T, T) boolean one (the default for unknown families). LLaDA's published convention is a
+2-D key-padding mask (its modeling file reshapes it with `.view(B, -1)[:, None, None, :]` into an
+additive bias, non-causal by construction), so it gets that; the native LLaDA (dlrl/models/llada.py)
+also takes position ids. Dream's generation code builds a 4-D boolean (B, 1, T, T) mask from the
+padding mask and passes it straight to SDPA (True = may attend), and takes `position_ids`.
+
+Logit alignment: a family whose raw logits lag the tokens they predict (Dream, like the Qwen2 it
+starts from, predicts token i from hidden state i - 1; `Family.logit_shift`) has them shifted right
+here, as its published generation code does (position 0 keeps its own). Models return their
+published raw logits; callers always get logits[:, i] for token i.
 """
 
 from __future__ import annotations
@@ -16,17 +22,9 @@ from functools import lru_cache
 
 import torch
 
+from dlrl.models.families import model_family
 from dlrl.models.kv_cache import KVCache
-
-# model_type -> how the family takes padding: "2d" key-padding mask, or "4d" boolean (B,1,T,T).
-# The built-in model takes either; "2d" lets it derive per-row positions itself.
-MASK_STYLE = {"llada": "2d", "Dream": "4d", "dlrl_bidirectional": "2d"}
-
-# model_type -> by how many positions the model's raw logits lag the tokens they predict. Dream
-# (like the Qwen2 it starts from) predicts token i from hidden state i - 1; its published
-# generation code shifts the logits right by one (position 0 keeps its own). Models return their
-# published raw logits; this module aligns them, so callers always get logits[:, i] for token i.
-LOGIT_SHIFT = {"Dream": 1}
+from dlrl.models.padding import padding_positions, padding_to_4d
 
 
 @lru_cache(maxsize=None)
@@ -41,21 +39,6 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def padding_to_4d(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 1/0 padding mask -> (B, 1, T, T) bool: every query sees every real key.
-
-    Padded queries see the real keys too (Dream's own mask blanks their rows): an all-False row
-    gives NaN in some SDPA kernels, and a NaN in a pad position's value leaks into real ones.
-    """
-    keep = attention_mask.bool()
-    return keep[:, None, None, :].expand(-1, 1, keep.shape[1], -1)
-
-
-def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 1/0 padding mask -> (B, T) position ids counting from each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def diffusion_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -67,23 +50,19 @@ def diffusion_logits(
     shifted positions; RoPE scores depend only on position differences, so the logits agree up to
     rounding.
     """
-    shift = LOGIT_SHIFT.get(_model_type(model), 0)
+    family = model_family(model)
+    shift = family.logit_shift
     if attention_mask is None or bool(attention_mask.all()):
         return align_logits(model(input_ids).logits, shift)
     inner = _unwrapped(model)
-    model_type = getattr(getattr(inner, "config", None), "model_type", "")
     kwargs: dict = {}
     if _accepts(type(inner).forward, "position_ids"):
         kwargs["position_ids"] = padding_positions(attention_mask)
-    if MASK_STYLE.get(model_type, "4d") == "2d":
+    if family.padding_mask == "2d":
         kwargs["attention_mask"] = attention_mask
     else:
         kwargs["attention_mask"] = padding_to_4d(attention_mask)
     return align_logits(model(input_ids, **kwargs).logits, shift)
-
-
-def _model_type(model: torch.nn.Module) -> str:
-    return getattr(getattr(_unwrapped(model), "config", None), "model_type", "")
 
 
 def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
@@ -117,7 +96,7 @@ def cached_diffusion_logits(
     lo, hi = keep if keep is not None else (start, end)
     if not start <= lo <= hi <= end:
         raise ValueError(f"keep [{lo}, {hi}) is not inside the forwarded positions [{start}, {end})")
-    shift = LOGIT_SHIFT.get(_model_type(model), 0)
+    shift = model_family(model).logit_shift
     first = 0 if start == 0 else start - shift
     if first < 0:
         raise ValueError(f"a block step at {start} needs position {first}: refresh from 0 first")

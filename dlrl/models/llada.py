@@ -6,7 +6,8 @@ checkpoints use (`block_type = "llama"`, RMSNorm, half-split RoPE, SwiGLU, non-c
 with the published `config.json` fields, and keeps the published module tree
 (`model.transformer.{wte, blocks.N.{attn_norm, q_proj, k_proj, v_proj, attn_out, ff_norm, ff_proj,
 up_proj, ff_out}, ln_f, ff_out}`) so the published safetensors load by name and a saved checkpoint
-is in the published layout. `dlrl.models.published` holds the explicit name map that checks it.
+is in the published layout. The family record (`dlrl.models.families.llada`) holds the explicit
+name map that checks it.
 
 Differences from the published file, none of which change its logits: positions may be given
 (`position_ids`, so a left-padded row equals the row alone exactly; the published code always uses

@@ -1,14 +1,16 @@
 """Load any supported masked-diffusion checkpoint as (model, tokenizer).
 
-One entry point for the built-in model, the native LLaDA / Dream families, other dLLMs through
-their remote code (opt-in), and adapter-only LoRA checkpoints written by `save_checkpoint`.
+One entry point for the registered families (the built-in model, native LLaDA / Dream), other
+dLLMs through their remote code (opt-in), and adapter-only LoRA checkpoints written by
+`save_checkpoint`.
 
 The class is chosen from config.json alone, read as data: a `model_type` or `architectures` entry
-of a native family (NATIVE) loads our own code even when the checkpoint also ships modeling files
-(the published LLaDA and Dream repositories do, and their code does not run under transformers 5);
-otherwise a config with an `auto_map` needs `trust_remote_code` (off by default: it runs Python
-from the checkpoint), and anything else goes through the registered Auto mappings. Native
-checkpoints load strictly: a missing or unexpected tensor is an error, not a random init.
+of a registered family with native code (dlrl.models.families) loads our own code even when the
+checkpoint also ships modeling files (the published LLaDA and Dream repositories do, and their
+code does not run under transformers 5); otherwise a config with an `auto_map` needs
+`trust_remote_code` (off by default: it runs Python from the checkpoint), and anything else goes
+through the registered Auto mappings. Native checkpoints load strictly: a missing or unexpected
+tensor is an error, not a random init.
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dlrl.models.dream import DreamConfig, DreamModel
-from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
+from dlrl.models.families import Family, registered
 from dlrl.models.lora import LoraSpec, apply_lora
-from dlrl.models.published import OPTIONAL, check_checkpoint
+from dlrl.models.published import check_checkpoint
 
 # Preferred Auto classes, best first. A masked-diffusion model is a masked LM; LLaDA's remote code
 # maps AutoModel and AutoModelForCausalLM to the same LM class and Dream maps only AutoModel (its
@@ -57,15 +58,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 """Shipped checkpoints (`builtin:<name>` -> dlrl/assets/<name>), built by scripts/ in this repo."""
 
 
-NATIVE: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "llada": (LLaDAConfig, LLaDAModelLM),
-    "Dream": (DreamConfig, DreamModel),
-}
-"""model_type -> (config class, model class) of the families with native code."""
-NATIVE_ARCHITECTURES = {model.__name__: model_type for model_type, (_, model) in NATIVE.items()}
-"""Published `architectures` names (LLaDAModelLM, DreamModel) -> model_type."""
-
-
 class CheckpointNotFoundError(OSError):
     """A model name is neither a loadable local directory nor a reachable hub repository."""
 
@@ -74,14 +66,10 @@ class RemoteCodeRequiredError(ValueError):
     """The checkpoint's family has no native code and remote code was not allowed."""
 
 
-def native_family(config: dict) -> str | None:
-    """The native model_type for a config.json dict (by model_type, then architectures), or None."""
-    if config.get("model_type") in NATIVE:
-        return config["model_type"]
-    for arch in config.get("architectures") or ():
-        if arch in NATIVE_ARCHITECTURES:
-            return NATIVE_ARCHITECTURES[arch]
-    return None
+def native_family(config: dict) -> Family | None:
+    """The family with native code for a config.json dict (by model_type, then architectures), or None."""
+    family = registered(config)
+    return family if family is not None and family.native else None
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
@@ -197,18 +185,17 @@ def _load_tokenizer(name: str, trust_remote_code: bool, *, native: bool) -> PreT
             raise exc from None
 
 
-def _load_native(name: str, family: str, dtype: torch.dtype | str) -> PreTrainedModel:
+def _load_native(name: str, family: Family, dtype: torch.dtype | str) -> PreTrainedModel:
     """A native family's model, strictly: every published tensor present, nothing unknown."""
-    config_cls, model_cls = NATIVE[family]
-    config = config_cls.from_pretrained(name)
+    config = family.config_class.from_pretrained(name)
     if Path(name).is_dir():
         check_checkpoint(name, config)  # the explicit published name map, before any weight is read
-    model, info = model_cls.from_pretrained(
+    model, info = family.model_class.from_pretrained(
         name, config=config, dtype=resolve_dtype(dtype), output_loading_info=True
     )
-    unexpected = set(info["unexpected_keys"]) - OPTIONAL.get(family, set())
+    unexpected = set(info["unexpected_keys"]) - family.optional_tensors
     if info["missing_keys"] or unexpected:
-        raise ValueError(f"{name} does not match the native {family} model: missing "
+        raise ValueError(f"{name} does not match the native {family.name} model: missing "
                          f"{sorted(info['missing_keys'])[:4]}, unexpected {sorted(unexpected)[:4]}")
     return model
 

@@ -3,7 +3,8 @@
 They are read from the model config and the tokenizer, never hard-coded: LLaDA, Dream and the
 built-in model all use different ids, and a fine-tuned checkpoint may move them. The config wins
 over the tokenizer because it is what the model was trained with (LLaDA's tokenizer, for one,
-does not declare its mask token).
+does not declare its mask token). Where a family's mask token lives when neither declares it is the
+family's (`Family.mask_token`, looked up by string in the tokenizer).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from dlrl.models.families import family_of
 
 # Chat models end an assistant turn with one of these before (or instead of) their EOS token;
 # a completion that stops there is finished. Looked up by string so no id is hard-coded
@@ -49,15 +52,18 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
 def special_ids(model: object, tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     """Read mask / pad / EOS ids from `model.config` (or a config passed directly) and `tokenizer`.
 
-    mask: config.mask_token_id, else tokenizer.mask_token_id, else ValueError (guessing would
-    silently train on the wrong token). pad: config, else tokenizer, else the first EOS id.
-    EOS: config.eos_token_id (int or list), tokenizer.eos_token_id, then any end-of-turn token
+    mask: config.mask_token_id, else tokenizer.mask_token_id, else the id of the family's named
+    mask token in the tokenizer, else ValueError (guessing would silently train on the wrong
+    token). pad: config, else tokenizer, else the first EOS id. EOS: config.eos_token_id (int or list), tokenizer.eos_token_id, then any end-of-turn token
     in END_OF_TURN_TOKENS that the tokenizer has.
     """
     config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None:
         mask_id = tokenizer.mask_token_id
+    mask_token = family_of(config).mask_token
+    if mask_id is None and mask_token is not None:
+        mask_id = token_id(tokenizer, mask_token)
     if mask_id is None:
         raise ValueError(
             "no mask token id: set `mask_token_id` in the model config or a mask token on the tokenizer"
