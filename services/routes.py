@@ -241,7 +241,7 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
             try:
                 async for chunk in ctx.ray.follow(sid):
                     yield chunk
-            except Exception as exc:  # the stream's status line is already sent: say it in-band
+            except Exception as exc:  # noqa: BLE001 - the stream's status line is already sent: say it in-band
                 yield f"\n[dlrl: log stream ended: {exc}]\n"
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")

@@ -21,7 +21,8 @@ import re
 import shlex
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jsonschema
 import pytest
@@ -823,6 +824,13 @@ def test_dockerignore_matching():
     assert dockerignore_excludes("dlrl.egg-info", patterns)
     assert not dockerignore_excludes("dlrl/assets/tiny-sudoku/model.safetensors", patterns)
     assert not dockerignore_excludes("services", patterns)
+
+
+def test_dockerignore_keeps_wheels_out():
+    """A wheel lying in the checkout (one once did, at 10 MB) never reaches the image."""
+    patterns = dockerignore_patterns()
+    assert dockerignore_excludes("ruff-0.17.6-py3-none-any.whl", patterns)
+    assert dockerignore_excludes("deploy/wheels/torch-2.13.0-cp312-linux_x86_64.whl", patterns)
 
 
 def test_one_ray_version_everywhere():
