@@ -29,6 +29,8 @@ from services.cli import load_spec
 from services.progress import read_metrics
 from tests.test_runtime import DEADLINE_S, ROOT, expected_group_ids, tiny_spec, trained_groups, wait_for_step
 
+pytestmark = pytest.mark.slow
+
 STEPS = 8
 
 

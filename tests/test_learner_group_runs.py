@@ -23,6 +23,8 @@ from tests.test_runtime import (  # noqa: F401 - monkeypatch_module is a fixture
     trained_groups, wait_for_step, weights,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def group_spec(tmp_path: Path, ray_cluster, **runtime):
     spec = tiny_spec(tmp_path, "grp", ray_address=ray_cluster.address, learner_ranks=2, **runtime)

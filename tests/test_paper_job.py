@@ -101,6 +101,7 @@ def tiny_llada_checkpoint(path: Path) -> tuple[Path, LLaDAModelLM]:
     return save_checkpoint(model, tok, path), model
 
 
+@pytest.mark.slow
 def test_paper_job_runs_end_to_end_at_tiny_shape(tmp_path):
     ckpt, start = tiny_llada_checkpoint(tmp_path / "tiny-llada")
     shipped = tomllib.loads(SPEC.read_text())

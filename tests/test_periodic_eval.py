@@ -121,6 +121,7 @@ def dlrl(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_a_run_evaluates_its_protocol_keeps_its_checkpoints_and_names_the_best(tmp_path):
     """4 steps of the tiny job, evaluated every 2 under the tiny-sudoku protocol (8 puzzles),
     checkpoints kept every 2: what the run logged and chose is what `dlrl eval` finds afterwards."""

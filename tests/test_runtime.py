@@ -26,6 +26,8 @@ from learner.train import read_state
 from services.driver import run, split
 from services.progress import read_metrics
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240
 
