@@ -62,8 +62,10 @@ from services.telemetry import RunMetrics
 
 
 NAMESPACE = "dlrl"
-SAMPLER_STATS = ("rollout_tokens_per_step", "rollout_mean_confidence", "rollout_eos_position")
 """Ray namespace of the run actors (named dlrl:<run id>:worker:<i> and dlrl:<run id>:learner)."""
+SAMPLER_STATS = ("rollout_tokens_per_step", "rollout_mean_confidence", "rollout_eos_position")
+"""Sampler statistics each worker reports per batch (rollout/rollout_stats.py); a step's metrics
+carry their mean over the workers."""
 
 QUEUE_WAIT_S = 1800.0
 """Longest the learner waits for one rollout batch's groups (then TimeoutError naming them)."""
