@@ -286,8 +286,6 @@ class QueueSpec(Section):
     entries are acknowledged only once their step is in a checkpoint)."""
     maxlen: int = Field(100_000, ge=1, le=100_000_000)
     """Approximate bound on the Redis stream's length (XADD MAXLEN ~): acknowledged history is trimmed."""
-    reclaim_idle_s: float = Field(60.0, gt=0, le=86_400)
-    """A pending entry idle this long belongs to a dead consumer and is reclaimed (XAUTOCLAIM)."""
 
 
 class WeightsSpec(Section):

@@ -51,7 +51,7 @@ DEFAULT_LIMITS: dict[str, float] = {
     "eval.every": 10_000, "eval.steps": 2048,
     "task.train_size": 1_000_000, "task.eval_size": 5_000,
     "model.lora.r": 1024,
-    "queue.capacity": 10_000, "queue.maxlen": 1_000_000, "queue.reclaim_idle_s": 3600,
+    "queue.capacity": 10_000, "queue.maxlen": 1_000_000,
     "weights.bucket_mb": 4096,
     "runtime.num_cpus": 64, "runtime.threads": 64, "runtime.checkpoint_every": 10_000,
     "runtime.max_staleness": 8, "runtime.max_restarts": 10,
