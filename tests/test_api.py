@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from dlrl.config import JobSpec
-from dlrl.local_cluster import RedisProcess, free_port
+from tests.local_cluster import RedisProcess, free_port
 from services.cli import load_spec
 from services.jobstore import IdempotencyConflict, JobStore, MetricMirror
 

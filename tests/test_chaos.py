@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from bench.chaos import Fault, actor_pid, run_with_faults, summary_line
-from dlrl.local_cluster import RedisProcess
+from tests.local_cluster import RedisProcess
 from dlrl.queue import default_capacity, open_queue
 from learner.train import read_state
 from services.cli import load_spec

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dlrl.local_cluster import free_port
+from tests.local_cluster import free_port
 from services.cli import progress_line
 from tests.test_api import TINY, ApiServer
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dlrl.config import JobSpec
-from dlrl.local_cluster import RedisProcess, free_port
+from tests.local_cluster import RedisProcess, free_port
 from dlrl.queue import QueueError, QueueFull, QueueUnavailable, TrajectoryQueue, open_queue
 from dlrl.trajectory import TrajectoryGroup
 
