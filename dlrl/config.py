@@ -5,7 +5,7 @@ same pydantic model. It is flat on purpose: one level of sections, a docstring p
 validation in the type. Unknown keys are errors (a typo must not silently fall back to a default),
 types are strict ("5" or true is no integer), numbers finite, and every size field has an upper
 bound (`le=`) generous enough for the command line; the job API applies stricter limits of its own
-(services.admission).
+(services.api.admission).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ class EvalSpec(Section):
 def protocol_path(value: str) -> Path:
     """An eval.protocol value as an absolute path (see `EvalSpec.protocol`). Only `.toml` paths
     are read: over the API this validation runs before the admission policy's location rule
-    (services.admission), so what a submission can learn about a file outside the allowed
+    (services.api.admission), so what a submission can learn about a file outside the allowed
     folders is limited to whether a .toml file there exists and is a valid protocol."""
     if "\x00" in value or not value.endswith(".toml"):
         raise ValueError(f"eval.protocol: {value!r} is not a protocol file (a .toml path)")
@@ -266,7 +266,7 @@ def protocol_path(value: str) -> Path:
 
 FILE_CHECKS: ContextVar[bool] = ContextVar("dlrl_spec_file_checks", default=True)
 """Whether validating a spec reads the files it names (eval.protocol). The job API turns this off
-while it serves a request (services.api): a submitted spec is untrusted until admitted, so it must
+while it serves a request (services.api.api): a submitted spec is untrusted until admitted, so it must
 not learn through validation errors what files the server has; the admission policy checks the
 path's location first and only then reads the file. The job itself validates with reading on."""
 
@@ -303,7 +303,7 @@ class RuntimeSpec(Section):
     """Where the learner and workers run. 'cuda': each asks for its GPUs (learner_gpus,
     worker_gpus) whatever the cluster shows at start, so an autoscaling cluster scales up.
     'auto': GPUs only if the cluster has some when the job starts, shared (small machines).
-    See services/placement.py."""
+    See services/driver/placement.py."""
     learner_ranks: int = Field(1, ge=1, le=512)
     """Learner processes. N > 1: a learner group that shards the model, its gradients and AdamW
     state 1/N per rank with FSDP2 and trains 1/N of each batch per rank (learner/sharding.py);

@@ -26,7 +26,7 @@ import pytest
 from dlrl.config import JobSpec
 from tests.local_cluster import RedisProcess, free_port
 from services.cli import load_spec
-from services.jobstore import IdempotencyConflict, JobStore, MetricMirror
+from services.api.jobstore import IdempotencyConflict, JobStore, MetricMirror
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "deploy/jobs/tiny-sudoku.toml"

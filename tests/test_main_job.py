@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dlrl.models import load_model
-from services.progress import read_metrics
+from services.driver.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

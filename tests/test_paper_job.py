@@ -26,7 +26,7 @@ from dlrl.models import LLaDAConfig, LLaDAModelLM, load_model, save_checkpoint, 
 from dlrl.models.published import check_checkpoint
 from dlrl.tasks import get_task
 from rollout.completion import encode_prompt
-from services.progress import read_metrics
+from services.driver.progress import read_metrics
 from tests.chat_tokenizers import dream_tokenizer, llada_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ import pytest
 from pydantic import ValidationError
 
 from dlrl.config import JobSpec
-from services.admission import AdmissionPolicy, AdmissionRefused, admit
-from services.periodic_eval import best_step
-from services.progress import read_metrics
+from services.api.admission import AdmissionPolicy, AdmissionRefused, admit
+from services.driver.periodic_eval import best_step
+from services.driver.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "deploy/eval"

@@ -26,7 +26,7 @@ entries those steps used.
 
 The run directory gets spec.json, metrics.jsonl, reward.png, summary.json and checkpoint/ (and
 with eval.protocol / runtime.keep_checkpoints eval/step-<k>/, checkpoints/step-<k>/ and best.json:
-services.periodic_eval).
+services.driver.periodic_eval).
 Whether the run finished, failed or was stopped, its queue is deleted at the end: nothing in it is
 needed to resume (a resumed run regenerates every batch after the checkpoint from its cursor).
 A driver killed with SIGKILL cannot clean up: the resumed run does, or `dlrl queue delete RUN`.
@@ -54,11 +54,11 @@ from dlrl.queue import open_queue
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.train import read_state
 from rollout.worker import RolloutWorker
-from services.periodic_eval import PeriodicEval, clear_outputs
-from services.learner_group import CALL_WAIT_S, LearnerGroup, get
-from services.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
-from services.progress import RunLog, plot_rewards, read_metrics
-from services.telemetry import RunMetrics
+from services.driver.periodic_eval import PeriodicEval, clear_outputs
+from services.driver.learner_group import CALL_WAIT_S, LearnerGroup, get
+from services.driver.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
+from services.driver.progress import RunLog, plot_rewards, read_metrics
+from services.driver.telemetry import RunMetrics
 
 
 NAMESPACE = "dlrl"

@@ -39,7 +39,7 @@ from dlrl.config import JobSpec
 from dlrl.tasks import TASKS
 from dlrl.tasks.data_root import inside
 
-SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "eval"
+SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[2] / "deploy" / "eval"
 """The protocol files the package ships (deploy/eval/*.toml, their data in deploy/eval/data/)."""
 BUILTIN_PREFIX = "builtin:"  # dlrl.models.loading's (not imported: it pulls in torch)
 
