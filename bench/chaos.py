@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one-machine cluster: loopback only
 import dlrl  # noqa: E402,F401  (Ray auth mode before ray is imported)
 from dlrl.config import JobSpec  # noqa: E402
-from dlrl.local_cluster import RayHead, RedisProcess  # noqa: E402
-from services.progress import read_metrics  # noqa: E402
+from tests.local_cluster import RayHead, RedisProcess  # noqa: E402
+from services.driver.progress import read_metrics  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku-distributed.toml"
 RESULTS = ROOT / "bench/results"
@@ -98,7 +98,7 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
     """Run `spec` (Redis queue, URL from $DLRL_REDIS_URL) in a thread of this process (connected to
     `head`), inject `faults` in step order, and return the checks' counts and recovery times."""
     from learner.train import read_state
-    from services.driver import run, split
+    from services.driver.driver import run, split
 
     run_dir = Path(spec.runtime.out_dir) / spec.name
     metrics = run_dir / "metrics.jsonl"

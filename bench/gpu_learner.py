@@ -162,7 +162,7 @@ def _receiver(address, manifest: list[tuple[str, list[int], str]], device: str, 
             receiver.recv_into(state, v - 1)
         receiver.close()
         out.put("ok")
-    except Exception as exc:  # reported by the parent, which owns the JSON
+    except Exception as exc:  # noqa: BLE001 - reported by the parent, which owns the JSON
         out.put(f"{type(exc).__name__}: {exc}")
 
 

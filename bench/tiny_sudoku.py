@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlrl.config import JobSpec  # noqa: E402
-from services.progress import plot_rewards, read_metrics  # noqa: E402
+from services.driver.progress import plot_rewards, read_metrics  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
 ASSET = ROOT / "dlrl/assets/tiny-sudoku"

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one-machine cluster: loopback only
 import dlrl  # noqa: E402,F401  (Ray auth mode before ray is imported)
-from dlrl.local_cluster import RayHead, RedisProcess  # noqa: E402
-from services.progress import read_metrics  # noqa: E402
+from tests.local_cluster import RayHead, RedisProcess  # noqa: E402
+from services.driver.progress import read_metrics  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku-distributed.toml"
 RESULTS = ROOT / "bench/results"

@@ -1,6 +1,6 @@
 """Seconds and bytes per weight sync, per transport, learner -> 2 workers on one machine.
 
-Starts its own Ray head (dlrl.local_cluster.RayHead, stopped at the end); the learner side and
+Starts its own Ray head (tests.local_cluster.RayHead, stopped at the end); the learner side and
 each worker are separate Ray actors (processes). For each state (the tiny Sudoku model's, and a
 synthetic float32 state of --mb megabytes) and each transport, it syncs --versions new versions
 and reports the median seconds:
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import dlrl  # noqa: E402,F401  (sets Ray's auth mode before ray is imported)
 import ray  # noqa: E402
 
-from dlrl.local_cluster import RayHead  # noqa: E402
+from tests.local_cluster import RayHead  # noqa: E402
 from dlrl.weights import CollectiveReceiver, CollectiveSender, WeightReceiver, publish  # noqa: E402
 
 

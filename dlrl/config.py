@@ -5,7 +5,7 @@ same pydantic model. It is flat on purpose: one level of sections, a docstring p
 validation in the type. Unknown keys are errors (a typo must not silently fall back to a default),
 types are strict ("5" or true is no integer), numbers finite, and every size field has an upper
 bound (`le=`) generous enough for the command line; the job API applies stricter limits of its own
-(services.admission).
+(services.api.admission).
 """
 
 from __future__ import annotations
@@ -150,9 +150,13 @@ class TrainSpec(Section):
     n_mc: int = Field(16, ge=1, le=4096)
     """Monte-Carlo ELBO samples per completion (n_t)."""
     mc_chunk: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 1
-    """MC samples per forward/backward pass (1 = least memory; n_mc = one pass). BGPO only.
-    "auto": the largest that fits the learner's free memory, chosen once at start
-    (learner.memory.resolve_mc_chunk); every chunk size gives the same gradient."""
+    """MC samples per ELBO forward pass (1 = least memory; n_mc = one pass). BGPO runs each
+    chunk's forward and backward at once, so only one chunk's graph is alive; the naive ELBO ratio
+    chunks its forward passes too but keeps every chunk's graph until its one backward, so chunking
+    saves it no memory; diffu-GRPO makes one pass and ignores it. The old-policy ELBO terms (no
+    graph) are computed in the same chunks. "auto": the largest that fits the learner's free
+    memory, chosen once at start (learner.memory.resolve_mc_chunk); every chunk size gives the
+    same gradient."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward instead of keeping its activations
     (learner.memory): about a block's worth of activations instead of all of them, for roughly
@@ -169,7 +173,8 @@ class TrainSpec(Section):
     normalize: Literal["token", "sequence"] = "token"
     """Divide each ELBO term by L (per-token) or keep the sequence bound."""
     lr: float = Field(5e-7, gt=0, le=1.0)
-    """AdamW learning rate (constant)."""
+    """AdamW's peak learning rate: reached after warmup_steps, then decayed as lr_decay says
+    (learner/schedule.py)."""
     warmup_steps: int = Field(0, ge=0, le=10_000_000)
     """Linear learning-rate warm-up: Adam's first steps are sign-like (as large as lr on every
     weight whatever the gradient's size), which jolts an already-trained policy."""
@@ -246,7 +251,7 @@ class EvalSpec(Section):
 def protocol_path(value: str) -> Path:
     """An eval.protocol value as an absolute path (see `EvalSpec.protocol`). Only `.toml` paths
     are read: over the API this validation runs before the admission policy's location rule
-    (services.admission), so what a submission can learn about a file outside the allowed
+    (services.api.admission), so what a submission can learn about a file outside the allowed
     folders is limited to whether a .toml file there exists and is a valid protocol."""
     if "\x00" in value or not value.endswith(".toml"):
         raise ValueError(f"eval.protocol: {value!r} is not a protocol file (a .toml path)")
@@ -261,7 +266,7 @@ def protocol_path(value: str) -> Path:
 
 FILE_CHECKS: ContextVar[bool] = ContextVar("dlrl_spec_file_checks", default=True)
 """Whether validating a spec reads the files it names (eval.protocol). The job API turns this off
-while it serves a request (services.api): a submitted spec is untrusted until admitted, so it must
+while it serves a request (services.api.api): a submitted spec is untrusted until admitted, so it must
 not learn through validation errors what files the server has; the admission policy checks the
 path's location first and only then reads the file. The job itself validates with reading on."""
 
@@ -277,11 +282,10 @@ class QueueSpec(Section):
     password need not be written into the spec."""
     capacity: int | None = Field(None, ge=1, le=10_000_000)
     """Groups queued but not yet acknowledged before producers block (back-pressure).
-    None: (max_staleness + 2) x prompts_per_step."""
+    None: (max_staleness + 2 + checkpoint_every) x prompts_per_step (dlrl.queue.default_capacity:
+    entries are acknowledged only once their step is in a checkpoint)."""
     maxlen: int = Field(100_000, ge=1, le=100_000_000)
     """Approximate bound on the Redis stream's length (XADD MAXLEN ~): acknowledged history is trimmed."""
-    reclaim_idle_s: float = Field(60.0, gt=0, le=86_400)
-    """A pending entry idle this long belongs to a dead consumer and is reclaimed (XAUTOCLAIM)."""
 
 
 class WeightsSpec(Section):
@@ -299,7 +303,7 @@ class RuntimeSpec(Section):
     """Where the learner and workers run. 'cuda': each asks for its GPUs (learner_gpus,
     worker_gpus) whatever the cluster shows at start, so an autoscaling cluster scales up.
     'auto': GPUs only if the cluster has some when the job starts, shared (small machines).
-    See services/placement.py."""
+    See services/driver/placement.py."""
     learner_ranks: int = Field(1, ge=1, le=512)
     """Learner processes. N > 1: a learner group that shards the model, its gradients and AdamW
     state 1/N per rank with FSDP2 and trains 1/N of each batch per rank (learner/sharding.py);
@@ -323,10 +327,15 @@ class RuntimeSpec(Section):
     checkpoint_every: int = Field(0, ge=0, le=10_000_000)
     """Save an HF checkpoint every k steps (0: only at the end)."""
     max_staleness: int = Field(0, ge=0, le=1024)
-    """0: synchronous, exactly on-policy. S >= 1: workers generate at most S weight versions
-    ahead of the learner; older groups are dropped and counted."""
+    """0: synchronous, exactly on-policy. S >= 1: the driver dispatches rollout batch b once
+    b <= version + S, so workers generate at most S weight versions ahead of the learner. The
+    bound is kept by that dispatch rule, not by dropping late groups: every group is trained at
+    its step (only a group whose step is already done, e.g. a rewound run's leftover, is dropped
+    and counted as stale_dropped)."""
     max_restarts: int = Field(3, ge=0, le=1000)
-    """Times Ray restarts a crashed rollout worker (its unfinished groups are redone)."""
+    """Times Ray restarts a crashed rollout worker and retries its call (its unfinished groups
+    are redone), and times the driver rebuilds a dead learner from its checkpoint without a step
+    finishing in between (then the run fails)."""
     keep_checkpoints: bool = False
     """Also keep every checkpoint (each checkpoint_every steps, and the last) as
     <run>/checkpoints/step-<k> (weights and trainer_state.json, no optimizer state), and record in

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from dlrl.config import JobSpec
 from dlrl.tasks import IMPORT_PATHS_ENV
-from services.cli_client import COMMANDS, progress_line, submit, wait  # noqa: F401  (re-exported)
+from services.api.cli_client import COMMANDS, progress_line, submit, wait  # noqa: F401  (re-exported)
 
 
 def _parse_value(text: str) -> Any:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.spec_env:  # a spec file on the operator's own command line: import paths allowed
                 os.environ.setdefault(IMPORT_PATHS_ENV, "*")
             return _train(spec, args)
-    from services.client import ApiClient, ApiError
+    from services.api.client import ApiClient, ApiError
 
     client = ApiClient.from_env(args.api_url, args.token)
     try:
@@ -264,7 +264,7 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
 def _train(spec: JobSpec, args: argparse.Namespace) -> int:
     on_record = None
     if args.job_id:
-        from services.jobstore import JobStore, MetricMirror
+        from services.api.jobstore import JobStore, MetricMirror
 
         url = os.environ.get("DLRL_REDIS_URL")
         if not url:
@@ -272,7 +272,7 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
             return 2
         store = JobStore.from_url(url, os.environ.get("DLRL_REDIS_PREFIX") or "dlrl")
         on_record = MetricMirror(store, args.job_id)
-    from services.driver import ResumeError, run  # heavy imports (ray, torch) only when training
+    from services.driver.driver import ResumeError, run  # heavy imports (ray, torch) only when training
 
     try:
         # An API job's id names its queue: two jobs of the same name must not share (or purge) one.
@@ -307,7 +307,7 @@ def _queue_delete(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from services.api import ApiSettings, ConfigError, serve
+    from services.api.api import ApiSettings, ConfigError, serve
 
     try:
         settings = ApiSettings.from_env(

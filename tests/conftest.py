@@ -27,7 +27,7 @@ def tiny_model_f64() -> BidirectionalModel:
 @pytest.fixture(scope="session")
 def redis_server():
     """One real redis-server (AOF on, password) per test session, on a free loopback port."""
-    from dlrl.local_cluster import RedisProcess
+    from tests.local_cluster import RedisProcess
 
     server = RedisProcess().start()
     yield server
@@ -39,7 +39,7 @@ def ray_cluster():
     """One real Ray head (`ray start --head`) per test session; this process is connected to it."""
     import ray
 
-    from dlrl.local_cluster import RayHead
+    from tests.local_cluster import RayHead
 
     head = RayHead().start()
     ray.init(address=head.address, logging_level="ERROR", log_to_driver=False)

@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from dlrl.config import JobSpec
-from dlrl.local_cluster import RedisProcess, free_port
+from tests.local_cluster import RedisProcess, free_port
 from services.cli import load_spec
-from services.jobstore import IdempotencyConflict, JobStore, MetricMirror
+from services.api.jobstore import IdempotencyConflict, JobStore, MetricMirror
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "deploy/jobs/tiny-sudoku.toml"
@@ -149,6 +149,7 @@ def job_state(http: httpx.Client, job_id: str) -> str:
 # ---------------------------------------------------------------- jobs end to end
 
 
+@pytest.mark.slow
 def test_tiny_job_reaches_succeeded_with_metrics_across_an_api_restart(api: ApiServer, http: httpx.Client):
     spec = tiny_spec("api-tiny", "train.steps=6", "eval.every=3")
     key = f"tiny-{secrets.token_hex(4)}"

@@ -1,4 +1,4 @@
-"""The admission policy (services.admission) field by field, without HTTP: what a submitted spec may
+"""The admission policy (services.api.admission) field by field, without HTTP: what a submitted spec may
 ask for, what the server decides instead, and the settings that change it. The same policy is
 exercised over real HTTP in tests/test_api_admission.py.
 """
@@ -17,10 +17,10 @@ from pydantic import ValidationError
 from dlrl.config import JobSpec
 from dlrl.tasks import get_task
 from dlrl.tasks.data_root import DATA_ROOT_ENV, DataPathError, resolve_data_path
-from services.admission import DEFAULT_LIMITS, REQUIRED_FIELDS, AdmissionPolicy, AdmissionRefused, admit
-from services.launcher import SPEC_ENV, job_entrypoint, job_env, wall_clock_message
-from services.ratelimit import RateLimit, token_key
-from services.settings import ApiSettings, ConfigError
+from services.api.admission import DEFAULT_LIMITS, REQUIRED_FIELDS, AdmissionPolicy, AdmissionRefused, admit
+from services.api.launcher import SPEC_ENV, job_entrypoint, job_env, wall_clock_message
+from services.api.ratelimit import RateLimit, token_key
+from services.api.settings import ApiSettings, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests/data"

@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from services.api import ApiSettings, create_app
+from services.api.api import ApiSettings, create_app
 from tests.test_api import ApiServer, tiny_spec
 
 

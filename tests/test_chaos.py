@@ -22,12 +22,14 @@ import pytest
 import redis
 
 from bench.chaos import Fault, actor_pid, run_with_faults, summary_line
-from dlrl.local_cluster import RedisProcess
+from tests.local_cluster import RedisProcess
 from dlrl.queue import default_capacity, open_queue
 from learner.train import read_state
 from services.cli import load_spec
-from services.progress import read_metrics
+from services.driver.progress import read_metrics
 from tests.test_runtime import DEADLINE_S, ROOT, expected_group_ids, tiny_spec, trained_groups, wait_for_step
+
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 

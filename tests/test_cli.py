@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dlrl.local_cluster import free_port
+from tests.local_cluster import free_port
 from services.cli import progress_line
 from tests.test_api import TINY, ApiServer
 
@@ -41,6 +41,7 @@ def dlrl(api: ApiServer | None, *args: str, timeout: float = 60, env: dict | Non
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_submit_wait_shows_progress_and_the_other_commands_see_the_job(api: ApiServer):
     run = dlrl(api, "submit", str(TINY), *SMALL, "--set", "name=cli-tiny", "--wait", "--poll", "0.5", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

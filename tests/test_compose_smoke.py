@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 import dlrl  # noqa: F401  (sets RAY_AUTH_MODE before anything imports ray)
 from services.cli import load_spec
@@ -339,6 +340,7 @@ def test_localize_maps_only_hosts_ports_volumes_and_secrets(tmp_path: Path):
         < local.start_order().index("ray-worker")
 
 
+@pytest.mark.slow
 def test_compose_services_run_a_tiny_job_end_to_end():
     deadline = time.monotonic() + DEADLINE_S
     values = {"DLRL_API_TOKEN": secrets.token_hex(24), "REDIS_PASSWORD": secrets.token_hex(24),

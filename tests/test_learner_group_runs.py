@@ -17,11 +17,13 @@ import torch
 
 from learner.sharded_state import GroupSizeError
 from learner.train import Learner, read_state
-from services.driver import run
+from services.driver.driver import run
 from tests.test_runtime import (  # noqa: F401 - monkeypatch_module is a fixture
     DEADLINE_S, ROOT, actor_pid, expected_group_ids, finish, monkeypatch_module, run_in_thread, tiny_spec,
     trained_groups, wait_for_step, weights,
 )
+
+pytestmark = pytest.mark.slow
 
 
 def group_spec(tmp_path: Path, ray_cluster, **runtime):

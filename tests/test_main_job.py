@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dlrl.models import load_model
-from services.progress import read_metrics
+from services.driver.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_dlrl_train_runs_the_tiny_job(tmp_path):
     cmd = [
         sys.executable, "-m", "services.cli", "train", str(ROOT / "deploy/jobs/tiny-sudoku.toml"),

@@ -26,7 +26,7 @@ from dlrl.models import LLaDAConfig, LLaDAModelLM, load_model, save_checkpoint, 
 from dlrl.models.published import check_checkpoint
 from dlrl.tasks import get_task
 from rollout.completion import encode_prompt
-from services.progress import read_metrics
+from services.driver.progress import read_metrics
 from tests.chat_tokenizers import dream_tokenizer, llada_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,7 @@ def tiny_llada_checkpoint(path: Path) -> tuple[Path, LLaDAModelLM]:
     return save_checkpoint(model, tok, path), model
 
 
+@pytest.mark.slow
 def test_paper_job_runs_end_to_end_at_tiny_shape(tmp_path):
     ckpt, start = tiny_llada_checkpoint(tmp_path / "tiny-llada")
     shipped = tomllib.loads(SPEC.read_text())

@@ -18,9 +18,9 @@ import pytest
 from pydantic import ValidationError
 
 from dlrl.config import JobSpec
-from services.admission import AdmissionPolicy, AdmissionRefused, admit
-from services.periodic_eval import best_step
-from services.progress import read_metrics
+from services.api.admission import AdmissionPolicy, AdmissionRefused, admit
+from services.driver.periodic_eval import best_step
+from services.driver.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "deploy/eval"
@@ -121,6 +121,7 @@ def dlrl(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_a_run_evaluates_its_protocol_keeps_its_checkpoints_and_names_the_best(tmp_path):
     """4 steps of the tiny job, evaluated every 2 under the tiny-sudoku protocol (8 puzzles),
     checkpoints kept every 2: what the run logged and chose is what `dlrl eval` finds afterwards."""

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dlrl.config import JobSpec
-from services.placement import PlacementError, plan_placement, reserve, worker_bundle
+from services.driver.placement import PlacementError, plan_placement, reserve, worker_bundle
 
 
 def spec(**runtime) -> JobSpec:
@@ -66,7 +66,7 @@ def test_actors_run_in_their_bundles(ray_cluster):
     import ray
     from ray.util import remove_placement_group
 
-    from services.placement import actor_options
+    from services.driver.placement import actor_options
 
     p = plan_placement(spec(device="cpu"), cluster_gpus=0)
     pg = reserve(p, timeout_s=60, name="dlrl:test-placed")
@@ -89,7 +89,7 @@ def test_an_unplaceable_job_fails_before_any_actor_starts(ray_cluster, redis_ser
     placement_timeout_s with the request, and leaves no queue behind."""
     import redis
 
-    from services import driver
+    from services.driver import driver
     from tests.test_runtime import tiny_spec
 
     monkeypatch.setenv("DLRL_REDIS_URL", redis_server.url)

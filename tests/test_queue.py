@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dlrl.config import JobSpec
-from dlrl.local_cluster import RedisProcess, free_port
+from tests.local_cluster import RedisProcess, free_port
 from dlrl.queue import QueueError, QueueFull, QueueUnavailable, TrajectoryQueue, open_queue
 from dlrl.trajectory import TrajectoryGroup
 
@@ -251,7 +251,7 @@ def test_back_pressure_blocks_until_ack(harness):
         try:
             blocked.put(group("g3"), timeout=WAIT_S)
             done.set()
-        except BaseException as e:  # surfaced by the assertions below
+        except BaseException as e:  # noqa: BLE001 - surfaced by the assertions below
             errors.append(e)
 
     t = threading.Thread(target=put_when_room, daemon=True)
@@ -306,7 +306,7 @@ def test_redis_restart_loses_nothing(caplog):
                 for gid in expected:
                     producer.put(group(gid))
                     time.sleep(0.01)
-            except BaseException as e:  # surfaced by the assertion below
+            except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
                 errors.append(e)
 
         seen: list[str] = []

@@ -23,8 +23,10 @@ from safetensors.torch import load_file
 
 from dlrl.config import JobSpec
 from learner.train import read_state
-from services.driver import run, split
-from services.progress import read_metrics
+from services.driver.driver import run, split
+from services.driver.progress import read_metrics
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240

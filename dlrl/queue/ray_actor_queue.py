@@ -21,7 +21,8 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError

@@ -36,7 +36,8 @@ import logging
 import os
 import re
 import uuid
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 import redis

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
 
 from dlrl.tasks.code import code_task
 from dlrl.tasks.countdown import countdown_task

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 

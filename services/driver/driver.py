@@ -26,7 +26,7 @@ entries those steps used.
 
 The run directory gets spec.json, metrics.jsonl, reward.png, summary.json and checkpoint/ (and
 with eval.protocol / runtime.keep_checkpoints eval/step-<k>/, checkpoints/step-<k>/ and best.json:
-services.periodic_eval).
+services.driver.periodic_eval).
 Whether the run finished, failed or was stopped, its queue is deleted at the end: nothing in it is
 needed to resume (a resumed run regenerates every batch after the checkpoint from its cursor).
 A driver killed with SIGKILL cannot clean up: the resumed run does, or `dlrl queue delete RUN`.
@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from ray.exceptions import RayActorError, RayError
@@ -54,16 +54,18 @@ from dlrl.queue import open_queue
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.train import read_state
 from rollout.worker import RolloutWorker
-from services.periodic_eval import PeriodicEval, clear_outputs
-from services.learner_group import CALL_WAIT_S, LearnerGroup, get
-from services.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
-from services.progress import RunLog, plot_rewards, read_metrics
-from services.telemetry import RunMetrics
+from services.driver.periodic_eval import PeriodicEval, clear_outputs
+from services.driver.learner_group import CALL_WAIT_S, LearnerGroup, get
+from services.driver.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
+from services.driver.progress import RunLog, plot_rewards, read_metrics
+from services.driver.telemetry import RunMetrics
 
 
 NAMESPACE = "dlrl"
-SAMPLER_STATS = ("rollout_tokens_per_step", "rollout_mean_confidence", "rollout_eos_position")
 """Ray namespace of the run actors (named dlrl:<run id>:worker:<i> and dlrl:<run id>:learner)."""
+SAMPLER_STATS = ("rollout_tokens_per_step", "rollout_mean_confidence", "rollout_eos_position")
+"""Sampler statistics each worker reports per batch (rollout/rollout_stats.py); a step's metrics
+carry their mean over the workers."""
 
 QUEUE_WAIT_S = 1800.0
 """Longest the learner waits for one rollout batch's groups (then TimeoutError naming them)."""

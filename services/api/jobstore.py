@@ -2,7 +2,7 @@
 
 The API process keeps nothing in memory that matters: every job it accepted is a Redis hash, its
 metrics a Redis list that the running Ray Job appends to (through `MetricMirror`, the `on_record`
-sink of `services.driver.run`), and sorted sets index the jobs for listing. A restarted API (or a
+sink of `services.driver.driver.run`), and sorted sets index the jobs for listing. A restarted API (or a
 second replica) therefore reports the same jobs, and a job's metrics keep arriving while no API
 runs at all.
 

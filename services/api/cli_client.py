@@ -53,7 +53,7 @@ def wait(client: Any, job_id: str, poll_s: float = 2.0, quiet: bool = False, out
          patience_s: float = 120.0) -> dict[str, Any]:
     """Poll the job until it ends, drawing a progress bar (rewritten in place on a terminal, a new
     line per change otherwise). Rides out an API restart of up to `patience_s`."""
-    from services.client import ApiError
+    from services.api.client import ApiError
 
     out = out or sys.stderr
     tty = out.isatty()

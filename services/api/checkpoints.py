@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from services.views import CheckpointInfo
+from services.api.views import CheckpointInfo
 
 _CHECKPOINT_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors")
 

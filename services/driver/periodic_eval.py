@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 from dlrl.config import JobSpec
-from services.progress import read_metrics
+from services.driver.progress import read_metrics
 
 EVAL_DIR, KEPT_DIR, BEST = "eval", "checkpoints", "best.json"
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from services.jobstore import JobRecord, JobState
+from services.api.jobstore import JobRecord, JobState
 
 
 class FieldError(BaseModel):

@@ -6,7 +6,8 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 
 def _fmt_seconds(s: float) -> str:

@@ -1,4 +1,5 @@
-"""Local service processes — a real `redis-server` and a real Ray head — on free loopback ports.
+"""Local service processes — a real `redis-server` and a real Ray head — on free loopback ports
+(a test and benchmark harness: it lives with the tests, outside the shipped packages).
 
 The tests, the benchmarks and the compose-equivalent smoke test all need the same services the
 docker-compose file runs. They start them here as child processes (never Docker), bound to

@@ -22,7 +22,7 @@ from typing import Any
 from dlrl.config import JobSpec
 from dlrl.tasks import IMPORT_PATHS_ENV
 from dlrl.tasks.data_root import DATA_ROOT_ENV
-from services.settings import ApiSettings
+from services.api.settings import ApiSettings
 
 SPEC_ENV = "DLRL_JOB_SPEC"
 SUBMIT_TIMEOUT_S = 120.0

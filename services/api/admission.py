@@ -41,7 +41,7 @@ from dlrl.sandbox import host_memory_mb
 from dlrl.tasks import TASKS
 from dlrl.tasks.data_root import inside
 
-SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[1] / "deploy" / "eval"
+SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[2] / "deploy" / "eval"
 """The protocol files the package ships (deploy/eval/*.toml, their data in deploy/eval/data/)."""
 BUILTIN_PREFIX = "builtin:"  # dlrl.models.loading's (not imported: it pulls in torch)
 
@@ -53,7 +53,7 @@ DEFAULT_LIMITS: dict[str, float] = {
     "eval.every": 10_000, "eval.steps": 2048,
     "task.train_size": 1_000_000, "task.eval_size": 5_000,
     "model.lora.r": 1024,
-    "queue.capacity": 10_000, "queue.maxlen": 1_000_000, "queue.reclaim_idle_s": 3600,
+    "queue.capacity": 10_000, "queue.maxlen": 1_000_000,
     "weights.bucket_mb": 4096,
     "runtime.num_cpus": 64, "runtime.threads": 64, "runtime.checkpoint_every": 10_000,
     "runtime.max_staleness": 8, "runtime.max_restarts": 10,

@@ -1,15 +1,15 @@
 """The job API: submit, watch and stop dlrl RL jobs over HTTP (FastAPI; `dlrl serve` runs it).
 
 A submission's body *is* a `dlrl.config.JobSpec`, the same type as the TOML file of `dlrl train`,
-but a request is untrusted input: `services.admission` decides what it may ask for. Each admitted
-job runs as a Ray Job (`services.launcher`), so it appears in the Ray dashboard with its logs. The
-API itself is stateless: job records and metric history live in Redis (`services.jobstore`), and
+but a request is untrusted input: `services.api.admission` decides what it may ask for. Each admitted
+job runs as a Ray Job (`services.api.launcher`), so it appears in the Ray dashboard with its logs. The
+API itself is stateless: job records and metric history live in Redis (`services.api.jobstore`), and
 job states are read back from Ray, so a restarted API reports the same jobs.
 
     DLRL_API_TOKEN=... DLRL_REDIS_URL=redis://:pw@127.0.0.1:6379/0 \
     DLRL_RAY_ADDRESS=http://127.0.0.1:8265 dlrl serve --host 127.0.0.1 --port 8000
 
-Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (`services.gates`). A
+Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (`services.api.gates`). A
 client mistake is never a 500: bad specs and refused ones are 422 with the field path and reason,
 oversized bodies 413, unknown jobs 404, stopping a finished job 409, limits 429, Redis or Ray
 unreachable 503.
@@ -32,12 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from dlrl.config import FILE_CHECKS
-from services.gates import BearerAuth, BodyLimit
-from services.jobstore import JobStore
-from services.launcher import RayJobs, RayUnavailable
-from services.routes import AdmissionError, JobsContext, health_router, jobs_router
-from services.settings import ApiSettings, ConfigError, is_loopback, read_token
-from services.views import FieldError, ValidationErrorResponse
+from services.api.gates import BearerAuth, BodyLimit
+from services.api.jobstore import JobStore
+from services.api.launcher import RayJobs, RayUnavailable
+from services.api.routes import AdmissionError, JobsContext, health_router, jobs_router
+from services.api.settings import ApiSettings, ConfigError, is_loopback, read_token
+from services.api.views import FieldError, ValidationErrorResponse
 
 API_VERSION = "0.2.0"
 
@@ -78,7 +78,7 @@ def reject_unknown_query(request: Request) -> None:
 
 class UntrustedSpecs:
     """ASGI middleware: while a request is served, spec validation reads no file the spec names
-    (dlrl.config.FILE_CHECKS); services.admission reads only what it allows."""
+    (dlrl.config.FILE_CHECKS); services.api.admission reads only what it allows."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

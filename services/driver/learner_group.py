@@ -20,7 +20,7 @@ from ray.util.placement_group import PlacementGroup
 
 from dlrl.config import JobSpec
 from learner.train import Learner
-from services.placement import Placement, actor_options
+from services.driver.placement import Placement, actor_options
 
 NAME_RELEASE_S = 30.0
 """Longest a dead learner's actor name may stay taken after its handle is released."""

@@ -1,9 +1,9 @@
 """The job API's routes: the probes, and /v1/jobs (submit, list, view, metrics, logs, stop,
-checkpoints). Each route is a plain function over a `JobsContext`; `services.api` assembles them
+checkpoints). Each route is a plain function over a `JobsContext`; `services.api.api` assembles them
 into the app with its error handlers and gates.
 
 A submission passes, in order: JobSpec validation (422), the idempotency replay (200/409), the
-admission policy (422, `services.admission`), the active-job limit and the per-token start rate
+admission policy (422, `services.api.admission`), the active-job limit and the per-token start rate
 (429), then the job store and Ray (503 if down). Every /v1 request also counts against the
 per-token request rate (429 with Retry-After).
 """
@@ -23,18 +23,18 @@ from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from dlrl.config import JobSpec
-from services.admission import AdmissionRefused, admit
-from services.checkpoints import list_checkpoints
-from services.jobstore import (TERMINAL, IdempotencyConflict, JobRecord, JobState, JobStore, new_job_id,
+from services.api.admission import AdmissionRefused, admit
+from services.api.checkpoints import list_checkpoints
+from services.api.jobstore import (TERMINAL, IdempotencyConflict, JobRecord, JobState, JobStore, new_job_id,
                                spec_digest)
-from services.launcher import RayJobs, RayUnavailable, job_entrypoint, job_env, wall_clock_message
-from services.ratelimit import RateLimit, token_key
-from services.settings import ApiSettings
-from services.views import (CheckpointList, ErrorResponse, FieldError, Health, JobList, JobView, MetricHistory,
+from services.api.launcher import RayJobs, RayUnavailable, job_entrypoint, job_env, wall_clock_message
+from services.api.ratelimit import RateLimit, token_key
+from services.api.settings import ApiSettings
+from services.api.views import (CheckpointList, ErrorResponse, FieldError, Health, JobList, JobView, MetricHistory,
                             Readiness, ValidationErrorResponse, summary, view)
 
 JOB_ID = re.compile(r"j-[0-9a-f]{12}")
-"""What `services.jobstore.new_job_id` makes; anything else is no job (and never a Redis key)."""
+"""What `services.api.jobstore.new_job_id` makes; anything else is no job (and never a Redis key)."""
 
 _ERR = {"model": ErrorResponse}
 _INVALID = {"model": ValidationErrorResponse}
@@ -133,7 +133,7 @@ def health_router(ctx: JobsContext) -> APIRouter:
 
 
 def jobs_router(ctx: JobsContext) -> APIRouter:
-    # HTTPBearer documents the scheme in /openapi.json; services.gates.BearerAuth enforces it.
+    # HTTPBearer documents the scheme in /openapi.json; services.api.gates.BearerAuth enforces it.
     api = APIRouter(prefix="/v1", tags=["jobs"], responses=COMMON,
                     dependencies=[Depends(HTTPBearer(auto_error=False, description="the API token")),
                                   Depends(ctx.rate_limited)])
@@ -241,7 +241,7 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
             try:
                 async for chunk in ctx.ray.follow(sid):
                     yield chunk
-            except Exception as exc:  # the stream's status line is already sent: say it in-band
+            except Exception as exc:  # noqa: BLE001 - the stream's status line is already sent: say it in-band
                 yield f"\n[dlrl: log stream ended: {exc}]\n"
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")

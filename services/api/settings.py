@@ -2,7 +2,7 @@
 
 They come from the environment (DLRL_*), an optional TOML settings file (`dlrl serve --settings
 FILE`) and `dlrl serve` flags, each overriding the one before. None of them can be set by a request:
-they are the operator's. The admission policy (`services.admission.AdmissionPolicy`) is one table
+they are the operator's. The admission policy (`services.api.admission.AdmissionPolicy`) is one table
 of them, `[admission]` in the file.
 
     # api.toml
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from services.admission import AdmissionPolicy
+from services.api.admission import AdmissionPolicy
 
 
 class ConfigError(Exception):
@@ -83,7 +83,7 @@ class ApiSettings:
     submit_limit_per_minute: int | None = 10
     """Jobs a token may start per minute (admitted submissions; replays do not count; None: off)."""
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
-    """What a submitted spec may ask for (services.admission)."""
+    """What a submitted spec may ask for (services.api.admission)."""
     job_command: tuple[str, ...] = (sys.executable, "-m", "services.cli")
     """The `dlrl` command as the Ray nodes run it (default: this interpreter's)."""
     ray_timeout_s: float = 10.0
