@@ -78,8 +78,10 @@ class Decoding(BaseModel):
     """Cached engine only: commit every masked position of the block whose probability exceeds
     this (at least one per step), taking as many steps as needed; None = the fixed `steps` schedule."""
     factor: float | None = Field(None, gt=0.0)
-    """Cached engine only: Fast-dLLM's factor rule, commit the n most confident with
-    (n + 1)(1 - c_n) <= factor; None = off."""
+    """Cached engine only: Fast-dLLM's factor rule as their published code applies it: commit the
+    n most probable masked positions of the block with (n + 1)(1 - p_n) <= factor, at least one,
+    and all of them when only the least probable fails (a rule their paper does not state;
+    rollout/commit_policy.py, with where dlrl still departs). None = off."""
 
     @model_validator(mode="after")
     def _blocks_divide(self) -> "Decoding":

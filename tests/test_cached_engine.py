@@ -1,4 +1,5 @@
-"""The cached rollout engine (rollout/engines/cached.py) against the reference sampler and full forwards.
+"""The cached rollout engine (rollout/engines/cached.py) against the reference sampler, full forwards
+and Fast-dLLM's published commit rules.
 
 Run: pytest tests/test_cached_engine.py -q
 """
@@ -119,13 +120,55 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
 
 
 def test_factor_rule_hand_example():
-    # ranked 0.99, 0.9, 0.8, 0.5: (n+1)(1-c) = 0.02, 0.3, 0.8, 2.5 -> factor 1 takes 3, factor 0.1 takes 1.
+    # ranked 0.99, 0.9, 0.8, 0.5: (n+1)(1-c) = 0.02, 0.3, 0.8, 2.5. Factor 0.1 takes 1. Factor 1.5
+    # takes 3 of the 4 (2.5 > 1.5) plus, as Fast-dLLM's code does, the 4th: all but the last passed.
     confidence = torch.tensor([[0.8, 0.99, float("-inf"), 0.5, 0.9]])
     prob = confidence.clamp(min=0)
-    assert commit_factor(confidence, prob, 1.0).tolist() == [[True, True, False, False, True]]
+    assert commit_factor(confidence, prob, 1.5).tolist() == [[True, True, False, True, True]]
+    assert commit_factor(confidence, prob, 0.5).tolist() == [[False, True, False, False, True]]
     assert commit_factor(confidence, prob, 0.1).tolist() == [[False, True, False, False, False]]
     assert commit_factor(confidence, prob, 0.001).sum() == 1  # at least one
     assert commit_factor(confidence, prob, 100.0).tolist() == [[True, True, False, True, True]]  # never an ineligible
+
+
+def fast_dllm_factor_count(ranked: list[float], factor: float) -> int:
+    """How many masked positions Fast-dLLM's factor rule commits in one row, given their confidences
+    in descending order: a restatement of the loop of `get_transfer_index_dynamic` in
+    NVlabs/Fast-dLLM llada/generate.py at revision f6b35ec3f1b16e1b3d3357938046559ae2d350fa.
+
+    Position i (0-based) passes when its confidence is at least 1 - factor / (i + 2), the first
+    always; the scan stops at the first that fails. The count is the stop index, except that a
+    stop at index 0 or at the last index (and a scan that never stops, which also ends on the last
+    index) counts one more."""
+    last = len(ranked) - 1
+    stop = last
+    for i, c in enumerate(ranked):
+        if c < (-1.0 if i == 0 else 1.0 - factor / (i + 2)):
+            stop = i
+            break
+    return stop + 1 if stop in (0, last) else stop
+
+
+@pytest.mark.parametrize("factor", [0.05, 0.3, 1.0, 2.0, 6.0])
+def test_factor_rule_commits_what_fast_dllm_commits(factor):
+    """Under low-confidence remasking (score = probability) dlrl's factor rule commits the same
+    positions as the published one, its "all but the last passed: commit all" case included."""
+    g = torch.Generator().manual_seed(int(factor * 100))
+    prob = torch.rand(400, 8, generator=g) ** 0.2  # mostly confident, as a trained model is
+    masked = torch.rand(400, 8, generator=g) < 0.7
+    masked[:, 0] = True  # every row has something to commit
+    prob[:40, 1:] = 0.999  # rows where nearly everything passes
+    score = prob.masked_fill(~masked, float("-inf"))
+    got = commit_factor(score, prob, factor)
+    assert not (got & ~masked).any()
+    extra = 0  # rows where the published rule commits one that failed the bound
+    for row in range(400):
+        ranked = sorted(prob[row][masked[row]].tolist(), reverse=True)
+        n = fast_dllm_factor_count(ranked, factor)
+        assert int(got[row].sum()) == n
+        assert prob[row][got[row]].min() >= ranked[n - 1]  # and they are the n most probable
+        extra += n > 1 and (n + 1) * (1 - ranked[n - 1]) > factor
+    assert extra > 0
 
 
 def test_under_random_remasking_the_parallel_set_is_judged_by_probability():
@@ -133,7 +176,8 @@ def test_under_random_remasking_the_parallel_set_is_judged_by_probability():
     score = torch.tensor([[0.1, 0.7, 0.3, float("-inf")]])  # uniform draws; position 3 not masked
     prob = torch.tensor([[0.95, 0.2, 0.97, 0.99]])
     assert commit_threshold(score, prob, 0.9).tolist() == [[True, True, True, False]]
-    assert commit_factor(score, prob, 0.5).tolist() == [[True, True, True, False]]  # 2(0.03), 3(0.05) <= 0.5
+    # 2(0.03), 3(0.05) <= 0.5 < 4(0.8): the two most probable, and the third since only it failed
+    assert commit_factor(score, prob, 0.5).tolist() == [[True, True, True, False]]
     assert commit_threshold(score, torch.zeros(1, 4), 0.9).tolist() == [[False, True, False, False]]
 
 
