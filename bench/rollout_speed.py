@@ -50,12 +50,7 @@ from dlrl.models import load_model, special_ids  # noqa: E402
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel  # noqa: E402
 from dlrl.models.kv_cache import KVCache  # noqa: E402
 from dlrl.tasks import get_task  # noqa: E402
-from rollout.completion import (  # noqa: E402
-    decode_completion,
-    encode_prompt,
-    sample_completions,
-    score,
-)
+from rollout.completion import decode_completion, encode_prompt, sample_completions, score  # noqa: E402
 from rollout.engines import make_engine  # noqa: E402
 from rollout.engines.cached import block_logits, predict_masked  # noqa: E402
 from rollout.sampler import guided_logits, predict_x0  # noqa: E402

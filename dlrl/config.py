@@ -11,19 +11,12 @@ bound (`le=`) generous enough for the command line; the job API applies stricter
 from __future__ import annotations
 
 import os
+import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from dlrl.decoding import Decoding, Temperature, Tokens
 

@@ -84,7 +84,7 @@ class Decoding(BaseModel):
     rollout/commit_policy.py, with where dlrl still departs). None = off."""
 
     @model_validator(mode="after")
-    def _blocks_divide(self) -> "Decoding":
+    def _blocks_divide(self) -> Decoding:
         if self.gen_length % self.block_length:
             raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
         blocks = self.gen_length // self.block_length
@@ -92,7 +92,7 @@ class Decoding(BaseModel):
             raise ValueError(f"steps {self.steps} is not a multiple of the number of blocks {blocks}")
         return self
 
-    def decoding(self, **changes) -> "Decoding":
+    def decoding(self, **changes) -> Decoding:
         """These decoding fields alone (a subclass's other fields dropped), with `changes`, validated."""
         fields = {name: getattr(self, name) for name in Decoding.model_fields}
         return Decoding.model_validate({**fields, **changes})

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import tomllib
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dlrl.decoding import Decoding

@@ -39,21 +39,10 @@ from pathlib import Path
 
 import torch
 
-from dlrl.eval_protocol import (
-    EvalProtocol,
-    ProtocolError,
-    extract,
-    file_sha256,
-    load_examples,
-)
+from dlrl.eval_protocol import EvalProtocol, ProtocolError, extract, file_sha256, load_examples
 from dlrl.models import load_model, special_ids
 from dlrl.tasks import Example, Task, get_task
-from rollout.completion import (
-    decode_completion,
-    encode_prompt,
-    sample_completions,
-    score,
-)
+from rollout.completion import decode_completion, encode_prompt, sample_completions, score
 from rollout.engines import make_engine
 
 __all__ = ["EvalProtocol", "ProtocolError", "evaluate_checkpoint", "evaluate_model",

@@ -33,13 +33,7 @@ from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.behaviour import ships_behaviour_elbo, with_behaviour_elbo
-from rollout.completion import (
-    decode_completion,
-    encode_prompt,
-    evaluate,
-    sample_completions,
-    score,
-)
+from rollout.completion import decode_completion, encode_prompt, evaluate, sample_completions, score
 from rollout.engines import check_decoding, make_engine
 from rollout.evaluation import evaluate_model, resolve_task, run_metrics
 from rollout.rollout_stats import RolloutStats

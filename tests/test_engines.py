@@ -23,7 +23,7 @@ from rollout.worker import RolloutWorker
 
 MASK_ID, EOS_ID, PAD_ID = 2, 1, 0
 IDS = SpecialIds(mask_id=MASK_ID, pad_id=PAD_ID, eos_ids=(EOS_ID,))
-BASE = dict(gen_length=8, block_length=4, steps=4)
+BASE = {"gen_length": 8, "block_length": 4, "steps": 4}
 
 
 def model(seed: int = 0) -> BidirectionalModel:

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 import rollout.evaluation as evaluation
+from dlrl.eval_protocol import Data, EvalProtocol, ProtocolError, extract, load_examples
 from dlrl.models import load_model, save_checkpoint
 from dlrl.tasks import get_task
 from dlrl.tasks.countdown import solve
 from dlrl.tasks.math_task import reference_answer
-from dlrl.eval_protocol import Data, EvalProtocol, ProtocolError, extract, load_examples
 from rollout.evaluation import ResumeMismatch, evaluate_checkpoint, evaluate_run, pass_at_k
 
 ROOT = Path(__file__).resolve().parents[1]
