@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 from statistics import mean
 
 import numpy as np
@@ -51,14 +50,14 @@ from dlrl.models import load_model, special_ids  # noqa: E402
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel  # noqa: E402
 from dlrl.models.kv_cache import KVCache  # noqa: E402
 from dlrl.tasks import get_task  # noqa: E402
-from rollout.cached_engine import block_logits, predict_masked  # noqa: E402
 from rollout.completion import decode_completion, encode_prompt, sample_completions, score  # noqa: E402
-from rollout.engine import SamplingParams  # noqa: E402
+from rollout.engines import make_engine  # noqa: E402
+from rollout.engines.cached import block_logits, predict_masked  # noqa: E402
 from rollout.sampler import guided_logits, predict_x0  # noqa: E402
 from rollout.worker import EVAL_SEED  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
-ENGINES = {  # name -> SamplingParams overrides
+ENGINES = {  # name -> rollout decoding overrides
     "reference": {},
     "cached_prefix": {"engine": "cached", "cache": "prefix"},
     "cached_dual": {"engine": "cached", "cache": "dual"},
@@ -88,17 +87,18 @@ def tiny_sudoku(repeats: int, device: str) -> dict:
     rollout_prompts = [encode_prompt(tokenizer, task, ex, spec.task.style) for ex in train for _ in range(r.group_size)]
     held_out = task.examples("test", spec.task.eval_size, EVAL_SEED)
     eval_prompts = [encode_prompt(tokenizer, task, ex, spec.task.style) for ex in held_out]
-    base = SamplingParams.from_spec(r).__dict__
     for overrides in ENGINES.values():  # warm-up (first-call allocations), untimed
-        sample_completions(model, rollout_prompts[:8], ids, SamplingParams(**{**base, **overrides}))
+        warm = r.decoding(**overrides)
+        sample_completions(make_engine(warm, model, ids), rollout_prompts[:8], warm, r.batch_size)
     rows, reference_greedy = {}, None
     for name, overrides in ENGINES.items():
-        rollout = SamplingParams(**{**base, **overrides})
+        rollout = r.decoding(**overrides)
+        engine = make_engine(rollout, model, ids)
         seconds, (completions, _, stats) = best_of(repeats, lambda: sample_completions(
-            model, rollout_prompts, ids, rollout, torch.Generator(device=device).manual_seed(0)))
-        greedy = SamplingParams(**{**base, **overrides, "temperature": 0.0, "steps": spec.eval.steps or r.steps,
-                                   "remasking": spec.eval.remasking})
-        eval_seconds, (decoded, _, eval_stats) = best_of(1, lambda: sample_completions(model, eval_prompts, ids, greedy))
+            engine, rollout_prompts, rollout, r.batch_size, torch.Generator(device=device).manual_seed(0)))
+        greedy = rollout.decoding(temperature=0.0, steps=spec.eval.steps or r.steps, remasking=spec.eval.remasking)
+        eval_seconds, (decoded, _, eval_stats) = best_of(1, lambda: sample_completions(
+            engine, eval_prompts, greedy, r.batch_size))
         rewards = [score(task, decode_completion(tokenizer, c, ids), ex) for c, ex in zip(decoded, held_out)]
         if reference_greedy is None:
             reference_greedy = decoded
@@ -118,7 +118,7 @@ def tiny_sudoku(repeats: int, device: str) -> dict:
     ref, fast = rows["reference"], rows[PARALLEL]
     return {
         "model": spec.model.path, "spec": str(SPEC.relative_to(ROOT)),
-        "rollout": {"completions": len(rollout_prompts), **{k: base[k] for k in
+        "rollout": {"completions": len(rollout_prompts), **{k: getattr(r, k) for k in
                     ("gen_length", "block_length", "steps", "temperature", "remasking", "batch_size")}},
         "eval": {"examples": len(held_out), "steps": spec.eval.steps, "remasking": spec.eval.remasking,
                  "temperature": 0.0},

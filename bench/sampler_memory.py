@@ -2,14 +2,14 @@
 
 The reference sampler (rollout/sampler.py) projects every position of every row onto the
 vocabulary at every step and draws float64 Gumbel noise and a float32 softmax over all of them:
-its temporaries are (B, T, V), T = prompt + gen_length. The cached engine (rollout/cached_engine.py)
+its temporaries are (B, T, V), T = prompt + gen_length. The cached engine (rollout/engines/cached.py)
 projects only the current block and draws noise and softmax only over its masked positions:
 (N, V), N <= B x block_length. With LLaDA's 126,464-token vocabulary and a tiny random body
 (hidden 64, 2 layers) the head and these temporaries are all the memory there is, so this bench
 isolates exactly what the issue is about.
 
 Method (CPU): every measurement is one fresh Python process that builds the same random model and
-prompts, runs `rollout.engine.generate` (the real entry point, temperature 1.0 and
+prompts, runs the engine's `generate` (rollout.engines, the real entry point, temperature 1.0 and
 "low_confidence" remasking: the RL rollout's float64 noise plus the softmax, the worst case), and
 exits; the parent reads that child's peak resident set size from `os.wait4`'s rusage
 (ru_maxrss, the kernel's high-water mark, so every short-lived temporary counts). A "baseline"
@@ -58,9 +58,10 @@ def child(engine: str, batch: int, prompt: int, gen: int, steps: int) -> None:
     """One measurement in this (fresh) process: build, optionally generate, report, exit."""
     import torch
 
+    from dlrl.decoding import Decoding
     from dlrl.models import SpecialIds
     from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
-    from rollout.engine import SamplingParams, generate
+    from rollout.engines import make_engine
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -70,12 +71,11 @@ def child(engine: str, batch: int, prompt: int, gen: int, steps: int) -> None:
     x = torch.randint(4, VOCAB, (batch, prompt))
     seconds = 0.0
     if engine != "baseline":
-        params = SamplingParams(gen_length=gen, block_length=BLOCK, steps=steps, temperature=1.0,
-                                remasking="low_confidence", batch_size=batch,
-                                **({"engine": "cached", "cache": "dual"} if engine == "cached" else {}))
+        decoding = Decoding(gen_length=gen, block_length=BLOCK, steps=steps, temperature=1.0,
+                            remasking="low_confidence", engine=engine, cache="dual")
         t0 = time.perf_counter()
         with torch.no_grad():
-            sample, _ = generate(model, x, None, params, ids, torch.Generator().manual_seed(0))
+            sample, _ = make_engine(decoding, model, ids).generate(x, None, decoding, torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - t0
         assert sample.tokens.shape == (batch, prompt + gen)
     print(json.dumps({"seconds": seconds}), flush=True)
@@ -129,7 +129,7 @@ def run(reference_prompts: list[int], gen_short: int) -> dict:
     equal = [(r, next(c for c in rows["cached"] if c["total_length"] == r["total_length"])) for r in ref]
     return {
         "method": "peak RSS (os.wait4 rusage ru_maxrss) of one fresh process per measurement running "
-                  "rollout.engine.generate (temperature 1.0, low_confidence remasking, 2 steps per block); "
+                  "rollout.engines engine.generate (temperature 1.0, low_confidence remasking, 2 steps per block); "
                   "sampler peak = that minus the peak of a baseline process that builds the same model and "
                   "prompts and does not generate",
         "model": {"vocab_size": VOCAB, **BODY, "init": "random (seed 0)", "dtype": "float32"},

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from dlrl.decoding import Decoding, Temperature, Tokens
 
 Beta = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -85,61 +86,28 @@ class TaskSpec(Section):
     """Number of held-out test examples evaluated."""
 
 
-class RolloutSpec(Section):
+class RolloutSpec(Decoding):
+    """How rollouts are decoded (the fields of dlrl.decoding.Decoding, with their bounds and
+    rules: `engine`, `cache`, `threshold`, `factor`, `cfg_scale`, ... are documented there) and
+    how many: prompts, group size, batching, workers. The engine named here decodes the
+    evaluations too (evaluation is greedy)."""
+
     prompts_per_step: int = Field(16, ge=1, le=65_536)
     """Prompts (groups) per learner step."""
     group_size: int = Field(8, ge=1, le=4096)
     """Completions sampled per prompt (G)."""
-    gen_length: int = Field(256, ge=1, le=131_072)
+    gen_length: Tokens = 256
     """Generated tokens per completion (L)."""
-    block_length: int = Field(32, ge=1, le=131_072)
+    block_length: Tokens = 32
     """Semi-autoregressive block length of the sampler."""
-    steps: int = Field(128, ge=1, le=131_072)
+    steps: Tokens = 128
     """Diffusion sampling steps for the whole response."""
-    temperature: float = Field(0.6, ge=0.0, le=100.0)
+    temperature: Temperature = 0.6
     """Gumbel-max sampling temperature for rollouts (evaluation is greedy)."""
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
-    """Which predicted tokens are kept at each step. 'low_confidence' re-draws unlikely samples
-    until a confident token appears, which suppresses exploration on small models; 'random'
-    commits tokens in random order, as the ELBO's forward process does."""
-    cfg_scale: float = Field(0.0, ge=0.0, le=100.0)
-    """Classifier-free guidance scale (0 = off)."""
     batch_size: int = Field(64, ge=1, le=65_536)
     """Sequences generated per forward batch in a worker."""
     num_workers: int = Field(1, ge=1, le=1024)
     """Rollout actors."""
-    engine: Literal["reference", "cached"] = "reference"
-    """'reference': LLaDA's sampler, one full forward per step (rollout/sampler.py); 'cached': the
-    block-KV-cached engine with optional parallel decoding and end-of-text early stop
-    (rollout/cached_engine.py; approximate, see rollout/README.md). Evaluation uses it too."""
-    cache: Literal["prefix", "dual"] = "dual"
-    """Cached engine only: 'prefix' caches the prompt and decoded blocks and forwards the block and
-    the suffix; 'dual' also caches the suffix and forwards the block alone. Refreshed at each block."""
-    threshold: float | None = Field(None, gt=0, lt=1)
-    """Cached engine only: commit every masked position of the block whose confidence exceeds this
-    (at least one per step), taking as many steps as needed; None = the fixed `steps` schedule."""
-    factor: float | None = Field(None, gt=0)
-    """Cached engine only: Fast-dLLM's factor rule, commit the n most confident with
-    (n + 1)(1 - c_n) <= factor; None = off. At most one of threshold and factor."""
-
-    @model_validator(mode="after")
-    def _blocks_divide(self) -> "RolloutSpec":
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
-        blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
-            raise ValueError(f"steps {self.steps} is not a multiple of the number of blocks {blocks}")
-        return self
-
-    @model_validator(mode="after")
-    def _engine_options(self) -> "RolloutSpec":
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError("set at most one of rollout.threshold and rollout.factor")
-        if self.engine == "reference" and (self.threshold is not None or self.factor is not None):
-            raise ValueError("rollout.threshold / rollout.factor (parallel decoding) need rollout.engine = 'cached'")
-        if self.engine == "cached" and self.cfg_scale > 0:
-            raise ValueError("rollout.engine = 'cached' does not do classifier-free guidance (cfg_scale > 0)")
-        return self
 
 
 class TrainSpec(Section):
@@ -216,7 +184,7 @@ class TrainSpec(Section):
 class EvalSpec(Section):
     every: int = Field(10, ge=1, le=10_000_000)
     """Evaluate the held-out set every this many learner steps (and before the first)."""
-    steps: int | None = Field(None, ge=1, le=131_072)
+    steps: Tokens | None = None
     """Sampling steps for evaluation (None: same as rollout)."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     """Remasking of the greedy evaluation decode (rollouts use rollout.remasking)."""
@@ -238,8 +206,8 @@ class EvalSpec(Section):
                 raise ValueError(f"eval.protocol: {value!r} is not a protocol file (a .toml path)")
             return os.path.normpath(value if os.path.isabs(value) else CHECKOUT / value)
         path = protocol_path(value)
-        # lazy: dlrl.config stays light for the API and the CLI
-        from rollout.eval_protocol import EvalProtocol, ProtocolError
+        # lazy: dlrl.config stays light for the API and the CLI (the protocol pulls in the tasks)
+        from dlrl.eval_protocol import EvalProtocol, ProtocolError
 
         try:
             EvalProtocol.from_toml(path)
@@ -380,7 +348,7 @@ class JobSpec(Section):
                              f"to be a positive multiple of eval.every ({self.eval.every}): best.json "
                              f"chooses among evaluated checkpoints")
         if self.eval.protocol is not None and FILE_CHECKS.get():
-            from rollout.eval_protocol import EvalProtocol
+            from dlrl.eval_protocol import EvalProtocol
 
             task = EvalProtocol.from_toml(self.eval.protocol).task.name
             if task != self.task.name:

@@ -14,12 +14,28 @@ always finishes.
   decoding of tokens that are each confident enough agrees with sequential decoding — is about the
   model's probabilities, so the parallel set is judged by probability whatever the remasking;
   the remasking only picks the one position a step must commit when none is confident.
-* `commit_factor`: the n most probable positions, n the largest with (n + 1) (1 - p_(n)) <= f for
-  every n' <= n, where p_(n) is the n-th largest probability (Fast-dLLM's factor-based strategy,
-  `get_transfer_index_dynamic` in NVlabs/Fast-dLLM llada/generate.py): the more tokens committed
-  at once, the more confident the least of them must be. At least the best one by score.
+* `commit_factor`: Fast-dLLM's factor-based strategy as their code publishes it
+  (`get_transfer_index_dynamic` in NVlabs/Fast-dLLM `llada/generate.py`, restated from revision
+  f6b35ec3f1b16e1b3d3357938046559ae2d350fa): rank the N masked positions of the block by
+  probability, p_(1) >= p_(2) >= ...; commit the n most probable, n the largest with
+  (n + 1)(1 - p_(n)) <= f (the more tokens committed at once, the more confident the least of
+  them must be; the left side only grows with n, so this is the longest passing prefix), and at
+  least one (the published loop exempts the most probable from the rule). One more rule, which the
+  paper does not state and the published loop does: when that n is N - 1 — every position but the
+  lowest-ranked passes, or N = 2 and only the exempt one does — the lowest-ranked one is committed
+  too and the block finishes this step. dlrl keeps that rule so that `factor` decodes as published
+  (tests/test_cached_engine.py restates the published loop and compares).
 
-Under "low_confidence" the score is the probability, and both rules are exactly Fast-dLLM's.
+How dlrl still departs from the published code, and why:
+
+* Under "random" remasking the published code judges the threshold and the factor rule by the
+  random score; dlrl judges them by the model's probability (Theorem 1 is about it) and uses the
+  score only for the one position a step must commit. Under "low_confidence" the score is the
+  probability and the decisions are the same.
+* Probabilities are the float32 softmax that rollout.sampler.predict_x0 computes (the published
+  code: float64), and a threshold keeps p > tau (the published: p >= tau). Both can only matter
+  at a probability equal to tau, or within float32 rounding of it.
+* Ties in probability are broken by position (a stable sort), the published code by torch.topk.
 """
 
 from __future__ import annotations
@@ -54,10 +70,14 @@ def commit_threshold(score: Tensor, prob: Tensor, threshold: float) -> Tensor:
 
 
 def commit_factor(score: Tensor, prob: Tensor, factor: float) -> Tensor:
-    """The n most probable eligible positions with (n + 1)(1 - p_(n)) <= factor, and the best by score."""
-    prob = prob.masked_fill(~_eligible(score), float("-inf"))  # (B, T)
+    """The n >= 1 most probable eligible positions with (n + 1)(1 - p_(n)) <= factor — all N of
+    them when n >= N - 1, as Fast-dLLM's code does (module docstring) — and the best by score."""
+    eligible = _eligible(score)  # (B, T)
+    prob = prob.masked_fill(~eligible, float("-inf"))  # (B, T)
     ranked = prob.sort(dim=-1, descending=True).values  # (B, T), -inf last
     n = torch.arange(1, prob.shape[-1] + 1, device=prob.device, dtype=ranked.dtype)  # (T,)
     ok = ((n + 1) * (1 - ranked) <= factor) & (ranked > float("-inf"))  # (B, T)
-    count = ok.long().cumprod(dim=-1).sum(dim=-1)  # (B,) the longest good prefix
+    count = ok.long().cumprod(dim=-1).sum(dim=-1).clamp(min=1)  # (B,) the longest good prefix, >= 1
+    masked = eligible.sum(dim=-1)  # (B,) N
+    count = torch.where(count >= masked - 1, masked, count)  # all but the last pass: all N
     return _top(prob, count) | _best(score)

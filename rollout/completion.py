@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dlrl.decoding import Decoding
 from dlrl.models import SpecialIds
 from dlrl.tasks import Example, Task
-from rollout.engine import SamplingParams, generate
+from rollout.engines import Engine, engine_class
 from rollout.rollout_stats import RolloutStats
 
-__all__ = ["SamplingParams", "decode_completion", "encode_prompt", "evaluate", "left_pad",
-           "sample_completions", "score"]
+__all__ = ["decode_completion", "encode_prompt", "evaluate", "left_pad", "sample_completions", "score"]
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +63,28 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def sample_completions(
-    model: torch.nn.Module,
+    engine: Engine,
     prompts: list[list[int]],
-    ids: SpecialIds,
-    params: SamplingParams,
+    decoding: Decoding,
+    batch_size: int,
     generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray, RolloutStats]:
     """Completions (N, L) int32, their unmask steps (N, L) int16 and the sampler's stats.
 
-    Sampled in batches of params.batch_size with the engine params.engine names.
+    Sampled by `engine` (the one `decoding.engine` names) in batches of `batch_size` prompts.
     """
+    if not isinstance(engine, engine_class(decoding.engine)):
+        raise TypeError(f"decoding names engine {decoding.engine!r}, given {type(engine).__name__}")
+    model, pad_id = engine.model, engine.ids.pad_id
     device = next(model.parameters()).device
     completions, steps, stats = [], [], RolloutStats()
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(prompts), params.batch_size):
-            chunk = prompts[start:start + params.batch_size]
-            prompt_ids, attn = left_pad(chunk, ids.pad_id)
-            sample, batch_stats = generate(model, prompt_ids.to(device), attn.to(device), params, ids, generator)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            prompt_ids, attn = left_pad(chunk, pad_id)
+            sample, batch_stats = engine.generate(prompt_ids.to(device), attn.to(device), decoding, generator)
             stats.add(batch_stats)
             completions.append(sample.tokens[:, prompt_ids.shape[1]:].cpu().numpy().astype(np.int32))
             steps.append(sample.unmask_step.cpu().numpy().astype(np.int16))
@@ -106,19 +109,19 @@ def score(task: Task, text: str, ex: Example, errors: list[str] | None = None) -
 
 
 def evaluate(
-    model: torch.nn.Module,
+    engine: Engine,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     examples: list[Example],
-    ids: SpecialIds,
-    params: SamplingParams,
+    decoding: Decoding,
+    batch_size: int,
     style: str,
 ) -> dict[str, float]:
     """Greedy (temperature-0) mean reward on `examples`, exact-solve rate, timing and sampler stats."""
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, task, ex, style) for ex in examples]
-    greedy = SamplingParams(**{**params.__dict__, "temperature": 0.0})
-    completions, _, stats = sample_completions(model, prompts, ids, greedy)
+    completions, _, stats = sample_completions(engine, prompts, decoding.decoding(temperature=0.0), batch_size)
+    ids = engine.ids
     rewards = [score(task, decode_completion(tokenizer, c, ids), ex) for c, ex in zip(completions, examples)]
     return {
         "eval_reward": float(np.mean(rewards)),

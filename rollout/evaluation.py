@@ -39,12 +39,13 @@ from pathlib import Path
 
 import torch
 
+from dlrl.eval_protocol import EvalProtocol, ProtocolError, extract, file_sha256, load_examples
 from dlrl.models import load_model, special_ids
 from dlrl.tasks import Example, Task, get_task
-from rollout.completion import SamplingParams, decode_completion, encode_prompt, sample_completions, score
-from rollout.eval_protocol import ENGINES, EvalProtocol, ProtocolError, extract, file_sha256, load_examples
+from rollout.completion import decode_completion, encode_prompt, sample_completions, score
+from rollout.engines import make_engine
 
-__all__ = ["ENGINES", "EvalProtocol", "ProtocolError", "evaluate_checkpoint", "evaluate_model",
+__all__ = ["EvalProtocol", "ProtocolError", "evaluate_checkpoint", "evaluate_model",
            "evaluate_run", "find_checkpoints", "pass_at_k", "run_metrics"]
 
 RESULTS, SUMMARY, TABLE, MANIFEST = "results.jsonl", "summary.json", "summary.md", "manifest.json"
@@ -145,11 +146,9 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
     dec, smp = protocol.decoding, protocol.sampling
     ids = special_ids(model, tokenizer)
     try:
-        params = SamplingParams(dec.gen_length, dec.block_length, dec.steps, dec.temperature, dec.remasking,
-                                dec.cfg_scale, batch_size=smp.batch_size * smp.n_samples, engine=dec.engine,
-                                cache=dec.cache, threshold=dec.threshold, factor=dec.factor)
+        engine = make_engine(dec, model, ids)
     except ValueError as e:
-        raise ProtocolError(f"decoding: {e}") from None
+        raise ProtocolError(f"protocol {protocol.path}: decoding: {e}") from None
     data_file = protocol.data_path()
     data = {"format": protocol.data.format, "path": protocol.data.path,
             "sha256": file_sha256(data_file) if data_file else None,
@@ -167,7 +166,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
         chunk = examples[b * smp.batch_size:(b + 1) * smp.batch_size]
         prompts = [encode_prompt(tokenizer, task, ex, protocol.prompt.style) for ex in chunk for _ in range(smp.n_samples)]
         gen = torch.Generator(device=device).manual_seed(_batch_seed(smp.seed, b))
-        completions, _, _ = sample_completions(model, prompts, ids, params, gen)
+        completions, _, _ = sample_completions(engine, prompts, dec, smp.batch_size * smp.n_samples, gen)
         batch = []
         for j, ex in enumerate(chunk):
             texts = [decode_completion(tokenizer, c, ids) for c in completions[j * smp.n_samples:(j + 1) * smp.n_samples]]

@@ -1,7 +1,8 @@
 """Masked-diffusion sampling: LLaDA's semi-autoregressive block remasking sampler.
 
-The reference sampler of the project (`rollout.engine = "reference"`, reached through
-rollout/engine.py; the cached engine reuses its pieces and is tested against it). It restates the reference `generate` of ML-GSAI/LLaDA (`generate.py`,
+The reference sampler of the project (`engine = "reference"`, reached through
+rollout/engines/reference.py; the cached engine reuses its pieces and is tested against it). It
+restates the reference `generate` of ML-GSAI/LLaDA (`generate.py`,
 Algorithm 5 of Nie et al. 2025, "Large Language Diffusion Models"):
 
 * the response is initialised to `gen_length` copies of `mask_id`;
@@ -32,7 +33,7 @@ Differences from the reference, all deliberate:
 Seam for the fast path (Fast-dLLM: block prefix/dual KV cache, confidence-threshold parallel
 unmasking): the loop in `generate_with_steps` only composes pure pieces — `guided_logits` (the
 one forward, with optional CFG), `predict_x0` (Gumbel-max and confidence) and `select_transfer`
-(which positions to commit this step). rollout/cached_engine.py writes its own block loop that
+(which positions to commit this step). rollout/engines/cached.py writes its own block loop that
 replaces `guided_logits` with a forward of the current block against cached keys/values of the
 rest, and rollout/commit_policy.py adds threshold and factor variants of `select_transfer`;
 `num_transfer_tokens`, `add_gumbel_noise` and `predict_x0` are shared unchanged.
@@ -185,14 +186,12 @@ def generate_with_steps(
     """Decode `gen_length` tokens after each (left-padded) prompt; return tokens and unmask steps.
 
     prompt: (B, P); attention_mask: (B, P), 0 at left padding, or None for no padding.
+    gen_length must be a multiple of block_length and steps of the number of blocks: checked once,
+    by dlrl.decoding.Decoding, before an engine calls this.
     Runs under no_grad, not inference_mode, so the learner may feed the tokens to autograd.
     """
-    assert gen_length % block_length == 0, "gen_length must be a multiple of block_length"
     num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0, "steps must be a multiple of the number of blocks"
     steps_per_block = steps // num_blocks
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
 
     b, p = prompt.shape
     device = prompt.device

@@ -24,6 +24,7 @@ import torch
 
 from dlrl.config import JobSpec
 from dlrl.diffusion import mix_seed
+from dlrl.eval_protocol import EvalProtocol, load_examples
 from dlrl.models import load_model, special_ids
 from dlrl.queue import open_queue
 from dlrl.queue.group_ids import group_id
@@ -32,13 +33,10 @@ from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.behaviour import ships_behaviour_elbo, with_behaviour_elbo
-from rollout.completion import (
-    SamplingParams, decode_completion, encode_prompt, evaluate, sample_completions, score,
-)
-from rollout.eval_protocol import EvalProtocol, load_examples
+from rollout.completion import decode_completion, encode_prompt, evaluate, sample_completions, score
+from rollout.engines import check_decoding, make_engine
 from rollout.evaluation import evaluate_model, resolve_task, run_metrics
 from rollout.rollout_stats import RolloutStats
-
 
 PUT_TIMEOUT_S = 1800.0
 """Longest a worker waits for queue capacity for one group (then QueueFull fails the batch, and
@@ -66,8 +64,11 @@ class RolloutWorker:
         self.shard: list[Example] = train[index::num_workers]
         if not self.shard:
             raise ValueError(f"worker {index} of {num_workers} has no training prompts")
-        self.receiver = WeightReceiver(self.model, version=0)  # both transports write into the model
-        self.params = SamplingParams.from_spec(spec.rollout)
+        # The engine decodes with self.model, which both weight transports update in place.
+        self.engine = make_engine(spec.rollout, self.model, self.ids)
+        self.receiver = WeightReceiver(self.engine.model, version=0)
+        if spec.eval.protocol:  # its engine and options fail the worker's start, not the first evaluation
+            check_decoding(EvalProtocol.from_toml(spec.eval.protocol).decoding)
         self.sampler_stats = RolloutStats()  # of the last rollout batch (tokens/step, confidence, EOS)
         self._orders: dict[int, list[int]] = {}
         self.reward_errors: list[str] = []
@@ -100,7 +101,7 @@ class RolloutWorker:
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
         """Load a weights version given as tensors (full state or LoRA adapter tensors)."""
-        self.model.load_state_dict(state, strict=False)
+        self.engine.load_weights(state)
         self.version = version
         return version
 
@@ -117,7 +118,8 @@ class RolloutWorker:
         prompts = [encode_prompt(self.tokenizer, self.task, ex, self.spec.task.style) for ex in examples]
         t0 = time.perf_counter()
         completions, steps, self.sampler_stats = sample_completions(
-            self.model, [p for p in prompts for _ in range(g)], self.ids, self.params, generator
+            self.engine, [p for p in prompts for _ in range(g)], self.spec.rollout,
+            self.spec.rollout.batch_size, generator,
         )
         t_gen = time.perf_counter() - t0
         groups = []
@@ -204,9 +206,9 @@ class RolloutWorker:
         """Greedy mean reward on n held-out test examples (the same set every call)."""
         self.sync_weights(handle)
         examples = self.task.examples("test", n, seed)
-        params = SamplingParams(**{**self.params.__dict__, "steps": steps or self.params.steps,
-                                   "remasking": self.spec.eval.remasking})
-        return evaluate(self.model, self.tokenizer, self.task, examples, self.ids, params,
+        r = self.spec.rollout
+        decoding = r.decoding(steps=steps or r.steps, remasking=self.spec.eval.remasking)
+        return evaluate(self.engine, self.tokenizer, self.task, examples, decoding, r.batch_size,
                         self.spec.task.style)
 
     def evaluate_protocol(self, step: int, out_dir: str, handle: WeightHandle | None = None) -> dict[str, float]:

@@ -38,12 +38,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dlrl.decoding import Decoding  # noqa: E402
 from dlrl.models import build_tiny, save_checkpoint, special_ids  # noqa: E402
 from dlrl.tasks import get_task  # noqa: E402
 from dlrl.tasks.sudoku import BLANK, DIGITS, SIDE, rows  # noqa: E402
 from dlrl.tasks.task import Example  # noqa: E402
 from learner.sft import sft_loss  # noqa: E402
-from rollout.completion import SamplingParams, encode_prompt, evaluate, left_pad  # noqa: E402
+from rollout.completion import encode_prompt, evaluate, left_pad  # noqa: E402
+from rollout.engines import make_engine  # noqa: E402
 from rollout.worker import EVAL_SEED  # noqa: E402
 
 GEN_LENGTH = 20  # 19 characters of solution + EOS
@@ -108,14 +110,15 @@ def main() -> None:
                           for ex in held_out) / len(held_out)
     teacher_reward = args.teacher_accuracy + (1 - args.teacher_accuracy) * row_fill_reward  # its expectation
     print(f"teacher on the held-out puzzles: {teacher_reward:.3f} (row fill alone {row_fill_reward:.3f})")
-    params = SamplingParams(gen_length=GEN_LENGTH, block_length=GEN_LENGTH, steps=GEN_LENGTH, batch_size=128)
+    decoding = Decoding(gen_length=GEN_LENGTH, block_length=GEN_LENGTH, steps=GEN_LENGTH)
+    engine = make_engine(decoding, model, ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     teacher = random.Random(f"teacher:{args.seed}")
     curve, t0 = [], time.time()
     for step in range(args.steps_after + 1):
         if step % args.eval_every == 0:
-            ev = evaluate(model, tokenizer, task, held_out, ids, params, "compact")
+            ev = evaluate(engine, tokenizer, task, held_out, decoding, 128, "compact")
             curve.append({"step": step, "eval_reward": ev["eval_reward"], "eval_solved": ev["eval_solved"]})
             print(f"sft step {step:5d}  held-out reward {ev['eval_reward']:.3f}  solved {ev['eval_solved']:.2f}"
                   f"  ({time.time() - t0:.0f}s)", flush=True)

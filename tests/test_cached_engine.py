@@ -1,4 +1,5 @@
-"""The cached rollout engine (rollout/cached_engine.py) against the reference sampler and full forwards.
+"""The cached rollout engine (rollout/engines/cached.py) against the reference sampler, full forwards
+and Fast-dLLM's published commit rules.
 
 Run: pytest tests/test_cached_engine.py -q
 """
@@ -7,18 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import ValidationError
 
-from dlrl.config import JobSpec, RolloutSpec
+from dlrl.config import JobSpec
+from dlrl.decoding import Decoding
 from dlrl.models import SpecialIds, load_model, special_ids
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
 from dlrl.models.forward import diffusion_logits
 from dlrl.models.kv_cache import KVCache
 from dlrl.tasks import get_task
-from rollout.cached_engine import block_logits, generate_cached
 from rollout.commit_policy import commit_factor, commit_scheduled, commit_threshold
 from rollout.completion import encode_prompt, evaluate, left_pad
-from rollout.engine import SamplingParams, generate
+from rollout.engines import make_engine
+from rollout.engines.cached import block_logits, generate_cached
 from rollout.sampler import generate_with_steps, select_transfer
 from rollout.worker import RolloutWorker
 
@@ -55,8 +56,8 @@ def ragged(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
 def test_reference_engine_is_the_sampler_bit_for_bit():
     m = model_with(2)
     prompt, attn = ragged([5, 8, 3])
-    params = SamplingParams(gen_length=12, block_length=4, steps=6, temperature=1.0, remasking="low_confidence")
-    got, stats = generate(m, prompt, attn, params, IDS, torch.Generator().manual_seed(3))
+    decoding = Decoding(gen_length=12, block_length=4, steps=6, temperature=1.0, remasking="low_confidence")
+    got, stats = make_engine(decoding, m, IDS).generate(prompt, attn, decoding, torch.Generator().manual_seed(3))
     want = generate_with_steps(m, prompt, steps=6, gen_length=12, block_length=4, temperature=1.0,
                                mask_id=MASK_ID, attention_mask=attn, generator=torch.Generator().manual_seed(3))
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.unmask_step, want.unmask_step)
@@ -119,13 +120,55 @@ def test_threshold_commits_every_position_above_tau_and_at_least_one():
 
 
 def test_factor_rule_hand_example():
-    # ranked 0.99, 0.9, 0.8, 0.5: (n+1)(1-c) = 0.02, 0.3, 0.8, 2.5 -> factor 1 takes 3, factor 0.1 takes 1.
+    # ranked 0.99, 0.9, 0.8, 0.5: (n+1)(1-c) = 0.02, 0.3, 0.8, 2.5. Factor 0.1 takes 1. Factor 1.5
+    # takes 3 of the 4 (2.5 > 1.5) plus, as Fast-dLLM's code does, the 4th: all but the last passed.
     confidence = torch.tensor([[0.8, 0.99, float("-inf"), 0.5, 0.9]])
     prob = confidence.clamp(min=0)
-    assert commit_factor(confidence, prob, 1.0).tolist() == [[True, True, False, False, True]]
+    assert commit_factor(confidence, prob, 1.5).tolist() == [[True, True, False, True, True]]
+    assert commit_factor(confidence, prob, 0.5).tolist() == [[False, True, False, False, True]]
     assert commit_factor(confidence, prob, 0.1).tolist() == [[False, True, False, False, False]]
     assert commit_factor(confidence, prob, 0.001).sum() == 1  # at least one
     assert commit_factor(confidence, prob, 100.0).tolist() == [[True, True, False, True, True]]  # never an ineligible
+
+
+def fast_dllm_factor_count(ranked: list[float], factor: float) -> int:
+    """How many masked positions Fast-dLLM's factor rule commits in one row, given their confidences
+    in descending order: a restatement of the loop of `get_transfer_index_dynamic` in
+    NVlabs/Fast-dLLM llada/generate.py at revision f6b35ec3f1b16e1b3d3357938046559ae2d350fa.
+
+    Position i (0-based) passes when its confidence is at least 1 - factor / (i + 2), the first
+    always; the scan stops at the first that fails. The count is the stop index, except that a
+    stop at index 0 or at the last index (and a scan that never stops, which also ends on the last
+    index) counts one more."""
+    last = len(ranked) - 1
+    stop = last
+    for i, c in enumerate(ranked):
+        if c < (-1.0 if i == 0 else 1.0 - factor / (i + 2)):
+            stop = i
+            break
+    return stop + 1 if stop in (0, last) else stop
+
+
+@pytest.mark.parametrize("factor", [0.05, 0.3, 1.0, 2.0, 6.0])
+def test_factor_rule_commits_what_fast_dllm_commits(factor):
+    """Under low-confidence remasking (score = probability) dlrl's factor rule commits the same
+    positions as the published one, its "all but the last passed: commit all" case included."""
+    g = torch.Generator().manual_seed(int(factor * 100))
+    prob = torch.rand(400, 8, generator=g) ** 0.2  # mostly confident, as a trained model is
+    masked = torch.rand(400, 8, generator=g) < 0.7
+    masked[:, 0] = True  # every row has something to commit
+    prob[:40, 1:] = 0.999  # rows where nearly everything passes
+    score = prob.masked_fill(~masked, float("-inf"))
+    got = commit_factor(score, prob, factor)
+    assert not (got & ~masked).any()
+    extra = 0  # rows where the published rule commits one that failed the bound
+    for row in range(400):
+        ranked = sorted(prob[row][masked[row]].tolist(), reverse=True)
+        n = fast_dllm_factor_count(ranked, factor)
+        assert int(got[row].sum()) == n
+        assert prob[row][got[row]].min() >= ranked[n - 1]  # and they are the n most probable
+        extra += n > 1 and (n + 1) * (1 - ranked[n - 1]) > factor
+    assert extra > 0
 
 
 def test_under_random_remasking_the_parallel_set_is_judged_by_probability():
@@ -133,7 +176,8 @@ def test_under_random_remasking_the_parallel_set_is_judged_by_probability():
     score = torch.tensor([[0.1, 0.7, 0.3, float("-inf")]])  # uniform draws; position 3 not masked
     prob = torch.tensor([[0.95, 0.2, 0.97, 0.99]])
     assert commit_threshold(score, prob, 0.9).tolist() == [[True, True, True, False]]
-    assert commit_factor(score, prob, 0.5).tolist() == [[True, True, True, False]]  # 2(0.03), 3(0.05) <= 0.5
+    # 2(0.03), 3(0.05) <= 0.5 < 4(0.8): the two most probable, and the third since only it failed
+    assert commit_factor(score, prob, 0.5).tolist() == [[True, True, True, False]]
     assert commit_threshold(score, torch.zeros(1, 4), 0.9).tolist() == [[False, True, False, False]]
 
 
@@ -219,10 +263,10 @@ def test_evaluate_on_the_tiny_sudoku_start_reports_sampler_stats():
     model.eval()
     task, ids = get_task("sudoku"), special_ids(model, tokenizer)
     examples = task.examples("test", 16, 1234)
-    base = dict(gen_length=20, block_length=20, steps=20, batch_size=16)
-    ref = evaluate(model, tokenizer, task, examples, ids, SamplingParams(**base), "compact")
-    fast = evaluate(model, tokenizer, task, examples, ids,
-                    SamplingParams(**base, engine="cached", threshold=0.9), "compact")
+    reference = Decoding(gen_length=20, block_length=20, steps=20)
+    cached = reference.decoding(engine="cached", threshold=0.9)
+    ref = evaluate(make_engine(reference, model, ids), tokenizer, task, examples, reference, 16, "compact")
+    fast = evaluate(make_engine(cached, model, ids), tokenizer, task, examples, cached, 16, "compact")
     assert ref["eval_tokens_per_step"] == 1.0 and "eval_mean_confidence" not in ref
     assert fast["eval_tokens_per_step"] > 1.5 and fast["eval_mean_confidence"] > 0.9
     assert fast["eval_forwards"] < ref["eval_forwards"]
@@ -242,36 +286,6 @@ def test_worker_rolls_out_with_the_engine_its_spec_names():
     metrics = worker.sampler_stats.metrics()
     assert metrics["rollout_tokens_per_step"] > 2.0  # the job's schedule is 2 per step: parallel commits more
     assert 0.0 < metrics["rollout_mean_confidence"] <= 1.0 and 0 <= metrics["rollout_eos_position"] <= 20
-
-
-@pytest.mark.parametrize("fields, message", [
-    ({"threshold": 0.9}, "need rollout.engine = 'cached'"),
-    ({"engine": "cached", "threshold": 0.9, "factor": 1.0}, "at most one"),
-    ({"engine": "cached", "threshold": 1.5}, "less than 1"),
-    ({"engine": "cached", "factor": 0.0}, "greater than 0"),
-    ({"engine": "cached", "cfg_scale": 1.0}, "classifier-free guidance"),
-    ({"engine": "fast"}, "'reference' or 'cached'"),
-    ({"engine": "cached", "cache": "suffix"}, "'prefix' or 'dual'"),
-])
-def test_bad_rollout_spec_errors(fields, message):
-    with pytest.raises(ValidationError, match=message):
-        RolloutSpec(**fields)
-
-
-def test_spec_reaches_the_engine_and_bad_params_error():
-    r = RolloutSpec(engine="cached", cache="prefix", factor=2.0)
-    params = SamplingParams.from_spec(r)
-    assert (params.engine, params.cache, params.factor, params.threshold) == ("cached", "prefix", 2.0, None)
-    assert SamplingParams.from_spec(RolloutSpec()).engine == "reference"
-    with pytest.raises(ValueError, match="engine must be one of"):
-        SamplingParams(gen_length=4, block_length=4, steps=4, engine="fast")
-    with pytest.raises(ValueError, match="cache must be one of"):
-        SamplingParams(gen_length=4, block_length=4, steps=4, engine="cached", cache="suffix")
-    with pytest.raises(ValueError, match="threshold must be in"):
-        SamplingParams(gen_length=4, block_length=4, steps=4, engine="cached", threshold=0.0)
-    with pytest.raises(ValueError, match="not a multiple"):
-        generate_cached(model_with(1), torch.ones(1, 3, dtype=torch.long) * 5, steps=3, gen_length=8,
-                        block_length=4, mask_id=MASK_ID, eos_ids=(EOS_ID,))
 
 
 def native_one_layer(family: str) -> torch.nn.Module:
@@ -314,7 +328,7 @@ def test_native_families_cached_equals_reference_with_one_layer(family, cache):
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 def test_masked_positions_predicted_in_chunks_equal_all_at_once(remasking):
     """Chunking bounds the (chunk, V) temporaries and changes nothing else (greedy: exactly)."""
-    from rollout.cached_engine import predict_masked
+    from rollout.engines.cached import predict_masked
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 8, 50, generator=g)

@@ -257,7 +257,7 @@ def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[st
     if spec.eval.protocol is None:
         return
     # lazy: it pulls in the task registry
-    from rollout.eval_protocol import EvalProtocol, ProtocolError
+    from dlrl.eval_protocol import EvalProtocol, ProtocolError
 
     roots = [SHIPPED_PROTOCOLS] + ([Path(policy.data_root)] if policy.data_root else [])
     shown = "deploy/eval/" + (" or the API's data root" if policy.data_root else " (this API has no data root)")

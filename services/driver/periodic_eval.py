@@ -43,7 +43,7 @@ class PeriodicEval:
         self.metric = "eval_score" if spec.eval.protocol else "eval_reward"
         self.protocol = None
         if spec.eval.protocol:
-            from rollout.eval_protocol import EvalProtocol
+            from dlrl.eval_protocol import EvalProtocol
 
             p = EvalProtocol.from_toml(spec.eval.protocol)
             self.protocol = {"file": p.path, "name": p.name, "sha256": p.sha256, "metric": p.metric}

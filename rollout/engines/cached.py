@@ -1,4 +1,5 @@
-"""The cached rollout engine: block KV cache, parallel commits, end-of-text early stop.
+"""The cached rollout engine (`engine = "cached"`): block KV cache, parallel commits, end-of-text
+early stop.
 
 The same semi-autoregressive block decoding as `rollout.sampler` (LLaDA Algorithm 5), made cheap
 the way Fast-dLLM does it (Wu et al. 2025, Sec. 3.2-3.3; NVlabs/Fast-dLLM `llada/generate.py`,
@@ -32,17 +33,20 @@ and it takes no further forwards. Rows are left-padded as in the reference sampl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlrl.decoding import Decoding
+from dlrl.models import SpecialIds
 from dlrl.models.forward import cached_diffusion_logits
 from dlrl.models.kv_cache import KVCache
 from rollout.commit_policy import commit_factor, commit_scheduled, commit_threshold
 from rollout.rollout_stats import RolloutStats, eos_positions
-from rollout.sampler import REMASKING, Sample, num_transfer_tokens, predict_x0
+from rollout.sampler import Sample, num_transfer_tokens, predict_x0
 
-CACHES = ("prefix", "dual")
 PREDICT_CHUNK = 64
 """Masked positions whose noise and softmax are drawn at once (bounds the (chunk, V) temporaries)."""
 
@@ -96,20 +100,6 @@ def predict_masked(
     return x0, confidence, prob
 
 
-def check_options(cache: str, threshold: float | None, factor: float | None, remasking: str) -> None:
-    """ValueError for options the engine cannot honour (RolloutSpec checks the same at load time)."""
-    if cache not in CACHES:
-        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if threshold is not None and factor is not None:
-        raise ValueError("set at most one of threshold and factor")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if factor is not None and not factor > 0.0:
-        raise ValueError(f"factor must be > 0, got {factor}")
-
-
 @torch.no_grad()
 def generate_cached(
     model: torch.nn.Module,
@@ -132,15 +122,11 @@ def generate_cached(
 
     Returns the sample (as `rollout.sampler.generate_with_steps`: tokens (B, P + L) and the step
     at which each token was committed — the row's own step count under a parallel policy) and the
-    batch's RolloutStats.
+    batch's RolloutStats. The options are taken as `CachedEngine.check` accepts them (block
+    arithmetic by dlrl.decoding.Decoding): this function does not check them again.
     """
-    check_options(cache, threshold, factor, remasking)
-    if gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
     scheduled = threshold is None and factor is None
-    if scheduled and steps % num_blocks:
-        raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
     if not eos_ids:
         raise ValueError("eos_ids is empty: early stop needs the end-of-text ids")
     steps_per_block = steps // num_blocks if scheduled else 0
@@ -209,3 +195,36 @@ def generate_cached(
     kv_cache.clear()
     stats.eos_position_sum = int(eos_positions(x[:, p:], eos_ids).sum())
     return Sample(tokens=x, unmask_step=unmask_step), stats
+
+
+class CachedEngine:
+    """`generate_cached` behind the engine protocol (rollout.engines.Engine).
+
+    Options: `cache` ("prefix" or "dual"), at most one of `threshold` and `factor` (parallel
+    commits; neither = the fixed `steps` schedule). No classifier-free guidance: the cached
+    forward has no unconditional pass."""
+
+    def __init__(self, model: torch.nn.Module, ids: SpecialIds) -> None:
+        self.model, self.ids = model, ids
+
+    @staticmethod
+    def check(decoding: Decoding) -> None:
+        if decoding.threshold is not None and decoding.factor is not None:
+            raise ValueError("engine = 'cached' takes at most one of threshold and factor")
+        if decoding.cfg_scale > 0:
+            raise ValueError("engine = 'cached' does not do classifier-free guidance (cfg_scale > 0): "
+                             "use engine = 'reference'")
+
+    def generate(self, prompt: Tensor, attention_mask: Tensor | None, decoding: Decoding,
+                 generator: torch.Generator | None = None) -> tuple[Sample, RolloutStats]:
+        self.check(decoding)
+        d = decoding
+        return generate_cached(
+            self.model, prompt, steps=d.steps, gen_length=d.gen_length, block_length=d.block_length,
+            mask_id=self.ids.mask_id, eos_ids=self.ids.eos_ids, temperature=d.temperature,
+            remasking=d.remasking, attention_mask=attention_mask, cache=d.cache, threshold=d.threshold,
+            factor=d.factor, generator=generator,
+        )
+
+    def load_weights(self, state: Mapping[str, Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)

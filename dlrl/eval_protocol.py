@@ -1,5 +1,9 @@
 """A written-down evaluation protocol (deploy/eval/*.toml) and the eval examples it names.
 
+The schema lives in the core because the job spec (dlrl.config: eval.protocol), the job API's
+admission (services.admission) and the rollout side (rollout.evaluation runs it) all read it.
+Its `[decoding]` table is dlrl.decoding.Decoding, the type rollouts use too.
+
 Published numbers for the same model move by tens of points between harnesses (BGPO's Countdown
 87.5 in its paper, 10.0 in another framework's), because decoding, prompt and answer reading all
 differ. So every setting that can move a score lives in one small TOML file, the file's sha256
@@ -26,13 +30,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dlrl.decoding import Decoding
 from dlrl.tasks import Example
 from dlrl.tasks.answer_format import answer_region
 from dlrl.tasks.math_task import last_boxed, load_rows, to_examples
-
-ENGINES = ("reference", "cached")
-"""'reference': rollout.sampler (LLaDA's loop, one full forward per step). 'cached':
-rollout.cached_engine (block KV cache, optional parallel decoding by threshold or factor)."""
 
 
 class ProtocolError(ValueError):
@@ -41,39 +42,6 @@ class ProtocolError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class Decoding(_Section):
-    engine: Literal["reference", "cached"] = "reference"
-    cache: Literal["prefix", "dual"] = "dual"
-    """engine = "cached" only: which KV cache (rollout/README.md)."""
-    threshold: float | None = Field(None, gt=0.0, lt=1.0)
-    """engine = "cached" only: commit every masked position whose probability exceeds it."""
-    factor: float | None = Field(None, gt=0.0, le=64.0)
-    """engine = "cached" only: Fast-dLLM's factor rule for parallel commits."""
-    gen_length: int = Field(ge=1, le=8192)
-    """Response tokens (all masked at the start)."""
-    block_length: int = Field(ge=1, le=8192)
-    """Semi-autoregressive block size; gen_length must be a multiple of it."""
-    steps: int = Field(ge=1, le=8192)
-    """Diffusion steps for the whole response; a multiple of the number of blocks."""
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
-    """0 is greedy (argmax), the paper's evaluation setting."""
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
-    cfg_scale: float = Field(0.0, ge=0.0, le=100.0)
-
-    @model_validator(mode="after")
-    def _blocks(self) -> "Decoding":
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
-        blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
-            raise ValueError(f"steps {self.steps} is not a multiple of the number of blocks {blocks}")
-        if self.engine == "reference" and (self.threshold is not None or self.factor is not None):
-            raise ValueError("threshold / factor (parallel decoding) need engine = 'cached'")
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError("set threshold or factor, not both")
-        return self
 
 
 class Prompt(_Section):
