@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = _read_spec(args)
         if isinstance(spec, int):
             return spec
+        if (problem := _engine_problem(spec)) is not None:
+            print(f"dlrl: invalid job spec:\n  rollout: {problem}", file=sys.stderr)
+            return 2
         if args.command == "validate":
             print(spec.model_dump_json(indent=2))
             return 0
@@ -210,6 +213,23 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors:
             print(f"  {err.get('path')}: {err.get('reason')}", file=sys.stderr)
         return 1
+
+
+def _engine_problem(spec: JobSpec) -> str | None:
+    """What the engine the spec names refuses in its decoding options, or None.
+
+    The spec's schema lives in the core, which imports no role, so it checks the bounds every
+    engine shares but not the engine's own rules (dlrl.decoding). This front door checks those
+    before any Ray process starts; the job API, which imports no role either, leaves them to the
+    job, whose workers check them first thing (rollout.engines.make_engine).
+    """
+    from rollout.engines import check_decoding  # lazily: rollout pulls in torch
+
+    try:
+        check_decoding(spec.rollout)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _read_spec(args: argparse.Namespace) -> JobSpec | int:

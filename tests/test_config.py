@@ -63,3 +63,14 @@ def test_cli_reports_invalid_spec_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.n_mc" in err and "Traceback" not in err
     assert main(["validate", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_front_door_refuses_what_the_named_engine_cannot_do(capsys):
+    """The schema (core) cannot know the engines; `dlrl validate` / `train` ask the registry
+    before any Ray process starts, with the engine's own sentence."""
+    spec = str(ROOT / "deploy/jobs/tiny-sudoku.toml")
+    assert main(["validate", spec, "--set", 'rollout.engine="fast"']) == 2
+    assert "engine 'fast' is not a rollout engine: one of reference, cached" in capsys.readouterr().err
+    assert main(["validate", spec, "--set", "rollout.threshold=0.9"]) == 2
+    assert "threshold" in capsys.readouterr().err
+    assert main(["validate", spec, "--set", 'rollout.engine="cached"', "--set", "rollout.threshold=0.9"]) == 0
