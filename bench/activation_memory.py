@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlrl import footprint as fp  # noqa: E402
+from dlrl.batch import collate  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models import LLaDAConfig, LLaDAModelLM  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
-from learner.batch import collate  # noqa: E402
 from learner.memory import apply_activation_checkpointing  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms  # noqa: E402
 

@@ -3,7 +3,7 @@ LLaDA-shaped model with random weights, and how fast its weights leave the learn
 
 Rows, each for n_t = train.n_mc in 1 / 4 / 16 (mc_chunk 1: one MC sample per forward+backward):
   - "fp32_masters_bf16_autocast": float32 weights and AdamW state, matmuls in bf16
-    (learner.precision), through learner.step.train_step as the Learner runs it;
+    (dlrl.precision), through learner.step.train_step as the Learner runs it;
   - "bf16_weights": the weights themselves in bf16 (what the learner did before fp32 masters).
     train_step refuses to train bf16 masters, so this row calls old_policy_terms +
     accumulate_gradients + clip + AdamW directly, the same calls train_step makes;
@@ -48,11 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlrl import footprint as fp  # noqa: E402
+from dlrl.batch import collate  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models import LLaDAConfig, LLaDAModelLM  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
 from dlrl.weights import CollectiveReceiver, CollectiveSender  # noqa: E402
-from learner.batch import collate  # noqa: E402
 from learner.memory import apply_activation_checkpointing  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms, train_step  # noqa: E402
 

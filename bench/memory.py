@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dlrl.batch import collate  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
-from learner.batch import collate  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms  # noqa: E402
 
 MASK_ID, PAD_ID, EOS_ID = 2, 0, 1

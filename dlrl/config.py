@@ -160,13 +160,14 @@ class TrainSpec(Section):
     micro_batch: int = Field(8, ge=1, le=65_536)
     """Completions per forward pass (times mc_chunk rows)."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32", "float64"] = "auto"
-    """dtype of the learner's matmuls (torch.autocast; learner.precision), while the weights and
+    """dtype of the learner's matmuls (torch.autocast; dlrl.precision), while the weights and
     AdamW's state stay in model.dtype. "auto": bfloat16 on CUDA, model.dtype on the CPU.
     "float32"/"float64" (no autocast) must equal model.dtype."""
     updates_per_batch: int = Field(1, ge=1, le=1024)
     """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
     clip_eps: float | None = Field(0.2, gt=0, le=1e6)
-    """PPO clip of the per-sample ratio (None = off)."""
+    """PPO clip of the ratio (None = off): BGPO's per MC sample, diffu-GRPO's per token (0.2, the
+    default, is d1's). The naive ELBO ratio is not clipped."""
     dual_clip: float | None = Field(3.0, gt=1, le=1e6)
     """Dual-clip cap for negative advantages (None = off)."""
     p_mask_prompt: float = Field(0.15, ge=0, le=1)

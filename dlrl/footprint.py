@@ -3,7 +3,8 @@
 Pure functions of numbers; every formula is in bytes and its docstring says what it counts.
 h = hidden size, f = MLP width, kv = key/value width (heads x head_dim, smaller under GQA),
 V = vocab, n = layers, b = bytes per element of the compute dtype, T = prompt + response tokens,
-L = response tokens, rows = micro_batch x mc_chunk sequences in one forward.
+L = response tokens, rows = micro_batch x the MC copies whose graphs are alive at once (the
+objective's memory term, `GraphCopies`: mc_chunk for BGPO, n_mc for the naive ELBO ratio).
 
 The learner's layout is FSDP-style (ZeRO-3): with N learner GPUs each holds 1/N of the master
 weights, their gradients and AdamW's two moments, and gathers the full weights one transformer
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +254,12 @@ def largest_batch(shape: ModelShape, budget: int, *, seq_len: int, weight_bytes:
 
 # -- a layout for a job ----------------------------------------------------------------------
 
+GraphCopies = Callable[[int, int], int]
+"""An objective's memory term, (n_mc, mc_chunk) -> the MC copies of a row whose forward graph is
+alive at once in a backward: mc_chunk for BGPO (each chunk backwarded alone), n_mc for the naive
+ELBO ratio (one backward through all of them), 1 for diffu-GRPO (one pass, no MC). The caller
+passes its objective's (learner.objectives: Objective.graph_copies); the core reads no objective."""
+
 USABLE = 0.9
 """Share of a GPU's memory a plan fills: the rest is the CUDA context, NCCL buffers and the
 allocator's fragmentation."""
@@ -272,6 +280,8 @@ class Plan:
     colocated: bool
     mc_chunk: int
     """The MC chunk the learner is sized for (train.mc_chunk, or what "auto" picks here)."""
+    graph_copies: int
+    """MC copies per row whose graphs the objective keeps alive at once with that chunk."""
 
     @property
     def budget(self) -> int:
@@ -291,11 +301,11 @@ def job_shape(spec: JobSpec) -> ModelShape:
 
 def job_learner_memory(
     spec: JobSpec, shape: ModelShape, gpus: int, checkpointing: bool, prompt_len: int,
-    mc_chunk: int | None = None,
+    mc_chunk: int | None = None, *, graph_copies: GraphCopies,
 ) -> LearnerMemory:
     """`learner_memory` for a JobSpec: dtypes from model.dtype / train.compute_dtype, rows from
-    train.micro_batch x the chunk (`mc_chunk`, default train.mc_chunk, which must then be a
-    number), T from prompt_len + rollout.gen_length."""
+    train.micro_batch x the objective's graph copies at the chunk (`mc_chunk`, default
+    train.mc_chunk, which must then be a number), T from prompt_len + rollout.gen_length."""
     t, m = spec.train, spec.model
     chunk = t.mc_chunk if mc_chunk is None else mc_chunk
     if chunk == "auto":
@@ -303,7 +313,7 @@ def job_learner_memory(
     on_cpu = spec.runtime.device == "cpu"
     compute = t.compute_dtype
     compute_bytes = BYTES[compute] if compute != "auto" else BYTES[m.dtype] if on_cpu else BYTES["bfloat16"]
-    rows = min(t.micro_batch, spec.rollout.prompts_per_step * spec.rollout.group_size) * chunk
+    rows = min(t.micro_batch, spec.rollout.prompts_per_step * spec.rollout.group_size) * graph_copies(t.n_mc, chunk)
     return learner_memory(
         shape, gpus=gpus, master_bytes=BYTES[m.dtype], compute_bytes=min(compute_bytes, BYTES[m.dtype]),
         rows=rows, seq_len=prompt_len + spec.rollout.gen_length, resp_len=spec.rollout.gen_length,
@@ -312,17 +322,21 @@ def job_learner_memory(
 
 
 def largest_mc_chunk(
-    spec: JobSpec, shape: ModelShape, budget: int, *, gpus: int, checkpointing: bool, prompt_len: int
+    spec: JobSpec, shape: ModelShape, budget: int, *, gpus: int, checkpointing: bool, prompt_len: int,
+    graph_copies: GraphCopies,
 ) -> int:
     """train.mc_chunk = "auto": the largest chunk c in 1..n_mc whose learner peak fits `budget`
     bytes (1 when even that does not: the least memory a chunked step can take).
 
     Any c gives BGPO the same gradient (the loss is a sum over MC samples, each chunk backwarded
-    on its own), so c only trades memory for fewer, larger passes. The peak grows with c (rows
-    of activations and logits), so the answer is found by bisection.
+    on its own), so c only trades memory for fewer, larger passes. The peak does not shrink as c
+    grows (rows of activations and logits: `graph_copies`), so the answer is found by bisection.
+    An objective whose peak does not depend on c (the naive ELBO ratio keeps all n_mc graphs
+    alive) gets n_mc when it fits at all.
     """
     def fits(c: int) -> bool:
-        return job_learner_memory(spec, shape, gpus, checkpointing, prompt_len, mc_chunk=c).total <= budget
+        return job_learner_memory(spec, shape, gpus, checkpointing, prompt_len, mc_chunk=c,
+                                  graph_copies=graph_copies).total <= budget
 
     lo, hi = 1, spec.train.n_mc
     while lo < hi:
@@ -331,14 +345,16 @@ def largest_mc_chunk(
     return lo
 
 
-def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> Plan:
+def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256, *,
+         graph_copies: GraphCopies) -> Plan:
     """The split that fits with the fewest learner GPUs (most left to rollout), without
     activation checkpointing if possible. One GPU: learner and rollout worker share it (sync mode
     takes turns, but both keep their weights). Rollout workers (model.dtype weights, as
     rollout/worker.py loads them) run rollout.batch_size sequences, or the largest batch that fits.
     train.mc_chunk = "auto" is sized per layout: the largest chunk whose learner fits the budget
     (a colocated rollout worker's weights and one sequence of sampling taken out first).
-    Returns the best failing layout when nothing fits (`fits` False)."""
+    `graph_copies` is the job's objective's memory term. Returns the best failing layout when
+    nothing fits (`fits` False)."""
     shape = job_shape(spec)
     r = spec.rollout
     gpu_bytes = int(gpu_memory_gb * GB)
@@ -356,22 +372,26 @@ def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) 
             if chunk == "auto":
                 worker = rollout_memory(shape, batch=1, **rollout_args).total if n_roll == 0 else 0
                 chunk = largest_mc_chunk(spec, shape, budget - worker, gpus=n_learn,
-                                         checkpointing=checkpointing, prompt_len=prompt_len)
-            learner = job_learner_memory(spec, shape, n_learn, checkpointing, prompt_len, mc_chunk=chunk)
+                                         checkpointing=checkpointing, prompt_len=prompt_len,
+                                         graph_copies=graph_copies)
+            learner = job_learner_memory(spec, shape, n_learn, checkpointing, prompt_len, mc_chunk=chunk,
+                                         graph_copies=graph_copies)
             room = budget - learner.total if n_roll == 0 else budget
             batch = min(r.batch_size, largest_batch(shape, room, **rollout_args))
             rollout = rollout_memory(shape, batch=max(batch, 1), **rollout_args)
-            p = Plan(gpus, gpu_bytes, n_learn, n_roll, checkpointing, learner, rollout, batch, n_roll == 0, chunk)
+            p = Plan(gpus, gpu_bytes, n_learn, n_roll, checkpointing, learner, rollout, batch, n_roll == 0, chunk,
+                     graph_copies(spec.train.n_mc, chunk))
             if p.fits:
                 return p
             candidates.append(p)
     return min(candidates, key=lambda p: p.learner.total + p.rollout.total)
 
 
-def min_gpus_to_fit(spec: JobSpec, gpu_memory_gb: float, prompt_len: int = 256, limit: int = 64) -> int | None:
+def min_gpus_to_fit(spec: JobSpec, gpu_memory_gb: float, prompt_len: int = 256, limit: int = 64, *,
+                    graph_copies: GraphCopies) -> int | None:
     """The fewest GPUs of this size on which `plan` finds a layout (None if more than `limit`)."""
     for g in range(1, limit + 1):
-        if plan(spec, g, gpu_memory_gb, prompt_len).fits:
+        if plan(spec, g, gpu_memory_gb, prompt_len, graph_copies=graph_copies).fits:
             return g
     return None
 
@@ -395,8 +415,8 @@ def describe(p: Plan, spec: JobSpec) -> str:
         f"  grads      {_gb(lm.grads)}",
         f"  optimizer  {_gb(lm.optimizer)}",
         f"  gathered   {_gb(lm.gathered)}   (compute-dtype copies)",
-        f"  activations{_gb(lm.activations)}   (micro_batch x mc_chunk rows, mc_chunk {p.mc_chunk}"
-        f"{' picked by auto' if spec.train.mc_chunk == 'auto' else ''})",
+        f"  activations{_gb(lm.activations)}   (micro_batch x {p.graph_copies} MC copies alive per row, "
+        f"mc_chunk {p.mc_chunk}{' picked by auto' if spec.train.mc_chunk == 'auto' else ''})",
         f"  logits     {_gb(lm.logits)}",
         f"  total      {_gb(lm.total)} per GPU",
         f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), batch {p.rollout_batch}"
@@ -421,20 +441,21 @@ def describe(p: Plan, spec: JobSpec) -> str:
     return "\n".join(lines)
 
 
-def alternatives(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256) -> list[str]:
+def alternatives(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256, *,
+                 graph_copies: GraphCopies) -> list[str]:
     """What would fit instead, when `plan` finds nothing: LoRA on these GPUs, or more GPUs."""
     out = []
     if spec.model.lora is None:
         lora = spec.model_copy(update={"model": spec.model.model_copy(
             update={"lora": LoraSpec(), "dtype": "bfloat16"})})
-        p = plan(lora, gpus, gpu_memory_gb, prompt_len)
+        p = plan(lora, gpus, gpu_memory_gb, prompt_len, graph_copies=graph_copies)
         verdict = "fits" if p.fits else "does not fit either"
         out.append(f"LoRA r={lora.model.lora.r} over a bfloat16 base (model.lora, model.dtype = 'bfloat16') "
                    f"{verdict} on {gpus} x {gpu_memory_gb:g} GB: learner {p.learner.total / GB:.1f} GB, "
                    f"rollout {p.rollout.total / GB:.1f} GB at batch {p.rollout_batch}")
-    need = min_gpus_to_fit(spec, gpu_memory_gb, prompt_len)
+    need = min_gpus_to_fit(spec, gpu_memory_gb, prompt_len, graph_copies=graph_copies)
     if need is not None:
-        p = plan(spec, need, gpu_memory_gb, prompt_len)
+        p = plan(spec, need, gpu_memory_gb, prompt_len, graph_copies=graph_copies)
         out.append(f"this spec fits on {need} x {gpu_memory_gb:g} GB GPUs: {p.learner_gpus} learner "
                    f"(sharded, {p.learner.total / GB:.1f} GB each) + {p.rollout_gpus} rollout")
     return out

@@ -1,6 +1,7 @@
 """Policy-gradient losses for masked diffusion LMs: BGPO, the naive ELBO ratio, diffu-GRPO.
 
-Pure functions: tensors and numbers in, a scalar loss out. Advantages are per completion.
+Pure functions: tensors and numbers in, a scalar loss out. Advantages are per completion
+(dlrl.batch.group_advantages); each objective's use of its loss is in learner/objectives/.
 Notation of BGPO (arXiv 2510.11683, Sec. 3): for MC sample j of completion i, with the SAME mask
 under both policies, d_ij = l_theta^(j) - l_old^(j) (ELBO terms, `dlrl.diffusion.elbo_term`).
 
@@ -17,19 +18,6 @@ as the memory baseline ("VRPO-OL" in the paper).
 from __future__ import annotations
 
 import torch
-
-
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages A = (r - mean) / (std + eps) within each group; rewards (..., G).
-
-    The population std (correction 0) is used so a group of one is defined; an all-equal group
-    gives exactly zero (no learning signal, no rounding noise), never NaN.
-    """
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, correction=0, keepdim=True)
-    spread = rewards.amax(-1, keepdim=True) - rewards.amin(-1, keepdim=True)
-    adv = (rewards - mean) / (std + eps)
-    return torch.where(spread == 0, torch.zeros_like(adv), adv)
 
 
 def bgpo_ratio(d: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -85,17 +73,20 @@ def diffu_grpo_loss(
     logp_old: torch.Tensor,
     advantages: torch.Tensor,
     valid: torch.Tensor,
-    clip_eps: float = 0.2,
+    clip_eps: float | None = 0.2,
 ) -> torch.Tensor:
     """diffu-GRPO (d1, arXiv 2504.12216, Eq. 4): token-level clipped ratio on one-step log-probs.
 
     logp, logp_old: (B, L) per-token log-probabilities from `one_step_input` forwards;
     valid: (B, L) bool, tokens that count (the response up to and including its first EOS).
     Per sequence the clipped surrogate is averaged over its valid tokens, then over sequences.
+    clip_eps None: no clip, the surrogate is ratio * A (as in `bgpo_loss`).
     """
     ratio = torch.exp(logp - logp_old.detach())
     adv = advantages.unsqueeze(-1)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    surrogate = ratio * adv
+    if clip_eps is not None:
+        surrogate = torch.minimum(surrogate, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
     valid = valid.to(surrogate.dtype)
     per_seq = (surrogate * valid).sum(-1) / valid.sum(-1).clamp(min=1.0)
     return -per_seq.mean()

@@ -11,9 +11,10 @@ LLaDA name map keep working), peft's adapters inside a block are recomputed with
 hook, outside the recomputed region, and again before the block's backward).
 
 The chunk: every chunk size gives BGPO the same gradient (the bound's loss is a sum over MC
-samples, each chunk backwarded on its own: learner.step), so "auto" only trades memory for fewer,
-larger passes; `resolve_mc_chunk` picks the largest chunk whose step fits the device's free memory,
-by dlrl.footprint's formulas.
+samples, each chunk backwarded on its own: learner/objectives/bgpo.py), so "auto" only trades
+memory for fewer, larger passes; `resolve_mc_chunk` picks the largest chunk whose step fits the
+device's free memory, by dlrl.footprint's formulas and the objective's memory term (the naive ELBO
+ratio keeps all n_mc graphs alive whatever the chunk, so its step fits at every chunk or none).
 
     python bench/activation_memory.py    # measures what checkpointing saves on the CPU
 """
@@ -30,6 +31,7 @@ from torch.distributed._composable.contract import _get_registry
 from dlrl import footprint
 from dlrl.config import JobSpec
 from dlrl.models.blocks import transformer_blocks
+from learner.objectives import objective_for
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,8 @@ def resolve_mc_chunk(
 
     Called after the weights are loaded, so `free_bytes` (default: measured on `device`) no
     longer includes them; what the step still allocates (gradients, AdamW's moments, autocast's
-    weight copies, and the chunk's activations and logits: footprint.learner_memory) must fit in
-    FREE_FRACTION of it. `shape` defaults to the spec's model config; `gpus` is the learner
+    weight copies, and the activations and logits of the MC copies the objective keeps alive at
+    that chunk: footprint.learner_memory, Objective.graph_copies) must fit in FREE_FRACTION of it. `shape` defaults to the spec's model config; `gpus` is the learner
     group's size (states sharded 1/gpus each).
     """
     chunk = spec.train.mc_chunk
@@ -96,9 +98,11 @@ def resolve_mc_chunk(
     shape = shape or footprint.job_shape(spec)
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     checkpointing = spec.train.activation_checkpointing
-    resident = footprint.job_learner_memory(spec, shape, gpus, checkpointing, prompt_len, mc_chunk=1).weights
+    copies = objective_for(spec.train).graph_copies  # the objective's memory term
+    resident = footprint.job_learner_memory(spec, shape, gpus, checkpointing, prompt_len, mc_chunk=1,
+                                            graph_copies=copies).weights
     return footprint.largest_mc_chunk(spec, shape, int(FREE_FRACTION * free) + resident, gpus=gpus,
-                                      checkpointing=checkpointing, prompt_len=prompt_len)
+                                      checkpointing=checkpointing, prompt_len=prompt_len, graph_copies=copies)
 
 
 def prepare_memory(model: nn.Module, spec: JobSpec, device: torch.device) -> JobSpec:

@@ -9,7 +9,7 @@ are blocks).
 
 Mixed precision here is FSDP's `MixedPrecisionPolicy`: the sharded masters stay float32 and are
 cast to bf16 once per all-gather (half the bytes on the wire), gradients are reduce-scattered in
-float32 (`reduce_dtype`) into the float32 shards. Autocast (learner.precision) still runs around
+float32 (`reduce_dtype`) into the float32 shards. Autocast (dlrl.precision) still runs around
 the forward so softmax-like ops and the ELBO sums stay in float32.
 
 The gradient of a rank is the sum of its rows' shares of the *global* batch loss (learner.step
@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dlrl.models.blocks import transformer_blocks
+from dlrl.precision import autocast_dtype
 from dlrl.weights.update import materialize
-from learner.precision import autocast_dtype
 
 GROUP_TIMEOUT_S = 1800.0
 """Longest a collective waits for a peer (a dead rank fails the others after this at worst; the

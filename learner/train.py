@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlrl.batch import collate_for
 from dlrl.config import JobSpec
 from dlrl.models import load_model, load_trainable, save_checkpoint, special_ids
 from dlrl.queue import Delivery, TrajectoryQueue, open_queue
@@ -42,12 +43,11 @@ from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
 from learner import sharded_state, sharding
-from learner.batch import collate_for
 from learner.memory import prepare_memory
+from learner.objectives import behaviour_pass
 from learner.schedule import lr_factor
 from learner.sharding import Rank
 from learner.step import train_step
-from rollout.behaviour import ships_behaviour_elbo
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
@@ -155,7 +155,7 @@ class Learner:
         t = self.spec.train
         batch = collate_for(groups, t, self.ids).to(self.device)
         old, behaviour = None, {}
-        if ships_behaviour_elbo(self.spec):
+        if behaviour_pass(self.spec) is not None:  # what the driver told the workers to ship
             shipped = [g.behaviour_elbo for g in groups]
             missing = sum(e is None or e.shape != (g.size, t.n_mc) for g, e in zip(groups, shipped))
             if not missing:  # the dtype old_policy_terms gives: float32, float64 for a float64 model

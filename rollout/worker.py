@@ -24,6 +24,7 @@ import torch
 
 from dlrl.config import JobSpec
 from dlrl.diffusion import mix_seed
+from dlrl.elbo_terms import ElboPass
 from dlrl.eval_protocol import EvalProtocol, load_examples
 from dlrl.models import load_model, special_ids
 from dlrl.queue import open_queue
@@ -32,7 +33,7 @@ from dlrl.runtime import pick_device, set_threads
 from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
-from rollout.behaviour import ships_behaviour_elbo, with_behaviour_elbo
+from rollout.behaviour import with_behaviour_elbo
 from rollout.completion import decode_completion, encode_prompt, evaluate, sample_completions, score
 from rollout.engines import check_decoding, make_engine
 from rollout.evaluation import evaluate_model, resolve_task, run_metrics
@@ -47,9 +48,13 @@ EVAL_SEED = 1234
 
 
 class RolloutWorker:
-    def __init__(self, spec: JobSpec, index: int = 0, num_workers: int = 1, run_id: str | None = None) -> None:
+    def __init__(self, spec: JobSpec, index: int = 0, num_workers: int = 1, run_id: str | None = None,
+                 behaviour: ElboPass | None = None) -> None:
+        """`behaviour`: the ELBO pass that measures each group's behaviour terms before it ships
+        (rollout/behaviour.py), as the driver resolved it (learner.objectives.behaviour_pass);
+        None ships none."""
         set_threads(spec.runtime.threads)
-        self.spec, self.index = spec, index
+        self.spec, self.index, self.behaviour = spec, index, behaviour
         self.run_id = run_id or spec.name
         self.queue = None  # opened on first use: the queue client is per process, never shipped
         self.device = pick_device(spec.runtime.device)
@@ -108,9 +113,9 @@ class RolloutWorker:
     def rollout(self, n_groups: int, batch: int) -> list[TrajectoryGroup]:
         """Sample G completions for each of the n_groups prompts of rollout batch `batch`, score them.
 
-        With max_staleness >= 1 (BGPO, naive ELBO) each group also carries the ELBO terms l_old of
-        the weights that generated it (rollout/behaviour.py), so the learner measures d against
-        the behaviour policy however far its own weights have moved since."""
+        Given a behaviour pass (max_staleness >= 1 with BGPO or naive ELBO) each group also carries
+        the ELBO terms l_old of the weights that generated it (rollout/behaviour.py), so the learner
+        measures d against the behaviour policy however far its own weights have moved since."""
         examples = self.examples(batch, n_groups)
         generator = torch.Generator(device=self.device).manual_seed(
             mix_seed(self.spec.train.seed, self.index, batch, 0x5A))
@@ -140,8 +145,8 @@ class RolloutWorker:
                 unmask_steps=steps[rows],
                 timings={"generate": t_gen / len(examples), "reward": time.perf_counter() - t1},
             ))
-        if ships_behaviour_elbo(self.spec):
-            groups = with_behaviour_elbo(self.model, groups, self.spec.train, self.ids, self.device)
+        if self.behaviour is not None:
+            groups = with_behaviour_elbo(self.model, groups, self.spec.train, self.behaviour, self.ids, self.device)
         return groups
 
     def sync_weights(self, handle: WeightHandle | None) -> dict[str, float]:

@@ -260,12 +260,14 @@ def _read_spec(args: argparse.Namespace) -> JobSpec | int:
 def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
     """Print the memory plan; exit 1, with what would fit instead, when no layout fits."""
     from dlrl import footprint
+    from learner.objectives import objective_for
 
     if args.gpus < 1 or args.gpu_memory <= 0 or args.prompt_length < 1:
         print("dlrl plan: --gpus, --gpu-memory and --prompt-length must be positive", file=sys.stderr)
         return 2
     try:
-        plan = footprint.plan(spec, args.gpus, args.gpu_memory, args.prompt_length)
+        copies = objective_for(spec.train).graph_copies  # the objective's memory term
+        plan = footprint.plan(spec, args.gpus, args.gpu_memory, args.prompt_length, graph_copies=copies)
     except FileNotFoundError as exc:
         print(f"dlrl plan: {exc}", file=sys.stderr)
         return 2
@@ -275,7 +277,7 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
         return 0
     print(f"does not fit: this job needs more than {args.gpus} x {args.gpu_memory:g} GB "
           f"(the closest layout above). What would fit instead:")
-    instead = footprint.alternatives(spec, args.gpus, args.gpu_memory, args.prompt_length)
+    instead = footprint.alternatives(spec, args.gpus, args.gpu_memory, args.prompt_length, graph_copies=copies)
     for line in instead or ["nothing up to 64 GPUs of this size"]:
         print(f"  - {line}")
     return 1

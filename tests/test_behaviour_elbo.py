@@ -1,7 +1,8 @@
 """Off-policy BGPO: a stale group's d is measured against the weights that generated it.
 
-The rollout worker ships l_old (rollout/behaviour.py) in asynchronous runs; the learner trains
-against it. Real tiny models and the real worker and learner classes (no Ray, no queue).
+The rollout worker ships l_old (rollout/behaviour.py) in asynchronous runs, with the ELBO pass the
+job driver hands it (learner.objectives.behaviour_pass); the learner trains against it. Real tiny
+models and the real worker and learner classes (no Ray, no queue).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from dlrl.batch import collate, collate_for
 from dlrl.config import JobSpec, TrainSpec
+from dlrl.elbo_terms import ElboPass
 from dlrl.models import build_tiny, special_ids
 from dlrl.trajectory import MAX_MC, TrajectoryGroup, WireError
-from learner.batch import collate, collate_for
+from learner.objectives import behaviour_pass
 from learner.step import old_policy_terms, train_step
 from learner.train import Learner
 from rollout.behaviour import behaviour_terms
@@ -35,6 +38,11 @@ def job(max_staleness: int, **train) -> JobSpec:
     })
 
 
+def worker(spec: JobSpec) -> RolloutWorker:
+    """A rollout worker as the job driver makes it: told the behaviour pass of the job."""
+    return RolloutWorker(spec, behaviour=behaviour_pass(spec))
+
+
 def without_behaviour(groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
     return [dataclasses.replace(g, behaviour_elbo=None) for g in groups]
 
@@ -44,8 +52,8 @@ def without_behaviour(groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
 
 def test_a_stale_groups_first_update_sees_and_clips_its_staleness():
     spec = job(1, clip_eps=1e-4)
-    worker = RolloutWorker(spec)
-    on_policy, stale = worker.rollout(3, batch=0), worker.rollout(3, batch=1)  # both by version 0
+    w = worker(spec)
+    on_policy, stale = w.rollout(3, batch=0), w.rollout(3, batch=1)  # both by version 0
     assert all(g.behaviour_elbo is not None and g.behaviour_elbo.shape == (4, 4) for g in on_policy + stale)
 
     shipped, own = Learner(spec), Learner(spec)  # same seed, same weights
@@ -76,7 +84,7 @@ def test_a_stale_groups_first_update_sees_and_clips_its_staleness():
 
 def test_one_group_without_behaviour_terms_falls_back_for_the_batch():
     spec = job(1)
-    groups = RolloutWorker(spec).rollout(3, batch=0)
+    groups = worker(spec).rollout(3, batch=0)
     mixed = groups[:2] + without_behaviour(groups[2:])
     m = Learner(spec).step(mixed)
     assert m["behaviour_elbo_missing"] == 1 and m["d_abs_first"] == 0.0
@@ -101,7 +109,7 @@ def test_b_on_policy_worker_terms_equal_the_learners_across_prompt_lengths(coupl
     ids = special_ids(model, tok)
     spec = TrainSpec(n_mc=6, mc_chunk=4, micro_batch=5, mask_coupling=coupling)
     groups = _groups(len(tok), [7, 5, 7, 11])  # the worker batches by length: order must come back
-    shipped = behaviour_terms(model, groups, spec, ids, "cpu")
+    shipped = behaviour_terms(model, groups, spec, ElboPass.of(spec), ids, "cpu")
     assert [s.shape for s in shipped] == [(3, 6)] * 4 and all(s.dtype == np.float64 for s in shipped)
     batch = collate_for(groups, spec, ids)  # padded to 11: rows of shorter prompts are left-padded
     learner = old_policy_terms(model, batch, spec, ids.mask_id)
@@ -117,7 +125,8 @@ def test_b_on_policy_worker_terms_equal_the_learners_across_prompt_lengths(coupl
 @pytest.mark.parametrize("staleness, algorithm", [(0, "bgpo"), (0, "naive_elbo"), (1, "diffu_grpo")])
 def test_c_sync_and_diffu_grpo_ship_nothing_and_step_as_before(staleness, algorithm):
     spec = job(staleness, algorithm=algorithm)
-    groups = RolloutWorker(spec).rollout(3, batch=0)
+    assert behaviour_pass(spec) is None
+    groups = worker(spec).rollout(3, batch=0)
     assert all(g.behaviour_elbo is None and "behaviour_elbo" not in g.timings for g in groups)
     assert all("behaviour_elbo" not in parts(g)[0]["arrays"] for g in groups)
 
@@ -132,6 +141,25 @@ def test_c_sync_and_diffu_grpo_ship_nothing_and_step_as_before(staleness, algori
     assert (m["loss"], m["d_abs"], m["grad_norm"]) == (ref["loss"], ref["d_abs"], ref["grad_norm"])
     for (name, p), q in zip(learner.model.named_parameters(), before.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_auto_chunk_with_staleness_ships_terms_measured_with_a_number():
+    """Regression: train.mc_chunk = "auto" with max_staleness >= 1 crashed the worker on rollout
+    batch 0 (TypeError: 'str' object cannot be interpreted as an integer): the worker handed its
+    unresolved "auto" to the ELBO pass's chunking. The driver now resolves it for the worker."""
+    spec = job(1, mc_chunk="auto")
+    p = behaviour_pass(spec)
+    assert isinstance(p.mc_chunk, int) and 1 <= p.mc_chunk <= spec.train.n_mc
+    w = worker(spec)
+    groups = w.rollout(3, batch=0)
+    assert all(g.behaviour_elbo.shape == (4, 4) for g in groups)
+    # the chunk is memory, not arithmetic: the terms are those of a pass of any chunk
+    for chunk in (1, 4):
+        again = behaviour_terms(w.model, groups, spec.train, ElboPass.of(spec.train, chunk), w.ids, "cpu")
+        for g, terms in zip(groups, again):
+            np.testing.assert_allclose(g.behaviour_elbo, terms, rtol=0, atol=1e-5)
+    m = Learner(spec).step(groups)  # the learner resolves its own "auto" and trains against them
+    assert m["behaviour_elbo_missing"] == 0 and m["d_abs_first"] < 1e-5
 
 
 def test_c_passing_the_learners_own_terms_is_bit_identical():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from dlrl.batch import collate
 from dlrl.config import TrainSpec
 from dlrl.trajectory import TrajectoryGroup
-from learner.batch import collate
 from learner.losses import bgpo_loss, naive_elbo_ratio_loss
 from learner.step import accumulate_gradients, old_policy_terms
 

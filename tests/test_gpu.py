@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dlrl.batch import collate
 from dlrl.config import TrainSpec
 from dlrl.models import build_tiny
 from dlrl.trajectory import TrajectoryGroup
-from learner.batch import collate
 from learner.step import accumulate_gradients, old_policy_terms, train_step
 
 pytestmark = pytest.mark.gpu

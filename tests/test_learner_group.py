@@ -25,12 +25,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dlrl.batch import collate
 from dlrl.config import LoraSpec, TrainSpec
 from dlrl.models import build_tiny
 from dlrl.models.lora import apply_lora
 from dlrl.trajectory import TrajectoryGroup
 from learner import sharding
-from learner.batch import collate
 from learner.sharding import Rank
 from learner.step import train_step
 

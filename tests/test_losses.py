@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dlrl import diffusion
-from learner.losses import bgpo_loss, diffu_grpo_loss, group_advantages, naive_elbo_ratio_loss
+from dlrl.batch import group_advantages
+from learner.losses import bgpo_loss, diffu_grpo_loss, naive_elbo_ratio_loss
 
 
 def t(*v):
@@ -69,6 +70,9 @@ def test_diffu_grpo_hand_value():
     ratio = [1.0, math.exp(0.5)]
     expected = -(ratio[0] * 1.0 + min(ratio[1], 1.2) * 1.0) / 2
     assert diffu_grpo_loss(logp, old, t(1.0), valid).item() == pytest.approx(expected)
+    # clip_eps None: no clip, the second token keeps its whole ratio exp(0.5)
+    unclipped = -(ratio[0] + ratio[1]) / 2
+    assert diffu_grpo_loss(logp, old, t(1.0), valid, clip_eps=None).item() == pytest.approx(unclipped)
 
 
 def test_elbo_term_hand_value():

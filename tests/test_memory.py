@@ -12,12 +12,17 @@ import pytest
 import torch
 
 from dlrl import footprint as fp
+from dlrl.batch import collate
 from dlrl.config import JobSpec, LoraSpec, TrainSpec
 from dlrl.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, build_tiny
 from dlrl.models.lora import apply_lora
 from dlrl.trajectory import TrajectoryGroup
-from learner.batch import collate
-from learner.memory import apply_activation_checkpointing, prepare_memory, resolve_mc_chunk
+from learner.memory import (
+    apply_activation_checkpointing,
+    prepare_memory,
+    resolve_mc_chunk,
+)
+from learner.objectives import OBJECTIVES
 from learner.step import accumulate_gradients, old_policy_terms
 
 MASK, PAD, EOS = 99, 0, 1
@@ -50,7 +55,7 @@ def _saved_tensors(model: torch.nn.Module, batch) -> int:
         count += 1
         return t
 
-    from learner.step import elbo_chunk
+    from dlrl.elbo_terms import elbo_chunk
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         elbo_chunk(model, batch, slice(0, 2), MASK, "token")
     return count
@@ -157,13 +162,19 @@ def test_auto_chunk_grows_with_memory_and_stays_in_range():
     shape = fp.job_shape(spec)
 
     def need(chunk):  # what the step still allocates once the weights are loaded
-        m = fp.job_learner_memory(spec, shape, 1, False, 256, mc_chunk=chunk)
+        m = fp.job_learner_memory(spec, shape, 1, False, 256, mc_chunk=chunk,
+                                  graph_copies=OBJECTIVES["bgpo"].graph_copies)
         return m.total - m.weights
 
     assert 1 < c < 16 and need(c) <= 0.8 * free < need(c + 1)
     # checkpointing frees activations, so a larger chunk fits the same memory
     assert resolve_mc_chunk(_job(mc_chunk="auto", activation_checkpointing=True), cpu, free_bytes=free) > c
     assert resolve_mc_chunk(_job(mc_chunk=3), cpu, free_bytes=1) == 3  # a number is kept as it is
+    # The naive ELBO ratio keeps all 16 MC graphs alive at any chunk: where BGPO fits c < 16 per
+    # chunk, the naive step fits at none (1, the floor), and with room for 16 copies it takes 16.
+    naive = _job(mc_chunk="auto", algorithm="naive_elbo")
+    assert resolve_mc_chunk(naive, cpu, free_bytes=free) == 1
+    assert resolve_mc_chunk(naive, cpu, free_bytes=1000 * 10**9) == 16
 
 
 def test_prepare_memory_gives_the_step_a_number():

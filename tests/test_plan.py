@@ -11,10 +11,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dlrl import footprint as fp
+from dlrl.batch import collate
 from dlrl.config import JobSpec, LoraSpec
 from dlrl.models import load_model
 from dlrl.trajectory import TrajectoryGroup
-from learner.batch import collate
+from learner.objectives import OBJECTIVES, objective_for
 from learner.step import train_step
 from services.cli import main
 
@@ -57,13 +58,17 @@ def _groups(vocab: int, prompt: int, length: int, n: int = 2, g: int = 4) -> lis
     ]
 
 
-@pytest.mark.parametrize("compute", ["auto", "bfloat16"])
-def test_plan_for_the_tiny_model_is_within_25_percent_of_a_measured_step(compute):
+@pytest.mark.parametrize("compute, algorithm, chunk", [
+    ("auto", "bgpo", 2), ("bfloat16", "bgpo", 2),
+    ("auto", "naive_elbo", 1),  # all 4 MC graphs alive whatever the chunk: sized as 4, not 1
+    ("auto", "diffu_grpo", 2),  # one pass, no MC copies: sized as 1
+])
+def test_plan_for_the_tiny_model_is_within_25_percent_of_a_measured_step(compute, algorithm, chunk):
     prompt, length = 24, 64
     spec = JobSpec.model_validate({
         "runtime": {"device": "cpu"},
         "rollout": {"prompts_per_step": 2, "group_size": 4, "gen_length": length, "block_length": 32, "steps": 64},
-        "train": {"n_mc": 4, "mc_chunk": 2, "micro_batch": 8, "compute_dtype": compute},
+        "train": {"n_mc": 4, "mc_chunk": chunk, "micro_batch": 8, "compute_dtype": compute, "algorithm": algorithm},
     })
     model, tok = load_model(spec.model.path, dtype=spec.model.dtype)
     vocab = model.get_input_embeddings().num_embeddings
@@ -79,8 +84,9 @@ def test_plan_for_the_tiny_model_is_within_25_percent_of_a_measured_step(compute
     baseline = (_tensor_bytes(model.parameters())
                 + _tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)))
     measured = baseline + measured_peak_bytes(step)
-    planned = fp.job_learner_memory(spec, fp.job_shape(spec), gpus=1, checkpointing=False, prompt_len=prompt)
-    print(f"tiny learner step, compute {compute}: planned {planned.total / 1e6:.1f} MB "
+    planned = fp.job_learner_memory(spec, fp.job_shape(spec), gpus=1, checkpointing=False, prompt_len=prompt,
+                                    graph_copies=objective_for(t).graph_copies)
+    print(f"tiny learner step, {algorithm}, compute {compute}: planned {planned.total / 1e6:.1f} MB "
           f"(activations {planned.activations / 1e6:.1f}), measured peak {measured / 1e6:.1f} MB")
     assert abs(planned.total - measured) <= 0.25 * measured
 
@@ -150,7 +156,7 @@ def test_paper_spec_on_8_x_80_gb_fits(capsys):
     out = capsys.readouterr().out
     assert "fits" in out.splitlines()[-1] and "8.02 B params" in out
     spec = JobSpec.from_toml(PAPER)
-    plan = fp.plan(spec, 8, 80)
+    plan = fp.plan(spec, 8, 80, graph_copies=OBJECTIVES["bgpo"].graph_copies)
     assert plan.fits and plan.learner_gpus + plan.rollout_gpus == 8
     assert plan.rollout_batch == spec.rollout.batch_size  # the shipped batch fits as it is
     assert f"{plan.learner.total / 1e9:.1f} GB per GPU" in out
@@ -175,8 +181,29 @@ def test_plan_reports_what_auto_picks(capsys):
     out = capsys.readouterr().out
     paper = JobSpec.from_toml(PAPER)
     spec = paper.model_copy(update={"train": paper.train.model_copy(update={"mc_chunk": "auto"})})
-    plan = fp.plan(spec, 8, 80)
+    bgpo = OBJECTIVES["bgpo"].graph_copies
+    plan = fp.plan(spec, 8, 80, graph_copies=bgpo)
     assert plan.fits and 1 <= plan.mc_chunk <= 16
     assert f"train.mc_chunk = 'auto' picks {plan.mc_chunk} of n_mc 16 on 80 GB" in out
-    bigger = fp.plan(spec, 8, 141)  # an H200 fits a larger chunk
+    bigger = fp.plan(spec, 8, 141, graph_copies=bgpo)  # an H200 fits a larger chunk
     assert bigger.mc_chunk > plan.mc_chunk
+
+
+def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
+    """The naive ratio keeps all n_mc MC graphs alive until its one backward, whatever mc_chunk:
+    its plan holds n_mc copies' activations and logits, 16x BGPO's at chunk 1 in the paper spec."""
+    paper = JobSpec.from_toml(PAPER)
+    naive = paper.model_copy(update={"train": paper.train.model_copy(update={"algorithm": "naive_elbo"})})
+    shape = fp.job_shape(paper)
+    kw = {"gpus": 4, "checkpointing": True, "prompt_len": 256, "mc_chunk": 1}
+    b = fp.job_learner_memory(paper, shape, graph_copies=OBJECTIVES["bgpo"].graph_copies, **kw)
+    n = fp.job_learner_memory(naive, shape, graph_copies=OBJECTIVES["naive_elbo"].graph_copies, **kw)
+    assert (n.activations, n.logits) == (16 * b.activations, 16 * b.logits)
+    assert (n.weights, n.grads, n.optimizer) == (b.weights, b.grads, b.optimizer)
+    # The command reads the objective: on 8 x 80 GB BGPO needs no activation checkpointing (the
+    # layout a plan sized as BGPO gave the naive ratio before), the naive ratio does.
+    assert main(["plan", str(PAPER), "--gpus", "8", "--gpu-memory", "80",
+                 "--set", "train.algorithm=naive_elbo"]) == 0
+    out = capsys.readouterr().out
+    assert "micro_batch x 16 MC copies alive per row" in out and "set train.activation_checkpointing = true" in out
+    assert not fp.plan(paper, 8, 80, graph_copies=OBJECTIVES["bgpo"].graph_copies).checkpointing

@@ -8,11 +8,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from dlrl.batch import collate
 from dlrl.config import JobSpec, LoraSpec, TrainSpec
 from dlrl.models import load_model
+from dlrl.precision import autocast, autocast_dtype, low_precision_masters
 from dlrl.trajectory import TrajectoryGroup
-from learner.batch import collate
-from learner.precision import autocast, autocast_dtype, low_precision_masters
 from learner.step import train_step
 
 LR = 5e-7

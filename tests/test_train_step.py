@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dlrl.batch import collate
 from dlrl.config import TrainSpec
 from dlrl.models import build_tiny
 from dlrl.trajectory import TrajectoryGroup
-from learner.batch import collate
 from learner.sft import sft_loss
 from learner.step import train_step
 

@@ -52,6 +52,7 @@ from ray.util.placement_group import PlacementGroup
 from dlrl.config import JobSpec
 from dlrl.queue import open_queue
 from dlrl.weights import WeightHandle, WeightPublisher
+from learner.objectives import behaviour_pass
 from learner.train import read_state
 from rollout.worker import RolloutWorker
 from services.driver.periodic_eval import PeriodicEval, clear_outputs
@@ -108,11 +109,12 @@ class Run:
         self.placement, self.pg = placement, pg
         n = spec.rollout.num_workers
         restarts = spec.runtime.max_restarts
+        behaviour = behaviour_pass(spec)  # the ELBO pass each worker ships l_old with, or None
         self.workers = [
             ray.remote(RolloutWorker).options(
                 name=f"dlrl:{run_id}:worker:{i}", namespace=NAMESPACE,
                 max_restarts=restarts, max_task_retries=restarts, **actor_options(placement, pg, worker_bundle(placement, i)),
-            ).remote(spec, i, n, run_id)
+            ).remote(spec, i, n, run_id, behaviour)
             for i in range(n)
         ]
         self.shares = split(spec.rollout.prompts_per_step, n)

@@ -13,6 +13,9 @@ Spelled in the spec as `model.dtype` (the masters) and `train.compute_dtype` (wh
 computes in). Full fine-tuning with bf16/fp16 masters is refused when the spec is validated
 (dlrl.config); LoRA over a bf16 base is fine, since peft keeps the adapters (the only trainable,
 optimizer-updated weights) in float32 (`autocast_adapter_dtype=True`, its default).
+
+In the core because the ELBO terms (dlrl.elbo_terms) run under this autocast in both places that
+measure them: the learner and a rollout worker's behaviour-policy pass.
 """
 
 from __future__ import annotations

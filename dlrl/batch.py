@@ -1,4 +1,8 @@
-"""Turn trajectory groups into one padded learner batch with advantages and MC masks."""
+"""Turn trajectory groups into one padded batch with advantages and MC masks.
+
+Core, not the learner's: the learner trains on this batch and a rollout worker measures the
+behaviour policy's ELBO terms on it (dlrl.elbo_terms), so both build it with `collate_for` and
+their MC masks, weights and padding agree by construction."""
 
 from __future__ import annotations
 
@@ -10,7 +14,19 @@ from dlrl import diffusion
 from dlrl.config import TrainSpec
 from dlrl.models import SpecialIds
 from dlrl.trajectory import TrajectoryGroup
-from learner.losses import group_advantages
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages A = (r - mean) / (std + eps) within each group; rewards (..., G).
+
+    The population std (correction 0) is used so a group of one is defined; an all-equal group
+    gives exactly zero (no learning signal, no rounding noise), never NaN.
+    """
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, correction=0, keepdim=True)
+    spread = rewards.amax(-1, keepdim=True) - rewards.amin(-1, keepdim=True)
+    adv = (rewards - mean) / (std + eps)
+    return torch.where(spread == 0, torch.zeros_like(adv), adv)
 
 
 @dataclass
@@ -37,14 +53,14 @@ class TrainBatch:
     def size(self) -> int:
         return int(self.tokens.shape[0])
 
-    def rows(self, start: int, stop: int) -> "TrainBatch":
+    def rows(self, start: int, stop: int) -> TrainBatch:
         return TrainBatch(
             self.tokens[start:stop], self.attention[start:stop], self.prompt_len,
             self.advantages[start:stop], self.rewards[start:stop], self.masks[start:stop],
             self.weights[start:stop], self.valid[start:stop], self.seeds[start:stop],
         )
 
-    def to(self, device: torch.device | str) -> "TrainBatch":
+    def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(
             self.tokens.to(device), self.attention.to(device), self.prompt_len,
             self.advantages.to(device), self.rewards.to(device), self.masks.to(device),
@@ -107,7 +123,6 @@ def collate(
 
 def collate_for(groups: list[TrajectoryGroup], spec: TrainSpec, ids: SpecialIds) -> TrainBatch:
     """`collate` with a job's settings. The learner's batch and a rollout worker's behaviour ELBO
-    terms (rollout/behaviour.py) are both built by this call, so their MC masks, weights and
-    padding agree by construction."""
+    terms (rollout/behaviour.py) are both built by this call."""
     return collate(groups, pad_id=ids.pad_id, eos_ids=ids.eos_ids, n_mc=spec.n_mc, mask_scheme=spec.mask_scheme,
                    time_form=spec.time_form, mask_coupling=spec.mask_coupling)
