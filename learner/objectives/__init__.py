@@ -1,4 +1,4 @@
-"""The learner's objectives, one module each (base.py says what an objective provides).
+"""The learner's objectives, one module each (objective.py says what an objective provides).
 
 A new objective is a module here plus one line in OBJECTIVES (and its name in TrainSpec.algorithm,
 the spec schema's closed list, which tests/test_objectives.py keeps equal to this registry).
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dlrl.config import JobSpec, TrainSpec
 from dlrl.elbo_terms import ElboPass, rollout_pass
 from learner.objectives import bgpo, diffu_grpo, naive_elbo
-from learner.objectives.base import Objective, RatioStats
+from learner.objectives.objective import Objective, RatioStats
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     bgpo.OBJECTIVE,

@@ -10,7 +10,7 @@ from dlrl.batch import TrainBatch
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import ElboPass, elbo_chunk
 from learner.losses import bgpo_loss
-from learner.objectives.base import ElboObjective, RatioStats, pad_backward
+from learner.objectives.objective import ElboObjective, RatioStats, pad_backward
 
 
 class Bgpo(ElboObjective):

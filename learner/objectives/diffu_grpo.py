@@ -14,7 +14,7 @@ from dlrl.elbo_terms import Piece
 from dlrl.models.forward import diffusion_logits
 from dlrl.precision import autocast
 from learner.losses import diffu_grpo_loss
-from learner.objectives.base import Objective, RatioStats, pad_backward
+from learner.objectives.objective import Objective, RatioStats, pad_backward
 
 
 def _prompt_noise(batch: TrainBatch, update: int) -> torch.Tensor:

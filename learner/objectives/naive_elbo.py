@@ -11,7 +11,7 @@ from dlrl.batch import TrainBatch
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import ElboPass, piece_terms
 from learner.losses import naive_elbo_ratio_loss
-from learner.objectives.base import ElboObjective, RatioStats
+from learner.objectives.objective import ElboObjective, RatioStats
 
 
 class NaiveElbo(ElboObjective):
