@@ -32,11 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from dlrl.config import FILE_CHECKS
+from services.api.connections import GuardedH11
 from services.api.gates import BearerAuth, BodyLimit
 from services.api.jobstore import JobStore
 from services.api.launcher import RayJobs, RayUnavailable
 from services.api.routes import AdmissionError, JobsContext, health_router, jobs_router
-from services.api.settings import ApiSettings, ConfigError, is_loopback, read_token
+from services.api.settings import MIN_TOKEN_LENGTH, ApiSettings, ConfigError, is_loopback, read_token
 from services.api.views import FieldError, ValidationErrorResponse
 
 API_VERSION = "0.2.0"
@@ -152,13 +153,36 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, inse
     (`insecure_open`) and only on a loopback address."""
     import uvicorn
 
+    if settings.token is not None and len(settings.token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"the API token is {len(settings.token)} characters long; it must have at least "
+                          f"{MIN_TOKEN_LENGTH} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     if settings.token is None:
         if not insecure_open:
             raise ConfigError("no API token: set DLRL_API_TOKEN or DLRL_API_TOKEN_FILE "
                               "(or --insecure-open, on a loopback host only)")
         if not is_loopback(host):
             raise ConfigError(f"--insecure-open is allowed on a loopback host only, not {host}")
+    _open_file_room(settings.max_connections)
     app = create_app(settings)
     print(f"dlrl: job API on http://{host}:{port} (Ray {settings.ray_address}, runs in {settings.runs_dir})",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    http = GuardedH11.configured(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, http=http)
+
+
+FILES_BESIDES_CONNECTIONS = 256
+"""Open files the server needs besides its client connections (Redis, Ray, logs, the runtime)."""
+
+
+def _open_file_room(max_connections: int) -> None:
+    """Raise the soft open-file limit so `max_connections` clients cannot starve the server of
+    descriptors; refuse to start when the hard limit is too low for them."""
+    import resource
+
+    need = max_connections + FILES_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ConfigError(f"max_connections {max_connections} needs {need} open files; this process may "
+                              f"have {hard} (ulimit -n): lower max_connections or raise the limit")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
