@@ -20,6 +20,8 @@ Jobs), gates (token and body size), ratelimit, views (response bodies), checkpoi
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -31,7 +33,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from dlrl.config import FILE_CHECKS
+from dlrl.config import CHECKOUT, FILE_CHECKS
 from services.api.connections import GuardedH11
 from services.api.gates import BearerAuth, BodyLimit
 from services.api.jobstore import JobStore
@@ -60,7 +62,42 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
     return out
 
 
-def _invalid_response(errors: list[FieldError], what: str) -> JSONResponse:
+class ServerPaths:
+    """Hides the server's own folders in error replies: a caller learns from a refusal what was
+    wrong with its request, not where the server keeps its checkout, runs, data or models.
+    Every error handler passes its text through `hide` (the success bodies, e.g. a job's run_dir,
+    are what the caller asked for)."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        policy = settings.admission
+        named = [(settings.runs_dir, "<runs dir>"), (CHECKOUT, "<dlrl checkout>"), (Path.cwd(), "<server folder>"),
+                 (Path(sys.prefix), "<python>"), (Path.home(), "<home>")]
+        named += [(Path(r), "<model root>") for r in policy.model_roots]
+        if policy.data_root is not None:
+            named.append((Path(policy.data_root), "<data root>"))
+        spelled: dict[str, str] = {}
+        for folder, label in named:
+            for form in (folder.expanduser(), _resolved_or_same(folder)):
+                if len(form.parts) > 1:  # never "/" itself
+                    spelled.setdefault(str(form), label)
+        # Longest first, so a data root inside the checkout reads "<data root>", not "<dlrl checkout>/data".
+        self._pairs = sorted(spelled.items(), key=lambda kv: -len(kv[0]))
+
+    def hide(self, text: str) -> str:
+        for path, label in self._pairs:
+            text = text.replace(path, label)
+        return text
+
+
+def _resolved_or_same(folder: Path) -> Path:
+    try:
+        return folder.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return folder
+
+
+def _invalid_response(errors: list[FieldError], what: str, paths: ServerPaths) -> JSONResponse:
+    errors = [e.model_copy(update={"reason": paths.hide(e.reason)}) for e in errors]
     return JSONResponse(status_code=422, content=ValidationErrorResponse(
         detail=f"{what}: " + "; ".join(f"{e.path}: {e.reason}" for e in errors[:10]), errors=errors).model_dump())
 
@@ -104,16 +141,20 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
                               "Authenticate with `Authorization: Bearer <token>`.")
     app.state.settings, app.state.store, app.state.ray = settings, store, ray_jobs
 
+    paths = ServerPaths(settings)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _invalid_response(_field_errors(exc), "invalid request")
+        return _invalid_response(_field_errors(exc), "invalid request", paths)
 
     @app.exception_handler(AdmissionError)
     async def _refused(request: Request, exc: AdmissionError) -> JSONResponse:
-        return _invalid_response(exc.errors, "refused by the API's admission policy")
+        return _invalid_response(exc.errors, "refused by the API's admission policy", paths)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.detail, str):
+            exc.detail = paths.hide(exc.detail)
         if exc.status_code != 405:
             return await http_exception_handler(request, exc)
         # Starlette's Allow names the methods of one route; HTTP wants all the path's methods.
@@ -123,11 +164,17 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": f"job store (Redis) unavailable: {exc}"})
+        return JSONResponse(status_code=503, content={"detail": paths.hide(f"job store (Redis) unavailable: {exc}")})
 
     @app.exception_handler(RayUnavailable)
     async def _ray_down(request: Request, exc: RayUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(exc)})
+        return JSONResponse(status_code=503, content={"detail": paths.hide(str(exc))})
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client mistake: the traceback goes to the server's log (uvicorn logs the
+        # exception Starlette re-raises), the caller gets a plain 500 with no server detail.
+        return JSONResponse(status_code=500, content={"detail": "internal error (the server logged it)"})
 
     app.include_router(health_router(ctx))
     app.include_router(jobs_router(ctx))

@@ -40,6 +40,8 @@ STATES: tuple[str, ...] = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ID_PREFIX = "j-"
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600  # a retried submission is honoured for a week
+METRICS_PAGE = 500
+"""Metric records read from Redis at a time."""
 
 
 class IdempotencyConflict(Exception):
@@ -270,23 +272,33 @@ class JobStore:
             pipe.execute()
 
     def metrics(self, job_id: str, since: int | None = None, kind: str | None = None,
-                limit: int | None = None) -> list[dict[str, Any]]:
-        """The job's metric history in write order: records with step >= `since`, of `kind`."""
-        out = []
-        for line in self.r.lrange(self._metrics(job_id), 0, -1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # not ours: never let one bad entry hide the rest
-            if not isinstance(rec, dict):
-                continue
-            if kind is not None and rec.get("kind") != kind:
-                continue
-            step = rec.get("step")
-            if since is not None and not (isinstance(step, int) and step >= since):
-                continue
-            out.append(rec)
-        return out[:limit] if limit is not None else out
+                limit: int = 10_000) -> list[dict[str, Any]]:
+        """The job's metric history in write order: the first `limit` records with step >= `since`,
+        of `kind`. Read a page (METRICS_PAGE entries) at a time, stopping once `limit` records are
+        found: a long run's history is never read whole for one reply."""
+        out: list[dict[str, Any]] = []
+        start = 0
+        while len(out) < limit:
+            page = self.r.lrange(self._metrics(job_id), start, start + METRICS_PAGE - 1)
+            for line in page:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # not ours: never let one bad entry hide the rest
+                if not isinstance(rec, dict):
+                    continue
+                if kind is not None and rec.get("kind") != kind:
+                    continue
+                step = rec.get("step")
+                if since is not None and not (isinstance(step, int) and step >= since):
+                    continue
+                out.append(rec)
+                if len(out) == limit:
+                    break
+            if len(page) < METRICS_PAGE:
+                break
+            start += METRICS_PAGE
+        return out
 
 
 def new_job_id() -> str:

@@ -220,7 +220,8 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
     @api.get("/jobs/{job_id}/metrics", response_model=MetricHistory, responses={404: _ERR})
     def metrics(job_id: str, since: int | None = Query(None, ge=0, description="only records with step >= since"),
                 kind: Literal["train", "eval"] | None = Query(None),
-                limit: int = Query(10_000, ge=1, le=100_000)) -> MetricHistory:
+                limit: int = Query(10_000, ge=1, le=10_000, description="at most this many records; "
+                                                                      "page on with since")) -> MetricHistory:
         """The job's metric history: one record per learner step (kind=train) and evaluation (kind=eval)."""
         ctx.load(job_id)
         records = store.metrics(job_id, since=since, kind=kind, limit=limit)
@@ -232,17 +233,22 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "the log text (a stream with follow=true)"},
                         404: _ERR})
-    async def logs(job_id: str, tail: int = Query(200, ge=0, le=1_000_000, description="last lines (0: all)"),
+    async def logs(job_id: str, tail: int = Query(200, ge=0, le=100_000, description="last lines (0: all)"),
                    follow: bool = Query(False, description="stream the whole log until the job ends")) -> Response:
-        """The Ray Job's log: its last `tail` lines, or (follow) a stream that ends with the job."""
+        """The Ray Job's log: its last `tail` lines, or (follow) a stream that ends with the job. A
+        reply carries at most the server's max_log_bytes (the log's end, after a line saying so)."""
         job = await run_in_threadpool(ctx.load, job_id)
         if job.submission_id is None:
             return PlainTextResponse("")
         sid = job.submission_id
         if not follow:
-            text = await run_in_threadpool(ctx.ray.logs, sid)
+            cap = settings.max_log_bytes
+            text, cut = await run_in_threadpool(ctx.ray.logs, sid, tail, cap)
             lines = text.splitlines(keepends=True)
-            return PlainTextResponse("".join(lines[-tail:] if tail else lines))
+            text = "".join(lines[-tail:] if tail else lines)
+            if cut:
+                text = f"[dlrl: earlier lines left out: a reply carries the log's last {cap} bytes at most]\n" + text
+            return PlainTextResponse(text)
         await run_in_threadpool(ctx.ray.connect)  # 503 now, not a broken stream, when Ray is down
 
         async def stream() -> AsyncIterator[str]:

@@ -94,6 +94,8 @@ class ApiSettings:
     first byte on a kept-alive connection); the connection is closed past it."""
     body_timeout_s: float = 30.0
     """... and this long, once the headers are in, to send its body."""
+    max_log_bytes: int = 1024 * 1024
+    """The most of a job's log one /logs reply carries (its end; follow=true streams it all)."""
     max_connections: int = 512
     """Open connections before a new one is answered 503 and closed (the process's open-file limit
     is raised to fit them, or the server refuses to start)."""
@@ -102,7 +104,8 @@ class ApiSettings:
     ray_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_active_jobs", "rate_limit_per_minute", "submit_limit_per_minute"):
+        for name in ("max_body_bytes", "max_active_jobs", "rate_limit_per_minute", "submit_limit_per_minute",
+                     "max_log_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
