@@ -16,14 +16,17 @@ started. Its rules (services/README.md lists them too):
 - `eval.protocol` (a protocol file) lies in `data_root` or the shipped deploy/eval/, and so do
   the eval data file it pins and any file its task options name;
 - models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
-  an adapter folder's base model obeys the same rule. Jobs load no remote code unless the operator
-  allows it: `trust_remote_code=true` in a spec is refused (the default is false);
+  an adapter folder's base model obeys the same rule, and so does its base if that is an adapter
+  again, to the end of the chain. Jobs load no remote code unless the operator allows it:
+  `trust_remote_code=true` in a spec is refused (the default is false);
+- every path is resolved once (`resolve`): the rules judge the resolved path and the admitted spec
+  carries it, so the job opens what was checked; a path that cannot be resolved is a refusal;
 - `queue.redis_url` and `runtime.ray_address` are the server's: a spec that sets them is refused
   (the job gets the server's Redis in its environment and joins the server's Ray cluster);
 - every size field is at most the server's limit (`limits`, stricter than JobSpec's bounds).
 
-The per-job wall-clock limit (`max_job_seconds`) is enforced by the launcher, the active-job and
-rate limits by the routes.
+The per-job wall-clock limit (`max_job_seconds`) is enforced by the launcher, the active-job
+limit by the job store (atomically, with the new record), the rates by the routes.
 """
 
 from __future__ import annotations

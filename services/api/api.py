@@ -12,10 +12,13 @@ job states are read back from Ray, so a restarted API reports the same jobs.
 Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (`services.api.gates`). A
 client mistake is never a 500: bad specs and refused ones are 422 with the field path and reason,
 oversized bodies 413, unknown jobs 404, stopping a finished job 409, limits 429, Redis or Ray
-unreachable 503.
+unreachable 503; no error reply shows the server's folders (`ServerPaths`). The server closes
+connections that send their headers or body too slowly and caps how many are open
+(`services.api.connections`).
 
 Modules: settings (`ApiSettings`), admission (the policy), routes (the handlers), launcher (Ray
-Jobs), gates (token and body size), ratelimit, views (response bodies), checkpoints.
+Jobs), gates (token and body size), connections (read timeouts, connection cap), ratelimit,
+views (response bodies), checkpoints.
 """
 
 from __future__ import annotations
