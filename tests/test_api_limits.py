@@ -210,3 +210,20 @@ def test_paths_that_cannot_be_resolved_are_422_and_errors_show_no_server_path(li
         for server_path in (str(base), str(ROOT), sys.prefix, str(limited.runs_dir)):
             assert server_path not in text, (server_path, text)
     assert "<model root>/a/x" in replies[0] and "<dlrl checkout>/nowhere/p.toml" in replies[4]
+
+
+def test_a_bug_is_a_plain_json_500_without_server_detail(redis_server, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from services.api.api import ApiSettings, create_app
+
+    token = "t" * 32
+    app = create_app(ApiSettings(token=token, redis_url=redis_server.url, runs_dir=tmp_path))
+
+    @app.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError(f"cannot open {ROOT / 'secret'}")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/boom", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error (the server logged it)"}
