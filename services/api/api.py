@@ -23,6 +23,7 @@ views (response bodies), checkpoints.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,14 @@ class ServerPaths:
             for form in (folder.expanduser(), _resolved_or_same(folder)):
                 if len(form.parts) > 1:  # never "/" itself
                     spelled.setdefault(str(form), label)
-        # Longest first, so a data root inside the checkout reads "<data root>", not "<dlrl checkout>/data".
-        self._pairs = sorted(spelled.items(), key=lambda kv: -len(kv[0]))
+        # Longest first, so a data root inside the checkout reads "<data root>", not "<dlrl checkout>/data";
+        # a folder only where a name ends ("/root" hides in "/root/x", not in "/rootfs").
+        self._pairs = [(re.compile(re.escape(path) + r"(?![\w.-])"), label)
+                       for path, label in sorted(spelled.items(), key=lambda kv: -len(kv[0]))]
 
     def hide(self, text: str) -> str:
-        for path, label in self._pairs:
-            text = text.replace(path, label)
+        for pattern, label in self._pairs:
+            text = pattern.sub(label, text)
         return text
 
 
