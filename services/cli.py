@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests per token per minute before 429 (default 600)")
     serve.add_argument("--submit-limit", type=int, default=None, metavar="N",
                        help="jobs a token may start per minute (default 10)")
+    serve.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                       help="seconds a client has to send a request's headers (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=None, metavar="S",
+                       help="seconds a client has to send a request's body once its headers are in (default 30)")
+    serve.add_argument("--max-connections", type=int, default=None, metavar="N",
+                       help="open connections before a new one gets 503 (default 512)")
     serve.add_argument("--max-job-seconds", type=float, default=None, metavar="S",
                        help="wall-clock limit of one job; it is stopped past it (default 86400)")
     serve.add_argument("--data-root", default=None, metavar="DIR",
@@ -338,6 +344,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_active_jobs=args.max_active_jobs,
             max_body_bytes=args.max_body_kib * 1024 if args.max_body_kib is not None else None,
             rate_limit_per_minute=args.rate_limit, submit_limit_per_minute=args.submit_limit,
+            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+            max_connections=args.max_connections,
             admission=dict(max_job_seconds=args.max_job_seconds, data_root=args.data_root,
                            model_roots=args.model_roots, models=args.models, tasks=args.tasks,
                            allow_trust_remote_code=args.allow_trust_remote_code))

@@ -10,6 +10,7 @@ idempotency and metric mirroring are checked against Redis directly.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -431,3 +432,43 @@ def test_metric_mirror_rides_out_a_redis_restart(tmp_path):
         assert store.get(job.id).policy_version == 3
     finally:
         server.cleanup()
+
+
+def test_metric_history_is_read_a_page_at_a_time_up_to_the_limit(store: JobStore, redis_server):
+    """A long run's history is never read whole for one reply: Redis sees LRANGE over pages only
+    as far as the records the reply needs (watched with MONITOR on the real server)."""
+    import threading
+
+    import redis as redis_lib
+
+    from services.api.jobstore import METRICS_PAGE
+
+    spec = JobSpec(name="long")
+    job = store.create(spec, spec, "/tmp/long")[0]
+    key = store._metrics(job.id)
+    store.r.rpush(key, *[json.dumps({"kind": "train", "step": s}) for s in range(5 * METRICS_PAGE)])
+    seen: list[str] = []
+    watcher = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    ready = threading.Event()
+
+    def watch() -> None:
+        with watcher.monitor() as m:
+            ready.set()
+            for command in m.listen():
+                seen.append(command["command"])
+                if command["command"] == "ECHO dlrl-monitor-done":
+                    return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.2)
+    assert [r["step"] for r in store.metrics(job.id, limit=10)] == list(range(10))
+    assert [r["step"] for r in store.metrics(job.id, since=METRICS_PAGE + 3, limit=2)] == \
+        [METRICS_PAGE + 3, METRICS_PAGE + 4]
+    assert len(store.metrics(job.id)) == 5 * METRICS_PAGE  # the default limit: all of these
+    store.r.echo("dlrl-monitor-done")
+    thread.join(10)
+    ranges = [c for c in seen if c.startswith("LRANGE") and key in c]
+    assert ranges and not any(c.endswith(" -1") for c in ranges), ranges
+    assert ranges[0].endswith(f"0 {METRICS_PAGE - 1}") and len(ranges) == 1 + 2 + 6, ranges

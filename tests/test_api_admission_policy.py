@@ -286,3 +286,97 @@ def test_untrusted_validation_reads_no_protocol_file(tmp_path):
         FILE_CHECKS.reset(token)
     with pytest.raises(ValidationError, match="written for task 'gsm8k'"):  # trusted: read at validation
         JobSpec.model_validate(small(eval={"protocol": "deploy/eval/gsm8k.toml"}))
+
+
+# ---------------------------------------------------------------- paths: resolved once, refused plainly
+
+
+def _untrusted(body: dict[str, Any], policy: AdmissionPolicy) -> JobSpec | dict[str, str]:
+    """Admission as the API runs it (no file read at validation): the admitted spec, or the refusals."""
+    from dlrl.config import FILE_CHECKS
+
+    token = FILE_CHECKS.set(False)
+    try:
+        return admit(JobSpec.model_validate(body), policy)
+    except AdmissionRefused as exc:
+        return dict(exc.errors)
+    finally:
+        FILE_CHECKS.reset(token)
+
+
+def test_unresolvable_paths_are_refusals_naming_the_field(tmp_path):
+    """A symlink loop or another process's /proc/<pid>/cwd used to raise out of admission (a 500)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "data").mkdir()
+    for root in ("models", "data"):
+        (tmp_path / root / "a").symlink_to(tmp_path / root / "b")
+        (tmp_path / root / "b").symlink_to(tmp_path / root / "a")
+    policy = AdmissionPolicy(model_roots=(str(tmp_path / "models"),), data_root=str(tmp_path / "data"))
+    cases = [({"model": {"path": str(tmp_path / "models/a/x")}}, "model.path"),
+             ({"model": {"path": "/proc/1/cwd/models"}}, "model.path"),
+             ({"eval": {"protocol": str(tmp_path / "data/a/p.toml")}}, "eval.protocol"),
+             ({"eval": {"protocol": "/proc/1/cwd/p.toml"}}, "eval.protocol"),
+             ({"task": {"name": "math", "options": {"path": str(tmp_path / "data/a/m.jsonl")}}}, "task.options.path"),
+             ({"task": {"name": "math", "options": {"path": "/proc/1/cwd/m.jsonl"}}}, "task.options.path")]
+    for sections, field_path in cases:
+        reasons = _untrusted(small(**sections), policy)
+        assert isinstance(reasons, dict) and field_path in reasons, (sections, reasons)
+        assert "cannot be resolved" in reasons[field_path] or "not inside" in reasons[field_path], reasons
+    assert "symlink loop" in _untrusted(small(model={"path": str(tmp_path / "models/a/x")}), policy)["model.path"]
+
+
+def test_admitted_paths_are_the_resolved_ones_the_check_saw(tmp_path):
+    """model.path, eval.protocol and file options reach the job as the resolved path admission
+    checked, not the spelling submitted (a `..`, a symlink, a relative shipped protocol)."""
+    models, data = tmp_path / "models", tmp_path / "data"
+    (models / "llada").mkdir(parents=True)
+    (models / "alias").symlink_to(models / "llada")
+    data.mkdir()
+    (data / "m.jsonl").write_text("{}\n")
+    (data / "via").symlink_to(data / "m.jsonl")
+    policy = AdmissionPolicy(model_roots=(str(models),), data_root=str(data))
+    spec = _untrusted(small(model={"path": str(models / "alias" / ".." / "alias")},
+                            eval={"protocol": "deploy/eval/./tiny-sudoku.toml"}), policy)
+    assert isinstance(spec, JobSpec), spec
+    assert spec.model.path == str(models.resolve() / "llada")
+    assert spec.eval.protocol == str((ROOT / "deploy/eval/tiny-sudoku.toml").resolve())
+    spec = _untrusted(small(task={"name": "math", "options": {"path": "via"}}), policy)
+    assert isinstance(spec, JobSpec) and spec.task.options["path"] == str((data / "m.jsonl").resolve())
+
+
+def _adapter(folder: Path, base: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    return folder
+
+
+def test_adapter_chains_are_checked_to_their_end(tmp_path):
+    models = tmp_path / "models"
+    (models / "base").mkdir(parents=True)
+    policy = AdmissionPolicy(model_roots=(str(models),), models=("ok-org/m",))
+    # Adapter on adapter on a base model: every hop allowed, so admitted.
+    good = _adapter(models / "a2", str(_adapter(models / "a1", str(models / "base"))))
+    assert refusals(small(model={"path": str(good)}), policy) == {}
+    assert refusals(small(model={"path": str(_adapter(models / "h2", str(_adapter(models / "h1", "ok-org/m"))))}),
+                    policy) == {}
+    # The second hop names a hub model nobody listed, or a folder outside the roots: refused.
+    for name, base in [("hub", "evil/model"), ("outside", str(tmp_path)), ("relative", "./base")]:
+        chain = _adapter(models / f"{name}2", str(_adapter(models / f"{name}1", base)))
+        reason = refusals(small(model={"path": str(chain)}), policy).get("model.path", "")
+        assert f"base model {base!r} of adapter {str(models / (name + '1'))!r}" in reason, (name, reason)
+    # A loop, and a chain deeper than MAX_ADAPTER_DEPTH.
+    (models / "loop1").mkdir()
+    _adapter(models / "loop2", str(models / "loop1"))
+    (models / "loop1" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(models / "loop2")}))
+    assert "a loop" in refusals(small(model={"path": str(models / "loop1")}), policy)["model.path"]
+    from services.api.admission import MAX_ADAPTER_DEPTH
+
+    deep = str(models / "base")
+    for i in range(MAX_ADAPTER_DEPTH + 1):
+        deep = str(_adapter(models / f"d{i}", deep))
+    assert "stacked" in refusals(small(model={"path": deep}), policy)["model.path"]
+    broken = models / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    assert "unreadable" in refusals(small(model={"path": str(_adapter(models / "b2", str(broken)))}),
+                                    policy)["model.path"]

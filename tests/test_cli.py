@@ -96,14 +96,21 @@ def test_serve_refuses_to_start_open_unless_told_and_on_loopback(tmp_path, redis
     missing = dlrl(None, "serve", "--port", str(free_port()), env={"DLRL_API_TOKEN_FILE": str(tmp_path / "nope")})
     assert missing.returncode == 2 and "DLRL_API_TOKEN_FILE" in missing.stderr
 
+    short = dlrl(None, "serve", "--port", str(free_port()), env={"DLRL_API_TOKEN": "x"})
+    assert short.returncode == 2 and "the API token is 1 characters long; it must have at least 16" in short.stderr
+    (tmp_path / "short").write_text("fifteen-chars-x\n")
+    short_file = dlrl(None, "serve", "--port", str(free_port()),
+                      env={"DLRL_API_TOKEN": "", "DLRL_API_TOKEN_FILE": str(tmp_path / "short")})
+    assert short_file.returncode == 2 and "at least 16" in short_file.stderr
+
     # A token from a secret file.
-    (tmp_path / "token").write_text("file-token-123\n")
+    (tmp_path / "token").write_text("file-token-0123456789\n")
     server = ApiServer(redis_server.url, "http://127.0.0.1:1", tmp_path, token="")
     server.env["DLRL_API_TOKEN_FILE"] = str(tmp_path / "token")
     server.start()
     try:
         assert httpx.get(server.url + "/v1/jobs", timeout=10).status_code == 401
-        ok = httpx.get(server.url + "/v1/jobs", headers={"Authorization": "Bearer file-token-123"}, timeout=10)
+        ok = httpx.get(server.url + "/v1/jobs", headers={"Authorization": "Bearer file-token-0123456789"}, timeout=10)
         assert ok.status_code == 200
     finally:
         server.stop()
@@ -139,3 +146,9 @@ def test_serve_refuses_bad_settings(tmp_path):
     assert unknown.returncode == 2 and "unknown admission settings ['allow_everything']" in unknown.stderr
     negative = dlrl(None, "serve", "--port", str(free_port()), "--rate-limit", "-1", env=env)
     assert negative.returncode == 2 and "rate_limit_per_minute must be a non-negative integer" in negative.stderr
+    for flag, value, words in [("--header-timeout", "0", "header_timeout_s must be a number of seconds"),
+                               ("--body-timeout", "-1", "body_timeout_s must be a number of seconds"),
+                               ("--max-connections", "0", "max_connections must be a positive integer"),
+                               ("--max-connections", "100000000", "lower max_connections or raise the limit")]:
+        bad = dlrl(None, "serve", "--port", str(free_port()), flag, value, env={"DLRL_API_TOKEN": "t" * 16})
+        assert bad.returncode == 2 and words in bad.stderr, (flag, bad.stderr)

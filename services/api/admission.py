@@ -16,14 +16,17 @@ started. Its rules (services/README.md lists them too):
 - `eval.protocol` (a protocol file) lies in `data_root` or the shipped deploy/eval/, and so do
   the eval data file it pins and any file its task options name;
 - models are `builtin:<name>`, a folder inside one of `model_roots`, or a hub id in `models`;
-  an adapter folder's base model obeys the same rule. Jobs load no remote code unless the operator
-  allows it: `trust_remote_code=true` in a spec is refused (the default is false);
+  an adapter folder's base model obeys the same rule, and so does its base if that is an adapter
+  again, to the end of the chain. Jobs load no remote code unless the operator allows it:
+  `trust_remote_code=true` in a spec is refused (the default is false);
+- every path is resolved once (`resolve`): the rules judge the resolved path and the admitted spec
+  carries it, so the job opens what was checked; a path that cannot be resolved is a refusal;
 - `queue.redis_url` and `runtime.ray_address` are the server's: a spec that sets them is refused
   (the job gets the server's Redis in its environment and joins the server's Ray cluster);
 - every size field is at most the server's limit (`limits`, stricter than JobSpec's bounds).
 
-The per-job wall-clock limit (`max_job_seconds`) is enforced by the launcher, the active-job and
-rate limits by the routes.
+The per-job wall-clock limit (`max_job_seconds`) is enforced by the launcher, the active-job
+limit by the job store (atomically, with the new record), the rates by the routes.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from typing import Any
 from dlrl.config import JobSpec
 from dlrl.sandbox import host_memory_mb
 from dlrl.tasks import TASKS
-from dlrl.tasks.data_root import inside
 
 SHIPPED_PROTOCOLS = Path(__file__).resolve().parents[2] / "deploy" / "eval"
 """The protocol files the package ships (deploy/eval/*.toml, their data in deploy/eval/data/)."""
@@ -82,6 +84,43 @@ MAX_OPTION_NUMBER = 1_000_000
 MAX_OPTION_STRING = 4096
 MAX_OPTION_ITEMS = 256
 SPLITS = ("train", "test")
+MAX_ADAPTER_DEPTH = 8
+"""Adapters a model path may stack (an adapter whose base is an adapter ...) before the base model."""
+
+
+class Unresolvable(ValueError):
+    """A path that cannot be resolved; the message says why without naming any server path."""
+
+
+def resolve(path: str | Path) -> Path:
+    """`path` made absolute with every symlink and `..` resolved, once: admission checks this path,
+    and the admitted spec carries it, so the job opens exactly what was checked. Any failure (a
+    symlink loop, /proc/<pid>/cwd of another user's process, a name too long, a NUL) is
+    Unresolvable, which admission turns into a 422."""
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:
+        raise Unresolvable("cannot be resolved: a symlink loop") from None
+    except OSError as exc:
+        raise Unresolvable(f"cannot be resolved: {exc.strerror or 'not accessible'}") from None
+    except ValueError:
+        raise Unresolvable("cannot be resolved: not a valid path") from None
+
+
+def within(real: Path, root: Path) -> bool:
+    """Whether the resolved `real` is the resolved `root` or below it (no file system access)."""
+    return real == root or root in real.parents
+
+
+def _roots(folders: Any) -> list[Path]:
+    """The operator's folders, resolved (one that cannot be resolved allows nothing)."""
+    out = []
+    for folder in folders:
+        try:
+            out.append(resolve(folder))
+        except Unresolvable:
+            continue
+    return out
 
 
 class AdmissionRefused(ValueError):
@@ -148,12 +187,13 @@ def admit(spec: JobSpec, policy: AdmissionPolicy) -> JobSpec:
             errors.append((path, f"set by the server, not the spec: {why}; leave it out"))
     _limits(spec, policy, errors)
     options = _task(spec, policy, errors)
-    _eval_protocol(spec, policy, errors)
+    protocol = _eval_protocol(spec, policy, errors)
     model = _model(spec, policy, errors)
     if errors:
         raise AdmissionRefused(errors)
     task = spec.task.model_copy(update={"options": options})
-    return spec.model_copy(update={"task": task, "model": model})
+    evaluation = spec.eval.model_copy(update={"protocol": protocol})
+    return spec.model_copy(update={"task": task, "model": model, "eval": evaluation})
 
 
 def _get(spec: JobSpec, path: str) -> Any:
@@ -231,60 +271,83 @@ def _small_json(value: Any, depth: int = 0) -> str | None:
 
 
 def _data_path(value: Any, policy: AdmissionPolicy, where: str, errors: list[tuple[str, str]]) -> str | None:
-    """The file option as an absolute path inside the data root (a "{split}" kept), or None after
-    an error. Relative paths are relative to the data root."""
+    """The file option as a resolved absolute path inside the data root (a "{split}" kept), or None
+    after an error. Relative paths are relative to the data root."""
     if not isinstance(value, str) or not value:
         errors.append((where, "a file option must be a non-empty string"))
         return None
     if policy.data_root is None:
         errors.append((where, "names a file, and this API has no data root (the operator sets data_root)"))
         return None
-    root = Path(policy.data_root).resolve()
+    roots = _roots([policy.data_root])
+    if not roots:
+        errors.append((where, "the API's data root cannot be resolved (the operator fixes data_root)"))
+        return None
+    root = roots[0]
     raw = Path(value).expanduser()
     full = raw if raw.is_absolute() else root / raw
-    # Every file the task may open must be inside, whatever "{split}" becomes.
-    candidates = {str(full).replace("{split}", s) for s in SPLITS} | {str(full)}
-    if not all(inside(Path(c), root) for c in candidates):
+    try:
+        # Every file the task may open must be inside, whatever "{split}" becomes.
+        candidates = [resolve(str(full).replace("{split}", s)) for s in SPLITS] + [resolve(full)]
+        stored = resolve(full) if "{split}" not in full.name else resolve(full.parent) / full.name
+    except Unresolvable as exc:
+        errors.append((where, f"{value!r} {exc}"))
+        return None
+    if not all(within(c, root) for c in candidates):
         errors.append((where, f"{value!r} is outside the API's data root"))
         return None
-    return str(full.parent.resolve() / full.name)
+    return str(stored)
 
 
-def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> None:
-    """eval.protocol must be a shipped protocol or lie in the data root, and the files it makes the
-    job read must too. The API validates specs without reading files (dlrl.config.FILE_CHECKS), so
-    the file is read here, only once its location is allowed, and checked against the job's task."""
+def _eval_protocol(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> str | None:
+    """The protocol file, resolved, that the job will read (None: none). It must be a shipped
+    protocol or lie in the data root, and the files it makes the job read must too. The API
+    validates specs without reading files (dlrl.config.FILE_CHECKS), so the file is read here, only
+    once its location is allowed, and checked against the job's task."""
     if spec.eval.protocol is None:
-        return
+        return None
     # lazy: it pulls in the task registry
     from dlrl.eval_protocol import EvalProtocol, ProtocolError
 
-    roots = [SHIPPED_PROTOCOLS] + ([Path(policy.data_root)] if policy.data_root else [])
+    roots = _roots([SHIPPED_PROTOCOLS] + ([policy.data_root] if policy.data_root else []))
     shown = "deploy/eval/" + (" or the API's data root" if policy.data_root else " (this API has no data root)")
-    path = Path(spec.eval.protocol)
-    if not any(inside(path, r) for r in roots):
-        errors.append(("eval.protocol", f"{spec.eval.protocol!r} is not a protocol file in {shown}"))
-        return
+    given = spec.eval.protocol
+    try:
+        path = resolve(given)
+    except Unresolvable as exc:
+        errors.append(("eval.protocol", f"{given!r} {exc}"))
+        return None
+    if not any(within(path, r) for r in roots):
+        errors.append(("eval.protocol", f"{given!r} is not a protocol file in {shown}"))
+        return None
     try:
         protocol = EvalProtocol.from_toml(path)
+        data = protocol.data_path()
     except ProtocolError as exc:
-        errors.append(("eval.protocol", str(exc)))
-        return
+        errors.append(("eval.protocol", str(exc).replace(str(path), repr(given))))
+        return None
+    except (OSError, RuntimeError, ValueError):
+        errors.append(("eval.protocol", f"{given!r}: its data.path cannot be resolved"))
+        return None
     if protocol.task.name != spec.task.name:
         errors.append(("eval.protocol", f"written for task {protocol.task.name!r}, the job trains "
                                         f"task {spec.task.name!r}"))
-    data = protocol.data_path()
-    if data is not None and not any(inside(data, r) for r in roots):
+    if data is not None and not any(within(data, r) for r in roots):
         errors.append(("eval.protocol", f"its data.path {protocol.data.path!r} is outside {shown}"))
     for key, value in protocol.task.options.items():
         if _PATH_OPTION.search(key):
             _data_path(value, policy, f"eval.protocol: task.options.{key}", errors)
+    return str(path)
 
 
 def _model(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]) -> Any:
+    """The model section the job runs: a local model.path is replaced by the folder it resolves to."""
     model = spec.model
-    if reason := _model_refusal(model.path, policy):
-        errors.append(("model.path", reason))
+    try:
+        path = _model_path(model.path, policy)
+    except Unresolvable as exc:
+        errors.append(("model.path", str(exc)))
+        path = model.path
     if model.trust_remote_code and not policy.allow_trust_remote_code:
         errors.append(("model.trust_remote_code", "remote code is not allowed over the API (the operator "
                                                   "enables it with allow_trust_remote_code)"))
@@ -294,33 +357,64 @@ def _model(spec: JobSpec, policy: AdmissionPolicy, errors: list[tuple[str, str]]
         if target != "all-linear" and not _MODULE_PATTERN.fullmatch(target):
             where = "model.lora.target_modules" + ("" if isinstance(targets, str) else f".{i}")
             errors.append((where, "module names may hold letters, digits, '_', '.' and '|' only over the API"))
-    return model
+    return model.model_copy(update={"path": path})
 
 
-def _model_refusal(path: str, policy: AdmissionPolicy, adapter_of: str | None = None) -> str | None:
-    """Why the model at `path` may not be loaded (None: it may)."""
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or "\\" in path
+
+
+def _model_path(path: str, policy: AdmissionPolicy) -> str:
+    """`path` as the job will load it (a local folder resolved), or Unresolvable saying why it may
+    not be loaded. An adapter folder names its base model in adapter_config.json, and that base
+    may be an adapter again: the chain is followed to its end (at most MAX_ADAPTER_DEPTH adapters,
+    no folder twice), and every model on it obeys the same rule."""
+    first = _model_hop(path, policy, None)
+    seen: list[Path] = []
+    current, name = first, path
+    while current is not None:
+        if current in seen:
+            raise Unresolvable(f"{path!r}: its adapter chain comes back to {name!r} (a loop)")
+        seen.append(current)
+        if len(seen) > MAX_ADAPTER_DEPTH:
+            raise Unresolvable(f"{path!r}: more than {MAX_ADAPTER_DEPTH} adapters stacked on each other")
+        adapter = current / "adapter_config.json"
+        try:
+            if not adapter.is_file():
+                break
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            raise Unresolvable(f"{name!r}: its adapter_config.json is unreadable") from None
+        if not isinstance(base, str) or not base:
+            raise Unresolvable(f"{name!r}: its adapter_config.json names no base model")
+        current, name = _model_hop(base, policy, name), base
+    return str(first) if first is not None else path
+
+
+def _model_hop(path: str, policy: AdmissionPolicy, adapter_of: str | None) -> Path | None:
+    """One model of a chain: None for a built-in or hub model that may be loaded, the resolved
+    folder for a local one inside a model root; Unresolvable otherwise."""
     what = f"base model {path!r} of adapter {adapter_of!r}" if adapter_of else repr(path)
     if path.startswith(BUILTIN_PREFIX):
-        return None if _BUILTIN.fullmatch(path) else f"{what}: a built-in name is letters, digits, '_' and '-'"
-    if path.startswith(("/", ".", "~")) or "\\" in path:
-        folder = Path(path).expanduser()
-        roots = [Path(r).expanduser() for r in policy.model_roots]
-        if not any(folder.is_absolute() and inside(folder, r) for r in roots):
-            return (f"{what} is not inside a model folder the operator approved"
-                    + ("" if roots else " (this API approves none)"))
-        adapter = folder.resolve() / "adapter_config.json"
-        if adapter_of is None and adapter.is_file():
-            try:
-                base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-            except (OSError, ValueError, AttributeError):
-                return f"{what}: its adapter_config.json is unreadable"
-            if not isinstance(base, str):
-                return f"{what}: its adapter_config.json names no base model"
-            return _model_refusal(base, policy, adapter_of=path)
-        return None
+        if _BUILTIN.fullmatch(path):
+            return None
+        raise Unresolvable(f"{what}: a built-in name is letters, digits, '_' and '-'")
+    if _is_local(path):
+        if not Path(path).expanduser().is_absolute():
+            raise Unresolvable(f"{what} is not inside a model folder the operator approved (give an absolute path)")
+        try:
+            folder = resolve(path)
+        except Unresolvable as exc:
+            raise Unresolvable(f"{what} {exc}") from None
+        roots = _roots(policy.model_roots)
+        if not any(within(folder, r) for r in roots):
+            raise Unresolvable(f"{what} is not inside a model folder the operator approved"
+                               + ("" if policy.model_roots else " (this API approves none)"))
+        return folder
     if not _HUB_ID.fullmatch(path) or ".." in path:
-        return f"{what} is neither builtin:<name>, an absolute folder path nor a hub id 'org/name'"
+        raise Unresolvable(f"{what} is neither builtin:<name>, an absolute folder path nor a hub id 'org/name'")
     org = path.split("/", 1)[0]
     if path in policy.models or f"{org}/*" in policy.models:
         return None
-    return f"hub model {what} is not on the operator's list" + ("" if policy.models else " (this API lists none)")
+    raise Unresolvable(f"hub model {what} is not on the operator's list"
+                       + ("" if policy.models else " (this API lists none)"))

@@ -12,14 +12,20 @@ job states are read back from Ray, so a restarted API reports the same jobs.
 Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (`services.api.gates`). A
 client mistake is never a 500: bad specs and refused ones are 422 with the field path and reason,
 oversized bodies 413, unknown jobs 404, stopping a finished job 409, limits 429, Redis or Ray
-unreachable 503.
+unreachable 503; no error reply shows the server's folders (`ServerPaths`). The server closes
+connections that send their headers or body too slowly and caps how many are open
+(`services.api.connections`).
 
 Modules: settings (`ApiSettings`), admission (the policy), routes (the handlers), launcher (Ray
-Jobs), gates (token and body size), ratelimit, views (response bodies), checkpoints.
+Jobs), gates (token and body size), connections (read timeouts, connection cap), ratelimit,
+views (response bodies), checkpoints.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -31,12 +37,13 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from dlrl.config import FILE_CHECKS
+from dlrl.config import CHECKOUT, FILE_CHECKS
+from services.api.connections import GuardedH11
 from services.api.gates import BearerAuth, BodyLimit
 from services.api.jobstore import JobStore
 from services.api.launcher import RayJobs, RayUnavailable
 from services.api.routes import AdmissionError, JobsContext, health_router, jobs_router
-from services.api.settings import ApiSettings, ConfigError, is_loopback, read_token
+from services.api.settings import MIN_TOKEN_LENGTH, ApiSettings, ConfigError, is_loopback, read_token
 from services.api.views import FieldError, ValidationErrorResponse
 
 API_VERSION = "0.2.0"
@@ -59,7 +66,44 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
     return out
 
 
-def _invalid_response(errors: list[FieldError], what: str) -> JSONResponse:
+class ServerPaths:
+    """Hides the server's own folders in error replies: a caller learns from a refusal what was
+    wrong with its request, not where the server keeps its checkout, runs, data or models.
+    Every error handler passes its text through `hide` (the success bodies, e.g. a job's run_dir,
+    are what the caller asked for)."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        policy = settings.admission
+        named = [(settings.runs_dir, "<runs dir>"), (CHECKOUT, "<dlrl checkout>"), (Path.cwd(), "<server folder>"),
+                 (Path(sys.prefix), "<python>"), (Path.home(), "<home>")]
+        named += [(Path(r), "<model root>") for r in policy.model_roots]
+        if policy.data_root is not None:
+            named.append((Path(policy.data_root), "<data root>"))
+        spelled: dict[str, str] = {}
+        for folder, label in named:
+            for form in (folder.expanduser(), _resolved_or_same(folder)):
+                if len(form.parts) > 1:  # never "/" itself
+                    spelled.setdefault(str(form), label)
+        # Longest first, so a data root inside the checkout reads "<data root>", not "<dlrl checkout>/data";
+        # a folder only where a name ends ("/root" hides in "/root/x", not in "/rootfs").
+        self._pairs = [(re.compile(re.escape(path) + r"(?![\w.-])"), label)
+                       for path, label in sorted(spelled.items(), key=lambda kv: -len(kv[0]))]
+
+    def hide(self, text: str) -> str:
+        for pattern, label in self._pairs:
+            text = pattern.sub(label, text)
+        return text
+
+
+def _resolved_or_same(folder: Path) -> Path:
+    try:
+        return folder.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return folder
+
+
+def _invalid_response(errors: list[FieldError], what: str, paths: ServerPaths) -> JSONResponse:
+    errors = [e.model_copy(update={"reason": paths.hide(e.reason)}) for e in errors]
     return JSONResponse(status_code=422, content=ValidationErrorResponse(
         detail=f"{what}: " + "; ".join(f"{e.path}: {e.reason}" for e in errors[:10]), errors=errors).model_dump())
 
@@ -103,16 +147,20 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
                               "Authenticate with `Authorization: Bearer <token>`.")
     app.state.settings, app.state.store, app.state.ray = settings, store, ray_jobs
 
+    paths = ServerPaths(settings)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _invalid_response(_field_errors(exc), "invalid request")
+        return _invalid_response(_field_errors(exc), "invalid request", paths)
 
     @app.exception_handler(AdmissionError)
     async def _refused(request: Request, exc: AdmissionError) -> JSONResponse:
-        return _invalid_response(exc.errors, "refused by the API's admission policy")
+        return _invalid_response(exc.errors, "refused by the API's admission policy", paths)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.detail, str):
+            exc.detail = paths.hide(exc.detail)
         if exc.status_code != 405:
             return await http_exception_handler(request, exc)
         # Starlette's Allow names the methods of one route; HTTP wants all the path's methods.
@@ -122,11 +170,17 @@ def create_app(settings: ApiSettings, store: JobStore | None = None) -> FastAPI:
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": f"job store (Redis) unavailable: {exc}"})
+        return JSONResponse(status_code=503, content={"detail": paths.hide(f"job store (Redis) unavailable: {exc}")})
 
     @app.exception_handler(RayUnavailable)
     async def _ray_down(request: Request, exc: RayUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(exc)})
+        return JSONResponse(status_code=503, content={"detail": paths.hide(str(exc))})
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client mistake: the traceback goes to the server's log (uvicorn logs the
+        # exception Starlette re-raises), the caller gets a plain 500 with no server detail.
+        return JSONResponse(status_code=500, content={"detail": "internal error (the server logged it)"})
 
     app.include_router(health_router(ctx))
     app.include_router(jobs_router(ctx))
@@ -152,13 +206,36 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, inse
     (`insecure_open`) and only on a loopback address."""
     import uvicorn
 
+    if settings.token is not None and len(settings.token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"the API token is {len(settings.token)} characters long; it must have at least "
+                          f"{MIN_TOKEN_LENGTH} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     if settings.token is None:
         if not insecure_open:
             raise ConfigError("no API token: set DLRL_API_TOKEN or DLRL_API_TOKEN_FILE "
                               "(or --insecure-open, on a loopback host only)")
         if not is_loopback(host):
             raise ConfigError(f"--insecure-open is allowed on a loopback host only, not {host}")
+    _open_file_room(settings.max_connections)
     app = create_app(settings)
     print(f"dlrl: job API on http://{host}:{port} (Ray {settings.ray_address}, runs in {settings.runs_dir})",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    http = GuardedH11.configured(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, http=http)
+
+
+FILES_BESIDES_CONNECTIONS = 256
+"""Open files the server needs besides its client connections (Redis, Ray, logs, the runtime)."""
+
+
+def _open_file_room(max_connections: int) -> None:
+    """Raise the soft open-file limit so `max_connections` clients cannot starve the server of
+    descriptors; refuse to start when the hard limit is too low for them."""
+    import resource
+
+    need = max_connections + FILES_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ConfigError(f"max_connections {max_connections} needs {need} open files; this process may "
+                              f"have {hard} (ulimit -n): lower max_connections or raise the limit")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))

@@ -40,6 +40,8 @@ STATES: tuple[str, ...] = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ID_PREFIX = "j-"
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600  # a retried submission is honoured for a week
+METRICS_PAGE = 500
+"""Metric records read from Redis at a time."""
 
 
 class IdempotencyConflict(Exception):
@@ -48,6 +50,34 @@ class IdempotencyConflict(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"Idempotency-Key already used for job {job_id} with a different spec")
         self.job_id = job_id
+
+
+class ActiveLimitReached(Exception):
+    """`count` jobs are already PENDING or RUNNING: the API's `max_active_jobs` allows no more."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} job(s) already pending or running")
+        self.count = count
+
+
+_CREATE = """
+-- KEYS: job hash, all-jobs index, PENDING index, RUNNING index, sequence counter[, idempotency key]
+-- ARGV: max active jobs (-1: no limit), job id, idempotency TTL (s), then the record's field/value pairs
+if KEYS[6] then
+  local earlier = redis.call('GET', KEYS[6])
+  if earlier then return {'replay', earlier} end
+end
+local limit = tonumber(ARGV[1])
+local active = redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[4])
+if limit >= 0 and active >= limit then return {'full', tostring(active)} end
+if KEYS[6] then redis.call('SET', KEYS[6], ARGV[2], 'EX', tonumber(ARGV[3])) end
+local seq = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], seq, ARGV[2])
+redis.call('ZADD', KEYS[3], seq, ARGV[2])
+return {'created', tostring(seq)}
+"""
+"""Claim, count and create in one step (Redis runs a script without interleaving other commands)."""
 
 
 class JobRecord(BaseModel):
@@ -105,6 +135,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "dlrl") -> None:
         self.r = client
         self.p = prefix
+        self._create = client.register_script(_CREATE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "dlrl", timeout_s: float = 5.0) -> "JobStore":
@@ -141,46 +172,46 @@ class JobStore:
         return JobRecord.model_validate({k: json.loads(v) for k, v in raw.items()})
 
     def create(self, spec: JobSpec, submitted: JobSpec, run_dir: str, job_id: str | None = None,
-               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+               idempotency_key: str | None = None, max_active: int | None = None) -> tuple[JobRecord, bool]:
         """Store a new PENDING job for `spec` (the effective spec; `submitted` is what the client sent).
 
         Returns (record, True) for a new job. With an Idempotency-Key already seen: (the earlier
-        job, False) when the spec is the same, IdempotencyConflict when it differs.
+        job, False) when the spec is the same, IdempotencyConflict when it differs. With
+        `max_active`, ActiveLimitReached when that many jobs are already PENDING or RUNNING.
+
+        One Lua script (`_CREATE`) claims the key, counts the active jobs and writes the record and
+        its indexes: Redis runs it whole, so concurrent submissions (on one API or on replicas)
+        cannot both see room for one more job, and a refused one leaves nothing behind.
         """
         digest = spec_digest(submitted)
         job_id = job_id or new_job_id()
-        if idempotency_key is not None:
-            # SET NX claims the key atomically: of two concurrent retries exactly one creates.
-            if not self.r.set(self._idem(idempotency_key), job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
-                return self._replay(idempotency_key, digest), False
         now = time.time()
         job = JobRecord(id=job_id, name=spec.name, created=now, updated=now, idempotency_key=idempotency_key,
                         spec=spec.model_dump(mode="json"), spec_sha256=digest, run_dir=run_dir,
                         total_steps=spec.train.steps)
-        seq = self.r.incr(f"{self.p}:jobs:seq")
-        with self.r.pipeline(transaction=True) as pipe:
-            self._write(pipe, job)
-            pipe.zadd(self._index(), {job_id: seq})
-            pipe.zadd(self._index(job.state), {job_id: seq})
-            pipe.execute()
+        fields = [x for k, v in job.model_dump(mode="json").items() for x in (k, json.dumps(v))]
+        keys = [self._job(job_id), self._index(), self._index("PENDING"), self._index("RUNNING"),
+                f"{self.p}:jobs:seq"] + ([self._idem(idempotency_key)] if idempotency_key is not None else [])
+        outcome, value = self._create(keys=keys, args=[-1 if max_active is None else max_active, job_id,
+                                                       IDEMPOTENCY_TTL_S, *fields])
+        if outcome == "replay":
+            return self._replay(idempotency_key or "", digest), False
+        if outcome == "full":
+            raise ActiveLimitReached(int(value))
         return job, True
 
     def find_idempotent(self, key: str, digest: str) -> JobRecord | None:
         """The job an Idempotency-Key created (None if unused); IdempotencyConflict if its spec differs."""
         return self._replay(key, digest) if self.r.exists(self._idem(key)) else None
 
-    def _replay(self, key: str, digest: str, wait_s: float = 5.0) -> JobRecord:
-        deadline = time.monotonic() + wait_s
-        while True:
-            job_id = self.r.get(self._idem(key))
-            job = self.get(job_id) if job_id else None
-            if job is not None:
-                if job.spec_sha256 != digest:
-                    raise IdempotencyConflict(job.id)
-                return job
-            if time.monotonic() > deadline:  # the first request died between claim and create
-                raise IdempotencyConflict(job_id or "?")
-            time.sleep(0.05)  # the concurrent first request is writing the record right now
+    def _replay(self, key: str, digest: str) -> JobRecord:
+        # The key and its record are written by one script, so a claimed key has its record
+        # (unless Ray refused that job and `delete` is removing both right now).
+        job_id = self.r.get(self._idem(key))
+        job = self.get(job_id) if job_id else None
+        if job is None or job.spec_sha256 != digest:
+            raise IdempotencyConflict(job_id or "?")
+        return job
 
     def delete(self, job_id: str) -> None:
         """Forget a job entirely (used when Ray refused it: the client was told, nothing ran)."""
@@ -241,23 +272,33 @@ class JobStore:
             pipe.execute()
 
     def metrics(self, job_id: str, since: int | None = None, kind: str | None = None,
-                limit: int | None = None) -> list[dict[str, Any]]:
-        """The job's metric history in write order: records with step >= `since`, of `kind`."""
-        out = []
-        for line in self.r.lrange(self._metrics(job_id), 0, -1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # not ours: never let one bad entry hide the rest
-            if not isinstance(rec, dict):
-                continue
-            if kind is not None and rec.get("kind") != kind:
-                continue
-            step = rec.get("step")
-            if since is not None and not (isinstance(step, int) and step >= since):
-                continue
-            out.append(rec)
-        return out[:limit] if limit is not None else out
+                limit: int = 10_000) -> list[dict[str, Any]]:
+        """The job's metric history in write order: the first `limit` records with step >= `since`,
+        of `kind`. Read a page (METRICS_PAGE entries) at a time, stopping once `limit` records are
+        found: a long run's history is never read whole for one reply."""
+        out: list[dict[str, Any]] = []
+        start = 0
+        while len(out) < limit:
+            page = self.r.lrange(self._metrics(job_id), start, start + METRICS_PAGE - 1)
+            for line in page:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # not ours: never let one bad entry hide the rest
+                if not isinstance(rec, dict):
+                    continue
+                if kind is not None and rec.get("kind") != kind:
+                    continue
+                step = rec.get("step")
+                if since is not None and not (isinstance(step, int) and step >= since):
+                    continue
+                out.append(rec)
+                if len(out) == limit:
+                    break
+            if len(page) < METRICS_PAGE:
+                break
+            start += METRICS_PAGE
+        return out
 
 
 def new_job_id() -> str:

@@ -16,6 +16,7 @@ import math
 import shlex
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -157,11 +158,40 @@ class RayJobs:
         except KeyError:
             return False
 
-    def logs(self, submission_id: str) -> str:
+    def logs(self, submission_id: str, lines: int, max_bytes: int) -> tuple[str, bool]:
+        """The last `lines` lines of the job's log (0: all), at most its last `max_bytes` bytes;
+        and whether bytes were left out. Ray's log API reads the tail from the end of the file, and
+        the reply is read a chunk at a time, keeping the last `max_bytes`: a huge log is never held
+        whole (the SDK's get_job_logs returns it whole)."""
+
+        def read(c: Any) -> tuple[bytes, bool]:
+            node = getattr(c.get_job_info(submission_id), "driver_node_id", None)
+            if not node:
+                return b"", False  # no driver yet: no log yet
+            query = urllib.parse.urlencode({"node_id": node, "filename": f"job-driver-{submission_id}.log",
+                                            "lines": lines or -1, "media_type": "file",
+                                            "timeout": int(self.timeout_s)})
+            with c._do_request("GET", f"/api/v0/logs/file?{query}", stream=True) as r:
+                if r.status_code == 404 or (r.status_code != 200 and "not found" in r.text.lower()):
+                    raise RuntimeError(f"job {submission_id} does not exist")  # _call: KeyError
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:500]}")
+                kept, cut = bytearray(), False
+                for chunk in r.iter_content(chunk_size=64 * 1024):
+                    kept += chunk
+                    if len(kept) > max_bytes:
+                        del kept[:len(kept) - max_bytes]
+                        cut = True
+                return bytes(kept), cut
+
         try:
-            return self._call("logs", lambda c: c.get_job_logs(submission_id))
+            data, cut = self._call("logs", read)
         except KeyError:
-            return ""
+            return "", False
+        text = data.decode("utf-8", errors="replace")
+        if cut:
+            text = text.split("\n", 1)[1] if "\n" in text else text  # drop the partial first line
+        return text, cut
 
     async def follow(self, submission_id: str) -> AsyncIterator[str]:
         """The job's log from the start, then as it is written; ends when the job ends."""

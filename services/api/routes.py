@@ -25,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from dlrl.config import JobSpec
 from services.api.admission import AdmissionRefused, admit
 from services.api.checkpoints import list_checkpoints
-from services.api.jobstore import (TERMINAL, IdempotencyConflict, JobRecord, JobState, JobStore, new_job_id,
-                               spec_digest)
+from services.api.jobstore import (TERMINAL, ActiveLimitReached, IdempotencyConflict, JobRecord, JobState,
+                                   JobStore, new_job_id, spec_digest)
 from services.api.launcher import RayJobs, RayUnavailable, job_entrypoint, job_env, wall_clock_message
 from services.api.ratelimit import RateLimit, token_key
 from services.api.settings import ApiSettings
@@ -94,8 +94,14 @@ class JobsContext:
         return job
 
     def active_count(self) -> int:
+        """Jobs PENDING or RUNNING, after asking Ray about each (an ended job leaves the count)."""
         jobs = [self.store.get(i) for i in self.store.ids_in("PENDING", "RUNNING")]
         return sum(1 for j in jobs if j is not None and self.refresh(j).state not in TERMINAL)
+
+    def full(self) -> HTTPException:
+        limit = self.settings.max_active_jobs
+        return http_error(429, f"{limit} job(s) already pending or running (the API's limit); retry when one "
+                               "ends" if limit else "the API is draining: it accepts no new jobs")
 
     def rate_limited(self, request: Request) -> None:
         """Dependency of every /v1 route: the per-token request rate."""
@@ -163,9 +169,8 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
         except AdmissionRefused as exc:
             raise AdmissionError(exc) from exc
         limit = settings.max_active_jobs
-        if limit is not None and ctx.active_count() >= limit:
-            raise http_error(429, f"{limit} job(s) already pending or running (the API's limit)" if limit
-                             else "the API is draining: it accepts no new jobs")
+        if limit is not None and ctx.active_count() >= limit:  # early, so a refusal uses no start
+            raise ctx.full()
         retry = ctx.starts.hit(token_key(request.headers.get("authorization")))
         if retry is not None:
             raise http_error(429, f"more than {settings.submit_limit_per_minute} jobs a minute with this token; "
@@ -174,10 +179,13 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
         out_dir = settings.runs_dir / job_id
         effective = admitted.model_copy(
             update={"runtime": admitted.runtime.model_copy(update={"out_dir": str(out_dir)})})
-        try:
-            job, created = store.create(effective, spec, str(out_dir / spec.name), job_id, idempotency_key)
+        try:  # the limit holds here, atomically: the count above may be stale by now
+            job, created = store.create(effective, spec, str(out_dir / spec.name), job_id, idempotency_key,
+                                        max_active=limit)
         except IdempotencyConflict as exc:
             raise http_error(409, str(exc)) from exc
+        except ActiveLimitReached as exc:
+            raise ctx.full() from exc
         if not created:
             response.status_code = 200
             return view(ctx.refresh(job), dashboard)
@@ -212,7 +220,8 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
     @api.get("/jobs/{job_id}/metrics", response_model=MetricHistory, responses={404: _ERR})
     def metrics(job_id: str, since: int | None = Query(None, ge=0, description="only records with step >= since"),
                 kind: Literal["train", "eval"] | None = Query(None),
-                limit: int = Query(10_000, ge=1, le=100_000)) -> MetricHistory:
+                limit: int = Query(10_000, ge=1, le=10_000, description="at most this many records; "
+                                                                      "page on with since")) -> MetricHistory:
         """The job's metric history: one record per learner step (kind=train) and evaluation (kind=eval)."""
         ctx.load(job_id)
         records = store.metrics(job_id, since=since, kind=kind, limit=limit)
@@ -224,17 +233,22 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "the log text (a stream with follow=true)"},
                         404: _ERR})
-    async def logs(job_id: str, tail: int = Query(200, ge=0, le=1_000_000, description="last lines (0: all)"),
+    async def logs(job_id: str, tail: int = Query(200, ge=0, le=100_000, description="last lines (0: all)"),
                    follow: bool = Query(False, description="stream the whole log until the job ends")) -> Response:
-        """The Ray Job's log: its last `tail` lines, or (follow) a stream that ends with the job."""
+        """The Ray Job's log: its last `tail` lines, or (follow) a stream that ends with the job. A
+        reply carries at most the server's max_log_bytes (the log's end, after a line saying so)."""
         job = await run_in_threadpool(ctx.load, job_id)
         if job.submission_id is None:
             return PlainTextResponse("")
         sid = job.submission_id
         if not follow:
-            text = await run_in_threadpool(ctx.ray.logs, sid)
+            cap = settings.max_log_bytes
+            text, cut = await run_in_threadpool(ctx.ray.logs, sid, tail, cap)
             lines = text.splitlines(keepends=True)
-            return PlainTextResponse("".join(lines[-tail:] if tail else lines))
+            text = "".join(lines[-tail:] if tail else lines)
+            if cut:
+                text = f"[dlrl: earlier lines left out: a reply carries the log's last {cap} bytes at most]\n" + text
+            return PlainTextResponse(text)
         await run_in_threadpool(ctx.ray.connect)  # 503 now, not a broken stream, when Ray is down
 
         async def stream() -> AsyncIterator[str]:

@@ -8,6 +8,7 @@ of them, `[admission]` in the file.
     # api.toml
     max_active_jobs = 4
     rate_limit_per_minute = 600
+    header_timeout_s = 10
     [admission]
     data_root = "/srv/dlrl/data"
     model_roots = ["/srv/dlrl/models"]
@@ -33,6 +34,10 @@ from services.api.admission import AdmissionPolicy
 
 class ConfigError(Exception):
     """The server's own settings are unusable (it refuses to start)."""
+
+
+MIN_TOKEN_LENGTH = 16
+"""Characters an API token must have at least: a short one can be guessed over the network."""
 
 
 def read_token(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
@@ -84,15 +89,33 @@ class ApiSettings:
     """Jobs a token may start per minute (admitted submissions; replays do not count; None: off)."""
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
     """What a submitted spec may ask for (services.api.admission)."""
+    header_timeout_s: float = 10.0
+    """A client has this long to send a request's headers (from connecting, or from the request's
+    first byte on a kept-alive connection); the connection is closed past it."""
+    body_timeout_s: float = 30.0
+    """... and this long, once the headers are in, to send its body."""
+    max_log_bytes: int = 1024 * 1024
+    """The most of a job's log one /logs reply carries (its end; follow=true streams it all)."""
+    max_connections: int = 512
+    """Open connections before a new one is answered 503 and closed (the process's open-file limit
+    is raised to fit them, or the server refuses to start)."""
     job_command: tuple[str, ...] = (sys.executable, "-m", "services.cli")
     """The `dlrl` command as the Ray nodes run it (default: this interpreter's)."""
     ray_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_active_jobs", "rate_limit_per_minute", "submit_limit_per_minute"):
+        for name in ("max_body_bytes", "max_active_jobs", "rate_limit_per_minute", "submit_limit_per_minute",
+                     "max_log_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) \
+                or self.max_connections < 1:
+            raise ConfigError(f"max_connections must be a positive integer, got {self.max_connections!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | os._Environ = os.environ, settings_file: str | Path | None = None,
