@@ -56,15 +56,14 @@ def test_a_jobs_redis_password_reaches_no_ray_log(ray_cluster, secret_redis, tmp
             submission_id = job["submission_id"]
     finally:
         api.stop()
-    # The job read its URL from the 0600 file and removed it before it started.
-    assert not (tmp_path / "runs" / job_id / ".redis-url").exists()
+    assert not (tmp_path / "runs" / job_id / ".redis-url").exists()  # the job read it, then removed it
+    leaks = files_containing(ray_cluster.temp_dir, password)
+    assert leaks == [], f"the Redis password is in clear in Ray's files: {leaks}"
     # Ray's record of the job (what anyone holding the cluster token reads) names the file, not the URL.
     info = httpx.get(f"{ray_cluster.dashboard_url}/api/jobs/{submission_id}", headers=ray_auth(ray_cluster),
                      timeout=10)
     assert info.status_code == 200, info.text
     assert "DLRL_REDIS_URL_FILE" in info.text and secret_redis.password not in info.text
-    leaks = files_containing(ray_cluster.temp_dir, password)
-    assert leaks == [], f"the Redis password is in clear in Ray's files: {leaks}"
 
 
 def ray_auth(head) -> dict[str, str]:
