@@ -12,8 +12,9 @@ folder every local user can read) and shows it to anyone holding the cluster tok
 written instead to `<runs dir>/<job id>/.redis-url`, mode 0600 (the runs dir is already shared
 with the Ray nodes, and jobs run as the server's user), and only that path travels, as
 DLRL_REDIS_URL_FILE; the job reads it into its own environment and deletes it before it starts
-(`adopt_redis_url_file`). Under a
-wall-clock limit the entrypoint runs under coreutils `timeout`, which stops it (SIGTERM, then
+(`adopt_redis_url_file`).
+
+Under a wall-clock limit the entrypoint runs under coreutils `timeout`, which stops it (SIGTERM, then
 SIGKILL 30 s later) even while no API process runs; Ray reports the exit status 124 and
 `wall_clock_message` turns that into words.
 """
@@ -26,9 +27,8 @@ import shlex
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from dlrl.config import JobSpec
 from dlrl.tasks import IMPORT_PATHS_ENV
