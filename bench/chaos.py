@@ -1,17 +1,20 @@
 """Faults as they really happen, on a real cluster: SIGKILLs of a rollout worker's process, the
-learner's process and redis-server (restarted from its AOF), sent by pid while steps run.
+learner's process (while it steps, or inside a checkpoint write) and redis-server (restarted from
+its AOF), sent by pid while steps run.
 
 The run is the shipped distributed tiny job (deploy/jobs/tiny-sudoku-distributed.toml: 2 workers,
 Redis Streams, max_staleness = 1, checkpoint_every = 10), 40 steps, with the faults of issue 13 at
-steps 8 / 18 / 28 and, by default, a second round at 12 / 24 / 34. The run must finish every step,
+steps 8 / 18 / 28, by default a second round at 12 / 24 / 34, and a learner killed inside the
+checkpoint write after step 15 (the save of step 20: `save`). The run must finish every step,
 train each of the 40 x 16 = 640 expected group ids exactly once (the final checkpoint's list),
-log each step once, and leave no Redis key of the run behind. Writes bench/results/chaos.json
+log each step once, count in metrics.jsonl every group it dropped, and leave no Redis key of the
+run and no temporary checkpoint folder behind. Writes bench/results/chaos.json
 with the recovery time of every fault (to the first step logged after it, and until the run was
 back past the step it had reached) and the counts.
 
     python bench/chaos.py                    # about 5 min on 2 cores
     python bench/chaos.py --max-staleness 0 --out bench/results/chaos-sync.json   # the same, synchronous
-    python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner
+    python bench/chaos.py --steps 12 --faults 3:worker:0,6:redis,9:learner,10:save
 
 tests/test_chaos.py runs `run_with_faults` on a smaller job in CI.
 
@@ -47,19 +50,22 @@ from services.driver.progress import read_metrics  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku-distributed.toml"
 RESULTS = ROOT / "bench/results"
-DEFAULT_FAULTS = "8:worker:0,12:worker:1,18:redis,24:redis,28:learner,34:learner"
+DEFAULT_FAULTS = "8:worker:0,12:worker:1,15:save,18:redis,24:redis,28:learner,34:learner"
+DROPS = ("duplicates_dropped", "stale_dropped", "future_dropped")
+SAVE_WAIT_S = 300.0
+"""Longest a `save` fault waits for the next checkpoint write to reach its hold."""
 
 
 @dataclass
 class Fault:
     step: int  # injected once the run has logged this train step
-    target: str  # "worker:<i>", "learner" or "redis"
+    target: str  # "worker:<i>", "learner", "redis", or "save" (the learner, inside the next checkpoint write)
 
     @classmethod
     def parse(cls, text: str) -> "Fault":
         step, target = text.split(":", 1)
-        if target != "learner" and target != "redis" and not target.startswith("worker:"):
-            raise ValueError(f"fault target {target!r} must be worker:<i>, learner or redis")
+        if target not in ("learner", "redis", "save") and not target.startswith("worker:"):
+            raise ValueError(f"fault target {target!r} must be worker:<i>, learner, redis or save")
         return cls(int(step), target)
 
 
@@ -79,8 +85,32 @@ def actor_pid(head: RayHead, name: str) -> int:
         time.sleep(0.5)
 
 
-def kill(fault: Fault, run_id: str, head: RayHead, redis: RedisProcess, redis_down_s: float) -> int:
+def kill_inside_save(run_dir: Path, run_id: str, head: RayHead) -> int:
+    """SIGKILL the lead learner inside its next checkpoint write: the learner holds that save with
+    its temporary folder written, not renamed, while <checkpoint>.hold-save exists (learner.train),
+    so the kill lands there every time. The hold is lifted once the learner is dead."""
+    from learner.train import HOLD_SAVE, STATE_JSON
+
+    hold = run_dir / f"checkpoint{HOLD_SAVE}"
+    hold.touch()
+    try:
+        deadline = time.monotonic() + SAVE_WAIT_S
+        while not list(run_dir.glob(f"checkpoint.tmp-*/{STATE_JSON}")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no checkpoint write reached its hold within {SAVE_WAIT_S:.0f}s")
+            time.sleep(0.05)
+        pid = actor_pid(head, f"dlrl:{run_id}:learner")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+    finally:
+        hold.unlink(missing_ok=True)
+
+
+def kill(fault: Fault, run_id: str, head: RayHead, redis: RedisProcess, redis_down_s: float,
+         run_dir: Path) -> int:
     """SIGKILL the fault's process by pid (redis-server: then start it again on its AOF)."""
+    if fault.target == "save":
+        return kill_inside_save(run_dir, run_id, head)
     if fault.target == "redis":
         pid = redis.proc.pid
         os.kill(pid, signal.SIGKILL)
@@ -131,7 +161,11 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
             fault = todo.pop(0)
             seen = {json.dumps(r, sort_keys=True) for r in records}
             t_kill = time.monotonic()
-            pid = kill(fault, spec.name, head, redis, redis_down_s)
+            pid = kill(fault, spec.name, head, redis, redis_down_s, run_dir)
+            if fault.target == "save":  # it waited for the save: count from the kill, from where the run was then
+                records = [r for r in read_metrics(metrics) if r.get("kind") == "train"]
+                seen, t_kill = {json.dumps(r, sort_keys=True) for r in records}, time.monotonic()
+                reached = max((r["step"] for r in records), default=-1)
             injected.append({"step": fault.step, "target": fault.target, "pid": pid, "reached": reached,
                              "t_kill": t_kill, "seen": seen})
         time.sleep(0.1)
@@ -146,7 +180,8 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
     shares = split(spec.rollout.prompts_per_step, spec.rollout.num_workers)
     expected = {f"{spec.name}/b{b}-w{w}-{k}" for b in range(spec.train.steps) for w, n in enumerate(shares)
                 for k in range(n)}
-    trained = read_state(run_dir / "checkpoint")["trained_groups"]
+    final = read_state(run_dir / "checkpoint")
+    trained = final["trained_groups"]
     train = [r for r in read_metrics(metrics) if r.get("kind") == "train"]
     import redis as redis_py
 
@@ -164,6 +199,10 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
         "duplicates_dropped": sum(r.get("duplicates_dropped", 0) for r in train),
         "future_dropped": sum(r.get("future_dropped", 0) for r in train),
         "stale_dropped": sum(r.get("stale_dropped", 0) for r in train),
+        # The learner's own running totals (its last checkpoint): metrics.jsonl must show every drop.
+        "drops_in_checkpoint": {k: final["counts"][k] for k in DROPS},
+        "drops_in_metrics": {k: sum(r.get(k, 0) for r in train) for k in DROPS},
+        "temporary_folders_left": sorted(p.name for p in run_dir.glob("**/*.tmp-*")),
         "max_staleness_seen": max(r["max_staleness"] for r in train),
         "worker_restarts": sum(r.get("worker_restarts", 0) for r in train),
         "queue_keys_left": left,
@@ -180,7 +219,8 @@ def summary_line(label: str, report: dict) -> str:
             f"{report['trained_groups']} groups trained, {report['distinct_trained_groups']} distinct of "
             f"{report['expected_groups']} expected, {report['duplicates_dropped']} duplicates dropped, "
             f"{report['stale_dropped']} stale dropped, {report['worker_restarts']} worker restarts, "
-            f"{len(report['queue_keys_left'])} queue keys left, {report['wall_seconds']}s; {faults}")
+            f"{len(report['queue_keys_left'])} queue keys left, "
+            f"{len(report['temporary_folders_left'])} temporary folders left, {report['wall_seconds']}s; {faults}")
 
 
 def main() -> None:
@@ -221,6 +261,7 @@ def main() -> None:
         "every_step_logged_once": report["steps_logged"] == list(range(args.steps)),
         "every_group_trained_once": (report["trained_groups"] == report["distinct_trained_groups"]
                                      == report["expected_groups"] and not report["missing_groups"]),
+        "every_drop_in_metrics": report["drops_in_metrics"] == report["drops_in_checkpoint"],
     }
     result["steps_logged"] = len(report["steps_logged"])
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

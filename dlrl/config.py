@@ -300,11 +300,14 @@ class RuntimeSpec(Section):
     b <= version + S, so workers generate at most S weight versions ahead of the learner. The
     bound is kept by that dispatch rule, not by dropping late groups: every group is trained at
     its step (only a group whose step is already done, e.g. a rewound run's leftover, is dropped
-    and counted as stale_dropped)."""
+    and counted as stale_dropped). A run resumed with `--resume` is bit-identical to the
+    uninterrupted one only at 0: with S >= 1 the S batches after the checkpoint are regenerated
+    by the checkpoint's weights, not the older ones that first made them (services.driver.driver)."""
     max_restarts: int = Field(3, ge=0, le=1000)
     """Times Ray restarts a crashed rollout worker and retries its call (its unfinished groups
-    are redone), and times the driver rebuilds a dead learner from its checkpoint without a step
-    finishing in between (then the run fails)."""
+    are redone), and times the driver rebuilds a dead learner (dead in a step or a checkpoint
+    write) from its checkpoint without the run getting past the furthest step it had finished
+    (then the run fails)."""
     keep_checkpoints: bool = False
     """Also keep every checkpoint (each checkpoint_every steps, and the last) as
     <run>/checkpoints/step-<k> (weights and trainer_state.json, no optimizer state), and record in

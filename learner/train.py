@@ -75,6 +75,35 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         tmp.rename(path)
 
 
+def recover_checkpoint(path: str | Path) -> None:
+    """Undo what a save killed half-way left next to checkpoint `path` (call it while no learner
+    writes there: at a run's start and before a dead learner is rebuilt).
+
+    Its `.tmp-*` folder is removed (the save never finished, and its steps' queue entries were
+    never acknowledged, so the run redoes them), as is a leftover `.old`; and a save killed between
+    the two renames of `_replace_dir` left only `.old`, which is put back: that checkpoint is the
+    last one whose entries were acknowledged."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.is_dir() and not path.exists():
+        old.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(path.name + ".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+HOLD_SAVE = ".hold-save"
+"""Fault injection (tests/test_chaos.py, bench/chaos.py): while `<checkpoint>.hold-save` exists,
+a save waits with its temporary folder written and not yet renamed, so a SIGKILL lands inside it."""
+
+
+def _hold_for_fault_injection(path: Path) -> None:
+    hold = path.with_name(path.name + HOLD_SAVE)
+    while hold.exists():
+        time.sleep(0.05)
+
+
 def read_state(checkpoint: str | Path) -> dict | None:
     """The JSON half of a checkpoint's resume state (step, version, trained group ids, driver cursor)."""
     path = Path(checkpoint) / STATE_JSON
@@ -108,6 +137,7 @@ class Learner:
         self._trained_set: set[str] = set()
         self.unacked: list[str] = []  # queue entries used by steps not yet in a checkpoint
         self.counts = {"duplicates_dropped": 0, "stale_dropped": 0, "future_dropped": 0}
+        self.reported = dict(self.counts)  # the counts as of the last step's metrics
         self.publisher = WeightPublisher.from_spec(spec.weights)
         self.queue: TrajectoryQueue | None = None  # opened by the lead's first step_from_queue
         self.ahead: dict[int, dict[str, Delivery]] = {}  # batch -> its groups read so far, not yet trained
@@ -229,7 +259,7 @@ class Learner:
                 raise RuntimeError(f"the lead learner failed before step {batch} (its error is the run's)")
             return self.step([TrajectoryGroup.from_bytes(b) for b in blobs])
         try:
-            chosen, waited, before = self._collect(batch, n_groups, timeout)
+            chosen, waited = self._collect(batch, n_groups, timeout)
         except BaseException:
             if self.rank.sharded:
                 sharding.broadcast_blobs([])  # release the other ranks
@@ -247,17 +277,19 @@ class Learner:
             redeliveries=sum(d.deliveries > 1 for d in chosen),
             queue_depth=self.queue.depth(),
             groups_ahead=sum(len(v) for v in self.ahead.values()),
-            **{k: self.counts[k] - before[k] for k in self.counts},
+            # Every drop since the last step's metrics, those made while this learner opened the
+            # queue included (a rebuilt learner drops the dead timeline's groups there).
+            **{k: self.counts[k] - self.reported[k] for k in self.counts},
         )
+        self.reported = dict(self.counts)
         return metrics
 
-    def _collect(self, batch: int, n_groups: int, timeout: float) -> tuple[list[Delivery], float, dict]:
-        """The lead's wait for batch `batch`'s groups (sorted), the seconds waited, counts before."""
+    def _collect(self, batch: int, n_groups: int, timeout: float) -> tuple[list[Delivery], float]:
+        """The lead's wait for batch `batch`'s groups (sorted) and the seconds waited."""
         if self.queue is None:
             self._open_queue()
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeout
-        before = dict(self.counts)
         while len(have := self.ahead.get(batch, {})) < n_groups:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -267,7 +299,7 @@ class Learner:
             self._file(self.queue.get(n_groups - len(have), timeout=min(left, 5.0)))
         waited = time.perf_counter() - t0
         chosen = sorted(self.ahead.pop(batch).values(), key=lambda d: (d.group.policy_version, d.group.group_id))
-        return chosen, waited, before
+        return chosen, waited
 
     # -- weights and checkpoints --------------------------------------------------------------
 
@@ -369,6 +401,7 @@ class Learner:
         state = {"version": self.version, "step": self.version, "trained_groups": self.trained,
                  "counts": self.counts, "learner_ranks": self.rank.world}
         (tmp / STATE_JSON).write_text(json.dumps(state) + "\n")
+        _hold_for_fault_injection(path)
         if keep is not None:
             keep = Path(keep)
             keep.parent.mkdir(parents=True, exist_ok=True)
@@ -397,3 +430,4 @@ class Learner:
         self.trained = list(state["trained_groups"])
         self._trained_set = set(self.trained)
         self.counts = dict(state["counts"])
+        self.reported = dict(self.counts)

@@ -290,6 +290,9 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
 
 
 def _train(spec: JobSpec, args: argparse.Namespace) -> int:
+    from services.api.launcher import adopt_redis_url_file
+
+    adopt_redis_url_file()  # an API job: its Redis URL comes in a 0600 file, never in Ray's runtime env
     on_record = None
     if args.job_id:
         from services.api.jobstore import JobStore, MetricMirror

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from dlrl.config import JobSpec
 from dlrl.tasks import get_task
 from dlrl.tasks.data_root import DATA_ROOT_ENV, DataPathError, resolve_data_path
 from services.api.admission import DEFAULT_LIMITS, REQUIRED_FIELDS, AdmissionPolicy, AdmissionRefused, admit
-from services.api.launcher import SPEC_ENV, job_entrypoint, job_env, wall_clock_message
+from services.api.launcher import SPEC_ENV, adopt_redis_url_file, job_entrypoint, job_env, wall_clock_message
 from services.api.ratelimit import RateLimit, token_key
 from services.api.settings import ApiSettings, ConfigError
 
@@ -75,13 +76,13 @@ def test_tasks_outside_the_registry_are_refused(name):
     assert repr(name) in reason and "registered tasks only" in reason
 
 
-def test_an_operator_listed_import_path_is_admitted_and_given_to_the_job():
+def test_an_operator_listed_import_path_is_admitted_and_given_to_the_job(tmp_path):
     policy = AdmissionPolicy(tasks=("mypkg.tasks:factory",))
     assert refusals(small(task={"name": "mypkg.tasks:factory", "options": {"k": 1}}), policy) == {}
     assert "task.name" in refusals(small(task={"name": "os:system"}), policy)
-    env = job_env(ApiSettings(token="t", admission=policy), admitted(small()), "j-000000000001")
+    env = job_env(ApiSettings(token="t", admission=policy, runs_dir=tmp_path), admitted(small()), "j-000000000001")
     assert env["DLRL_TASK_IMPORT_PATHS"] == "mypkg.tasks:factory"
-    assert job_env(ApiSettings(token="t"), admitted(small()), "j-1")["DLRL_TASK_IMPORT_PATHS"] == ""
+    assert job_env(ApiSettings(token="t", runs_dir=tmp_path), admitted(small()), "j-1")["DLRL_TASK_IMPORT_PATHS"] == ""
 
 
 def test_task_options_are_the_factorys_own_with_small_json_values():
@@ -173,13 +174,21 @@ def test_lora_targets_cannot_be_backtracking_regexes():
 # ---------------------------------------------------------------- addresses and sizes
 
 
-def test_queue_and_ray_addresses_are_the_servers():
+def test_queue_and_ray_addresses_are_the_servers(tmp_path):
     got = refusals(small(queue={"backend": "redis", "redis_url": "redis://:pw@10.0.0.1:6379/0"},
                          runtime={"ray_address": "ray://10.0.0.2:10001"}))
     assert "set by the server" in got["queue.redis_url"] and "set by the server" in got["runtime.ray_address"]
     assert refusals(small(queue={"backend": "redis"})) == {}  # the server's Redis is used
-    env = job_env(ApiSettings(token="t", redis_url="redis://:s@127.0.0.1:1/0"), admitted(small()), "j-1")
-    assert env["DLRL_REDIS_URL"] == "redis://:s@127.0.0.1:1/0"
+    url = "redis://:s3cret@127.0.0.1:1/0"
+    env = job_env(ApiSettings(token="t", redis_url=url, runs_dir=tmp_path), admitted(small()), "j-1")
+    # The URL holds the password: Ray logs a runtime env in clear, so only a 0600 file's path goes there.
+    assert "DLRL_REDIS_URL" not in env and not any("s3cret" in v for v in env.values())
+    secret = Path(env["DLRL_REDIS_URL_FILE"])
+    assert secret.parent == tmp_path / "j-1" and secret.read_text() == url
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    job = {**env}
+    adopt_redis_url_file(job)  # what the job does first: the URL into its own environment, the file gone
+    assert job["DLRL_REDIS_URL"] == url and "DLRL_REDIS_URL_FILE" not in job and not secret.exists()
     assert JobSpec.model_validate_json(env[SPEC_ENV]).runtime.ray_address is None
 
 

@@ -1,8 +1,11 @@
 """Chaos in CI: real SIGKILLs, by pid, of a rollout worker's process, redis-server (restarted from
 its AOF) and the learner's process, while a two-worker run on the Redis Streams queue is stepping,
 both synchronous (max_staleness = 0) and asynchronous (max_staleness = 1). The run must finish, log
-every step once, train every expected group id exactly once, and leave no Redis key of the run
-behind. Then the whole `dlrl train` SIGKILLed and resumed with `--resume`, the same checks.
+every step once, train every expected group id exactly once, count in metrics.jsonl every group it
+dropped, and leave no Redis key of the run behind. Then the learner SIGKILLed inside a checkpoint
+write: rebuilt from the checkpoint before, it must end bit-identical to its fault-free twin and
+leave no temporary checkpoint folder. Then the whole `dlrl train` SIGKILLed and resumed with
+`--resume`, the same checks.
 
 The session Ray head is shared; Redis is each test's own server (the session one is not killed
 under the other tests), with `appendfsync always` (see bench/chaos.py). bench/chaos.py runs the
@@ -18,8 +21,11 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import redis
+import torch
 
 from bench.chaos import Fault, actor_pid, run_with_faults, summary_line
 from tests.local_cluster import RedisProcess
@@ -27,7 +33,10 @@ from dlrl.queue import default_capacity, open_queue
 from learner.train import read_state
 from services.cli import load_spec
 from services.driver.progress import read_metrics
-from tests.test_runtime import DEADLINE_S, ROOT, expected_group_ids, tiny_spec, trained_groups, wait_for_step
+from services.driver.driver import run
+from tests.test_runtime import (
+    DEADLINE_S, ROOT, expected_group_ids, tiny_spec, trained_groups, wait_for_step, weights,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +78,44 @@ def test_worker_redis_and_learner_sigkills_lose_and_repeat_nothing(max_staleness
     assert [f["target"] for f in report["faults"]] == ["worker:0", "redis", "learner"]
     assert all("caught_up_s" in f for f in report["faults"]), report["faults"]
     assert report["queue_keys_left"] == []
+    assert report["drops_in_metrics"] == report["drops_in_checkpoint"]  # groups dropped at a rebuild included
+
+
+COMPARED = ("reward", "reward_std_in_group", "loss", "grad_norm", "elbo_old", "lr")
+"""A train record's numbers that must be the fault-free twin's (timings and fault counts differ)."""
+
+
+def test_learner_killed_inside_a_checkpoint_write_is_rebuilt_and_ends_as_its_twin(ray_cluster, own_redis, tmp_path,
+                                                                                  monkeypatch, report_counts):
+    """Issue 20: the lead learner SIGKILLed while it writes the checkpoint of step 4 (held there by
+    its fault-injection hook, so the kill lands inside the write every time) ended the run. Now it
+    is rebuilt from the checkpoint of step 2 like any other death, and the synchronous run ends
+    bit-identical to the same run never faulted, with no `checkpoint.tmp-*` folder left."""
+    monkeypatch.setenv("DLRL_REDIS_URL", own_redis.url)
+
+    def spec_in(out_dir):
+        spec = tiny_spec(out_dir, "chaos-save", ray_address=ray_cluster.address, checkpoint_every=2)
+        return spec.model_copy(update={"queue": spec.queue.model_copy(update={"backend": "redis"})})
+
+    twin = spec_in(tmp_path / "twin")
+    run(twin)
+    spec = spec_in(tmp_path / "faulted")
+    report = run_with_faults(spec, ray_cluster, own_redis, [Fault(2, "save")], timeout_s=600)
+    report_counts(summary_line("chaos kill inside a checkpoint write", report))
+    steps = spec.train.steps
+    assert report["steps_logged"] == list(range(steps))
+    assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"]
+    assert report["missing_groups"] == [] and report["unexpected_groups"] == []
+    assert [f["target"] for f in report["faults"]] == ["save"] and "caught_up_s" in report["faults"][0]
+    assert report["temporary_folders_left"] == []
+    assert not (tmp_path / "faulted" / "chaos-save" / "checkpoint.old").exists()
+    assert report["drops_in_metrics"] == report["drops_in_checkpoint"]
+    assert report["queue_keys_left"] == []
+    ref = weights(twin)
+    assert all(torch.equal(v, ref[k]) for k, v in weights(spec).items())
+    mine, theirs = ([{k: r[k] for k in COMPARED} for r in read_metrics(Path(s.runtime.out_dir) / s.name / "metrics.jsonl")
+                     if r.get("kind") == "train"] for s in (spec, twin))
+    assert mine == theirs
 
 
 def live_actors(head, run_id: str) -> list[str]:

@@ -101,3 +101,21 @@ def test_a_group_checkpoint_refuses_another_group_size(group_run):
     single = group_run.model_copy(update={"runtime": group_run.runtime.model_copy(update={"learner_ranks": 1})})
     with pytest.raises(GroupSizeError, match=r"learner group of 2 rank\(s\); this run has 1.*learner_ranks = 2"):
         Learner(single, "grp", str(ckpt))
+
+
+def test_lead_killed_inside_a_group_checkpoint_write_is_rebuilt_with_its_group(ray_cluster, redis_server, tmp_path,
+                                                                               monkeypatch, group_run):
+    """Issue 20: a rank SIGKILLed while the group writes its checkpoint ended the run. The lead is
+    held inside the write of step 4 (after every rank wrote its shards, before the rename) and
+    killed there; its peer, waiting in the barrier, is killed with the group, which is rebuilt
+    from step 2 and ends bit-identical, with no temporary folder left."""
+    from bench.chaos import Fault, run_with_faults
+
+    monkeypatch.setenv("DLRL_REDIS_URL", redis_server.url)
+    spec = group_spec(tmp_path, ray_cluster)
+    report = run_with_faults(spec, ray_cluster, redis_server, [Fault(2, "save")], timeout_s=DEADLINE_S * 2)
+    assert report["steps_logged"] == list(range(spec.train.steps))
+    assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"]
+    assert [f["target"] for f in report["faults"]] == ["save"] and report["temporary_folders_left"] == []
+    assert report["drops_in_metrics"] == report["drops_in_checkpoint"]
+    _same_weights(spec, group_run)

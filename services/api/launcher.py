@@ -3,9 +3,18 @@ with (its entrypoint and environment).
 
 Each accepted job runs as a Ray Job whose entrypoint is `dlrl train --spec-env DLRL_JOB_SPEC
 --job-id <id>`: the admitted spec travels as JSON in the job's runtime environment (parsed by
-pydantic again in the job, never a pickle), with the server's Redis URL, the data root and the task
-import paths the operator allows; nothing of the spec decides where the job connects. Under a
-wall-clock limit the entrypoint runs under coreutils `timeout`, which stops it (SIGTERM, then
+pydantic again in the job, never a pickle), with the data root and the task import paths the
+operator allows; nothing of the spec decides where the job connects.
+
+The server's Redis URL (it holds the Redis password) never goes into the runtime environment: Ray
+writes a job's runtime environment in plain text to its logs (runtime_env_agent.log, under a temp
+folder every local user can read) and shows it to anyone holding the cluster token. The URL is
+written instead to `<runs dir>/<job id>/.redis-url`, mode 0600 (the runs dir is already shared
+with the Ray nodes, and jobs run as the server's user), and only that path travels, as
+DLRL_REDIS_URL_FILE; the job reads it into its own environment and deletes it before it starts
+(`adopt_redis_url_file`).
+
+Under a wall-clock limit the entrypoint runs under coreutils `timeout`, which stops it (SIGTERM, then
 SIGKILL 30 s later) even while no API process runs; Ray reports the exit status 124 and
 `wall_clock_message` turns that into words.
 """
@@ -13,11 +22,13 @@ SIGKILL 30 s later) even while no API process runs; Ray reports the exit status 
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from dlrl.config import JobSpec
@@ -26,6 +37,10 @@ from dlrl.tasks.data_root import DATA_ROOT_ENV
 from services.api.settings import ApiSettings
 
 SPEC_ENV = "DLRL_JOB_SPEC"
+REDIS_URL_ENV = "DLRL_REDIS_URL"
+REDIS_URL_FILE_ENV = "DLRL_REDIS_URL_FILE"
+"""The path of the file holding the job's Redis URL (the URL itself is never in the job's runtime env)."""
+REDIS_URL_FILE = ".redis-url"
 SUBMIT_TIMEOUT_S = 120.0
 TIMEOUT_EXIT = 124
 """coreutils `timeout`'s exit status when it stopped the command."""
@@ -43,11 +58,38 @@ def job_entrypoint(settings: ApiSettings, job_id: str) -> str:
     return shlex.join(command)
 
 
+def write_redis_url_file(settings: ApiSettings, job_id: str) -> Path:
+    """Write the server's Redis URL to <runs dir>/<job id>/.redis-url, readable by this user only
+    (created 0600, never through a symlink, and chmod-ed again should it exist already)."""
+    folder = settings.runs_dir / job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REDIS_URL_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(settings.redis_url)
+    return path
+
+
+def adopt_redis_url_file(environ: MutableMapping[str, str] = os.environ) -> None:
+    """In the job: read the Redis URL from the file DLRL_REDIS_URL_FILE names into this process's
+    DLRL_REDIS_URL (where the queue and the metric mirror look for it), then delete the file: the
+    secret is on disk only until the job starts. Nothing when the variable is not set."""
+    name = environ.pop(REDIS_URL_FILE_ENV, None)
+    if not name:
+        return
+    path = Path(name)
+    environ[REDIS_URL_ENV] = path.read_text().strip()
+    path.unlink(missing_ok=True)
+
+
 def job_env(settings: ApiSettings, spec: JobSpec, job_id: str) -> dict[str, str]:
-    """The job's environment: its spec, the server's Redis, and the operator's data root and task
-    import paths (set even when empty, so a value on the Ray nodes cannot widen them)."""
+    """The job's environment: its spec, where to read the server's Redis URL (written here, see
+    the module docstring), and the operator's data root and task import paths (set even when
+    empty, so a value on the Ray nodes cannot widen them)."""
     env = {SPEC_ENV: spec.model_dump_json(), "DLRL_JOB_ID": job_id,
-           "DLRL_REDIS_URL": settings.redis_url, "DLRL_REDIS_PREFIX": settings.redis_prefix,
+           REDIS_URL_FILE_ENV: str(write_redis_url_file(settings, job_id)),
+           "DLRL_REDIS_PREFIX": settings.redis_prefix,
            IMPORT_PATHS_ENV: ",".join(settings.admission.import_paths)}
     if settings.admission.data_root is not None:
         env[DATA_ROOT_ENV] = settings.admission.data_root

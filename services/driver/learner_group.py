@@ -28,6 +28,15 @@ CALL_WAIT_S = 1800.0
 """Longest the driver waits for an actor call (a save, an evaluation, a weight payload)."""
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank died (ray.kill, SIGKILL, OOM, node loss) during a call: the driver rebuilds
+    the group from the last checkpoint. `error` is Ray's RayActorError."""
+
+    def __init__(self, error: RayActorError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def get(refs, what: str, timeout: float = CALL_WAIT_S):
     """ray.get with a deadline and an error that says what did not answer."""
     try:
@@ -65,9 +74,24 @@ class LearnerGroup:
         """`method(*args)` on every rank; the lead's ref first."""
         return [getattr(a, method).remote(*args) for a in self.actors]
 
-    def run(self, method: str, *args, what: str):
-        """`call` and wait for every rank; the lead's result."""
-        return get(self.call(method, *args), what)[0]
+    def run(self, method: str, *args, what: str, timeout: float = CALL_WAIT_S):
+        """`call` and wait for every rank; the lead's result. LearnerDied when a rank died (its
+        peers may be stuck in a collective it never joined, so each rank is watched, not only the
+        lead); a rank's own exception is raised as is."""
+        refs = self.call(method, *args)
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0.0))
+            if not ready:
+                raise TimeoutError(f"dlrl: {what} did not answer within {timeout:.0f}s")
+            try:
+                ray.get(ready[0])
+            except RayError as e:
+                error = self.failure(refs, e)
+                raise (LearnerDied(error) if isinstance(error, RayActorError) else error) from e
+        return ray.get(refs[0])
 
     def failure(self, refs: list[ray.ObjectRef], first: Exception, wait_s: float = 60.0) -> Exception:
         """The error to act on when one rank's call failed: a dead rank (RayActorError: rebuild the
