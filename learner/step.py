@@ -14,7 +14,7 @@ import torch
 
 from dlrl.batch import TrainBatch
 from dlrl.config import TrainSpec
-from dlrl.elbo_terms import Piece
+from dlrl.elbo_terms import Piece, micro_batches
 from dlrl.precision import low_precision_masters
 from learner import sharding
 from learner.objectives import RatioStats, objective_for
@@ -27,10 +27,7 @@ def _pieces(batch: TrainBatch, size: int, rank: Rank) -> list[Piece]:
     each pass is a forward (and backward) whose collectives all ranks must join. A single process
     gets exactly its micro-batches, as before the learner group existed."""
     rows = rank.rows(batch.size)
-    out: list[Piece] = [
-        (batch.rows(s, min(s + size, rows.stop)), slice(s - rows.start, min(s + size, rows.stop) - rows.start))
-        for s in range(rows.start, rows.stop, size)
-    ]
+    out = micro_batches(batch.rows(rows.start, rows.stop), size)
     while len(out) < rank.passes(batch.size, size):
         out.append((batch.rows(0, 1), None))
     return out
