@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from dlrl.config import LoraSpec
 from dlrl.models import (
@@ -137,6 +137,19 @@ def test_mask_tokens_are_the_published_ids():
     # the original inference config has no mask_token_id: the family's <MASK> gives the same id
     inference = SDARConfig.from_dict(json.loads((CONFIGS / "sdar-1.7b-chat-config.json").read_text()))
     assert special_ids(inference, sdar_tokenizer(published_ids=True)).mask_id == sdar["mask_token_id"]
+
+
+def test_a_declared_mask_token_the_model_never_saw_does_not_win(tmp_path):
+    """SDAR's published tokenizer_config.json declares mask_token `<|MASK|>`, which is not in its
+    vocabulary: transformers adds it as a new id (151670). Without a mask_token_id in the config
+    (the original inference config has none) the family's `<MASK>` (151669) must still win."""
+    sdar_tokenizer(published_ids=True).save_pretrained(tmp_path)
+    tok_cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_cfg | {"mask_token": "<|MASK|>"}))
+    published = AutoTokenizer.from_pretrained(tmp_path)
+    assert published.mask_token_id == 151670  # the trap
+    inference = SDARConfig.from_dict(json.loads((CONFIGS / "sdar-1.7b-chat-config.json").read_text()))
+    assert special_ids(inference, published).mask_id == 151669
     tiny = json.loads((ROOT / "dlrl" / "assets" / "tiny-sudoku" / "config.json").read_text())
     assert token_id(build_char_tokenizer(), family_of(tiny).mask_token) == tiny["mask_token_id"]
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dlrl.footprint import shape_from_config
+from dlrl.footprint import model_config, shape_from_config
 from dlrl.models import SDARConfig, SDARForCausalLM, build_tiny_sdar, diffusion_logits, family_of, load_model
 from dlrl.models.block_mask import bd3_mask, block_causal_mask
+from dlrl.models.forward import cached_diffusion_logits
 from dlrl.models.kv_cache import KVCache
 from dlrl.models.padding import padding_positions
 from dlrl.models.published import check_checkpoint, published_names
@@ -194,6 +195,25 @@ def test_kv_cache_with_left_padding_equals_the_uncached_forward():
     assert max_diff(step, uncached[:, 8:]) <= TOL
 
 
+def test_cached_diffusion_logits_are_block_causal():
+    """The generic cached step (`cached_diffusion_logits`) forwards a block against the cache under
+    the rows of the block-causal mask: equal to the uncached forward, padded or not."""
+    native, _ = pair()
+    ids, _ = batch()
+    ids, mask = ids[:2].clone(), torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    for m in (None, mask):
+        with torch.no_grad():
+            uncached = diffusion_logits(native, ids, m)
+            cache = KVCache()
+            first = cached_diffusion_logits(native, ids, m, kv_cache=cache, start=0, end=11)
+            step = cached_diffusion_logits(native, ids, m, kv_cache=cache, start=8, end=11)
+            block = cached_diffusion_logits(native, ids, m, kv_cache=cache, start=4, end=8, keep=(4, 8))
+        assert max_diff(first, uncached) <= TOL
+        assert max_diff(step, uncached[:, 8:]) <= TOL
+        assert max_diff(block, uncached[:, 4:8]) <= TOL
+
+
 def test_bd3_training_forward_matches_the_published_layout():
     """The training layout [x_t ; x_0] (2L tokens, the same position ids twice): our bd3_mask is the
     published block_diff_mask for one sample, and the native forward under it equals the published
@@ -293,6 +313,16 @@ def test_published_configs_give_published_shapes(name):
         # SDAR-1.7B-Chat: Qwen3-1.7B's body with an untied head: 2.03 B parameters (1.72 B with the
         # head tied, as Qwen3-1.7B itself is; 151936 x 2048 = 0.31 B for the head).
         assert n_params == 2_031_739_904
+
+
+def test_plan_knows_the_published_sdar_sizes(tmp_path):
+    """`dlrl plan` reads the shipped configs by hub id, or a folder holding only config.json."""
+    assert 2 * shape_from_config(model_config("JetLM/SDAR-4B-Chat")).params() == 8_822_848_512
+    assert 2 * shape_from_config(model_config("JetLM/SDAR-8B-Chat")).params() == 16_381_470_720
+    assert shape_from_config(model_config("JetLM/SDAR-1.7B-Chat")).params() == 2_031_739_904
+    (tmp_path / "config.json").write_text((CONFIGS / "sdar-1.7b-chat-config.json").read_text())
+    shape = shape_from_config(model_config(str(tmp_path)))
+    assert shape.params() == 2_031_739_904 and shape.kv == 8 * 128 and shape.q == 2048
 
 
 def write_published_checkpoint(root: Path, *, shards: bool, config: str = "sdar-1.7b-chat-training-config.json"):

@@ -49,7 +49,8 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 def diffusion_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits (B, T, V) of a bidirectional masked-diffusion model (plain or peft-wrapped).
+    """Logits (B, T, V) of a masked-diffusion model (plain or peft-wrapped): bidirectional, or
+    block-causal for a block-diffusion family (the mask is built here, see the module docstring).
 
     attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding, or None. Position ids
     count from each row's first real token where the model accepts them, so a padded row gives
@@ -115,25 +116,32 @@ def cached_diffusion_logits(
     before the first position it predicts) and attend to the cached keys/values of the others.
     `keep` lets a sampler ask for the block it can commit only: a model whose forward takes
     `logits_to_keep` then projects just those positions onto the vocabulary.
-    attention_mask: (B, T) 1/0 padding mask of the whole sequence, or None. Native families only:
+    attention_mask: (B, T) 1/0 padding mask of the whole sequence, or None. A block-causal family
+    gets the forwarded rows of the sequence's block-causal mask (exact when the cached keys are
+    those of earlier, final blocks: they never see later ones). Native families only:
     the model's forward must take `kv_cache` and `cache_start` (dlrl.models.kv_cache).
     """
     lo, hi = keep if keep is not None else (start, end)
     if not start <= lo <= hi <= end:
         raise ValueError(f"keep [{lo}, {hi}) is not inside the forwarded positions [{start}, {end})")
-    shift = model_family(model).logit_shift
+    family = model_family(model)
+    shift = family.logit_shift
     first = 0 if start == 0 else start - shift
     if first < 0:
         raise ValueError(f"a block step at {start} needs position {first}: refresh from 0 first")
     b = x.shape[0]
+    width = max(len(kv_cache), end)  # keys attended after this call's update
     if attention_mask is None:
         positions = torch.arange(first, end, device=x.device).expand(b, -1)
         mask = None
     else:
         positions = padding_positions(attention_mask)[:, first:end]
         keep_keys = attention_mask.bool()
-        width = max(len(kv_cache), end)  # keys attended after this call's update
         mask = keep_keys[:, None, None, :width].expand(-1, 1, end - first, -1)
+    if family.attention == "block_causal":  # the rows [first, end) of the whole sequence's block-causal mask
+        size = family.block_size_for(getattr(_unwrapped(model), "config", None))
+        full = block_causal_mask(attention_mask, x.shape[1], size, device=x.device)
+        mask = full[:, :, first:end, :width].expand(b, -1, -1, -1)
     kwargs: dict = {}
     sliced = shift == 0 and (lo, hi) != (start, end) and _accepts(type(_unwrapped(model)).forward, "logits_to_keep")
     if sliced:
