@@ -314,6 +314,19 @@ def uncached(model, prompt: list[int], gen_length: int, rule: str, threshold: fl
     return x[0, p:p + gen_length]
 
 
+def test_a_long_prompt_prefilled_in_pieces_decodes_the_same(monkeypatch):
+    """The prompt blocks are prefilled PREFILL_CHUNK positions a forward (bounded masks and scores);
+    a block-causal prefix cached in pieces is the same cache."""
+    from rollout.engines import block
+
+    m, prompts = model_with(), prompts_of([30, 17, 41])
+    kw = dict(gen_length=10, steps=SIZE, block_remasking="low_confidence_dynamic", threshold=0.3)
+    whole, _, one = decode(m, prompts, **kw)
+    monkeypatch.setattr(block, "PREFILL_CHUNK", 2 * SIZE)
+    pieces, _, many = decode(m, prompts, **kw)
+    assert torch.equal(whole, pieces) and many.forwards == one.forwards + 4  # 36 prefilled columns: 5 forwards, not 1
+
+
 # --------------------------------------------------------------------------- batches
 
 @pytest.mark.parametrize("rule, threshold", RULES)

@@ -92,6 +92,9 @@ from rollout.rollout_stats import RolloutStats, eos_positions
 from rollout.sampler import Sample, num_transfer_tokens, select_transfer
 
 BLOCK_REMASKING = ("sequential", "low_confidence_static", "low_confidence_dynamic")
+PREFILL_CHUNK = 256
+"""Prompt positions prefilled per forward (rounded to whole blocks): bounds the (B, 1, q, T) mask
+and the attention scores of a long prompt. Exact: a block-causal prefix may be cached in pieces."""
 
 
 # --------------------------------------------------------------------------- sampling
@@ -268,8 +271,9 @@ def generate_block(
         return out
 
     start_col = int((p - shift.max()) // size)  # first block column where some row has masks
-    if start_col > 0:  # prefill: every column before it is prompt or padding in every row
-        forward(0, start_col * size, logits=False)
+    chunk = max(1, PREFILL_CHUNK // size) * size
+    for c0 in range(0, start_col * size, chunk):  # prefill: prompt or padding in every row
+        forward(c0, min(c0 + chunk, start_col * size), logits=False)
     for j in range(start_col, width // size):
         q0, q1 = j * size, (j + 1) * size
         for s in range(steps):
@@ -294,9 +298,10 @@ def generate_block(
             stats.confidence_count += int(commit.sum())
         if bool(todo[live, q0:q1].any()):
             raise RuntimeError("a block kept masks after its steps: the schedule must cover the block")
-        # EOS stop once the block is committed; rows whose last block this was are done too.
-        generated = ~is_prompt[live, :q1] & real[live, :q1]
-        stopped = (torch.isin(x[live, :q1], eos) & generated).any(dim=1)  # (R,)
+        # EOS stop once the block is committed (the columns before were checked when they were);
+        # rows whose last block this was are done too.
+        generated = ~is_prompt[live, q0:q1] & real[live, q0:q1]
+        stopped = (torch.isin(x[live, q0:q1], eos) & generated).any(dim=1)  # (R,)
         if bool(stopped.any()):
             rows = live[stopped]
             fill = todo[rows]  # the rest of these responses
