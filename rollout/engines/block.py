@@ -282,11 +282,16 @@ def generate_block(
                 break
             active = block_todo.any(dim=1)  # (R,) rows with masks here: only they draw (their own stream)
             logits = forward(q0, q1, logits=True)
-            x0 = torch.full(block_todo.shape, mask_id, dtype=torch.long, device=device)
-            confidence = torch.zeros(block_todo.shape, device=device)
-            x0[active], confidence[active] = sample_tokens(
-                logits[active], temperature=temperature, top_k=top_k, top_p=top_p, mask_id=mask_id,
-                generators=None if generators is None else [generators[i] for i in live[active].tolist()])
+            drawing = live if bool(active.all()) else live[active]
+            drawn = sample_tokens(
+                logits if drawing is live else logits[active], temperature=temperature, top_k=top_k, top_p=top_p,
+                mask_id=mask_id, generators=None if generators is None else [generators[i] for i in drawing.tolist()])
+            if drawing is live:
+                x0, confidence = drawn
+            else:  # rows done with this block neither draw nor commit
+                x0 = torch.full(block_todo.shape, mask_id, dtype=torch.long, device=device)
+                confidence = torch.zeros(block_todo.shape, device=device)
+                x0[active], confidence[active] = drawn
             commit = select_commits(block_todo, confidence, schedule[s], rule=block_remasking, threshold=threshold)
             x[live, q0:q1] = torch.where(commit, x0, x[live, q0:q1])
             step_of[live, q0:q1] = torch.where(commit, row_step[live, None], step_of[live, q0:q1])
