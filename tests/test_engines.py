@@ -17,6 +17,7 @@ from dlrl.models import SpecialIds
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
 from rollout.completion import left_pad, sample_completions
 from rollout.engines import ENGINES, check_decoding, make_engine
+from rollout.engines.block import BlockEngine
 from rollout.engines.cached import CachedEngine
 from rollout.engines.reference import ReferenceEngine
 from rollout.worker import RolloutWorker
@@ -24,6 +25,11 @@ from rollout.worker import RolloutWorker
 MASK_ID, EOS_ID, PAD_ID = 2, 1, 0
 IDS = SpecialIds(mask_id=MASK_ID, pad_id=PAD_ID, eos_ids=(EOS_ID,))
 BASE = {"gen_length": 8, "block_length": 4, "steps": 4}
+OWN = {"block": {"block_remasking": "sequential"}}
+"""Options an engine needs before it takes BASE (the block engine: its commit rule)."""
+LLADA_ENGINES = ["reference", "cached"]
+"""The engines of full-attention models, which the contract tests below drive with the built-in
+model; the block engine's (block-causal models only) are in tests/test_block_engine.py."""
 
 
 def model(seed: int = 0) -> BidirectionalModel:
@@ -50,10 +56,10 @@ def protocol_with(**decoding) -> EvalProtocol:
 # --------------------------------------------------------------------------- registry
 
 def test_one_registry_of_engines_each_with_the_protocol():
-    assert ENGINES == {"reference": ReferenceEngine, "cached": CachedEngine}
+    assert ENGINES == {"reference": ReferenceEngine, "cached": CachedEngine, "block": BlockEngine}
     m = model()
     for name, cls in ENGINES.items():
-        decoding = Decoding(engine=name, **BASE)
+        decoding = Decoding(engine=name, **BASE, **OWN.get(name, {}))
         engine = make_engine(decoding, m, IDS)
         assert isinstance(engine, cls) and engine.model is m and engine.ids == IDS
         for method in ("check", "generate", "load_weights"):
@@ -61,7 +67,7 @@ def test_one_registry_of_engines_each_with_the_protocol():
 
 
 def test_an_unknown_engine_is_refused_with_the_registered_names():
-    with pytest.raises(ValueError, match="engine 'fast' is not a rollout engine: one of reference, cached"):
+    with pytest.raises(ValueError, match="engine 'fast' is not a rollout engine: one of reference, cached, block"):
         check_decoding(Decoding(engine="fast", **BASE))
     with pytest.raises(ValidationError, match="engine"):
         Decoding(engine="Fast engine!", **BASE)
@@ -152,7 +158,7 @@ def test_sample_completions_refuses_a_decoding_for_another_engine():
 
 # --------------------------------------------------------------------------- the contract
 
-@pytest.mark.parametrize("name", list(ENGINES))
+@pytest.mark.parametrize("name", LLADA_ENGINES)
 def test_weights_taken_reach_the_next_generate(name):
     """load_weights, and the weight receiver's in-place writes into engine.model, are what the next
     call decodes with."""
@@ -167,7 +173,7 @@ def test_weights_taken_reach_the_next_generate(name):
     assert not torch.equal(before.tokens, want.tokens) and torch.equal(after.tokens, want.tokens)
 
 
-@pytest.mark.parametrize("name", list(ENGINES))
+@pytest.mark.parametrize("name", LLADA_ENGINES)
 def test_every_draw_comes_from_the_generator(name):
     """Same seed, same tokens, whatever the global RNG did in between; another seed, other tokens."""
     decoding = Decoding(engine=name, temperature=1.0, remasking="random", **BASE)
