@@ -27,6 +27,7 @@ from dlrl.config import LoraSpec
 from dlrl.models import (
     BidirectionalConfig,
     DreamConfig,
+    LLaDA2MoeConfig,
     LLaDAConfig,
     build_char_tokenizer,
     diffusion_logits,
@@ -52,11 +53,16 @@ def tiny_configs() -> dict[str, list[PretrainedConfig]]:
              "vocab_size": 100, "embedding_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
     dream = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
              "intermediate_size": 48, "vocab_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
+    llada2 = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+              "num_hidden_layers": 2, "intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2,
+              "n_group": 2, "topk_group": 1, "moe_intermediate_size": 16, "rotary_dim": None,
+              "vocab_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
     return {
         "tiny": [BidirectionalConfig(vocab_size=104, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=48)],
         "llada": [LLaDAConfig(**llada), LLaDAConfig(**llada, weight_tying=True, include_qkv_bias=True)],
         "dream": [DreamConfig(**dream), DreamConfig(**dream, tie_word_embeddings=True)],
+        "llada2": [LLaDA2MoeConfig(**llada2), LLaDA2MoeConfig(**llada2, tie_word_embeddings=True, use_bias=True)],
     }
 
 
@@ -166,10 +172,11 @@ def test_lookup_by_model_type_architectures_or_the_generic_record():
     assert REMOTE.shape(qwen2).qkv_bias and not REMOTE.shape(qwen2 | {"attention_bias": False}).qkv_bias
 
 
-def test_today_every_family_attends_fully():
-    """Block-causal attention is a record field with its block size (issue 18 registers such
-    families); a record that mixes the two up is refused when it is built."""
-    assert all(f.attention == "full" and f.block_size is None for f in FAMILIES)
+def test_attention_pattern_goes_with_a_block_size():
+    """Block-causal attention is a record field with its block size; a record that mixes the two
+    up is refused when it is built."""
+    assert all((f.attention == "block_causal") == (f.block_size is not None) for f in FAMILIES)
+    assert {f.name for f in FAMILIES if f.attention == "full"} >= {"tiny", "llada", "dream"}
     with pytest.raises(ValueError, match="block size"):
         Family(name="broken", attention="block_causal")
     with pytest.raises(ValueError, match="block size"):

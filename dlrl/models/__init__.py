@@ -1,4 +1,4 @@
-"""Model adapters: the model families (built-in, native LLaDA and Dream), loading, LoRA, special ids.
+"""Model adapters: the model families (built-in, native LLaDA, Dream and LLaDA2.x), loading, LoRA, special ids.
 
 Importing this package registers every family with native code (dlrl.models.families) with the
 transformers Auto classes, so plain `AutoModel.from_pretrained(dir)` (and `load_model(dir)`) open
@@ -13,6 +13,7 @@ from dlrl.models.dream import DreamConfig, DreamModel
 from dlrl.models.families import FAMILIES, Family, family_of
 from dlrl.models.forward import diffusion_logits
 from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
+from dlrl.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM, build_tiny_llada2
 from dlrl.models.loading import CheckpointNotFoundError, load_model
 from dlrl.models.lora import LoraSpec, default_target_modules
 from dlrl.models.special_ids import SpecialIds, special_ids
@@ -33,12 +34,15 @@ __all__ = [
     "DreamConfig",
     "DreamModel",
     "Family",
+    "LLaDA2MoeConfig",
+    "LLaDA2MoeModelLM",
     "LLaDAConfig",
     "LLaDAModelLM",
     "LoraSpec",
     "SpecialIds",
     "build_char_tokenizer",
     "build_tiny",
+    "build_tiny_llada2",
     "default_target_modules",
     "diffusion_logits",
     "family_of",
