@@ -355,3 +355,62 @@ def test_missing_or_extra_tensor_is_refused(tmp_path):
     save_file(no_bias, ckpt / "model.safetensors")  # the routing bias is part of the layout
     with pytest.raises(ValueError, match="missing 2 tensors"):
         load_model(ckpt)
+
+
+# --- dlrl plan: weights by total parameters, activations by active ones ---------------------------
+
+
+def test_moe_shape_counts_total_and_active_parameters_and_lora_of_a_model():
+    """On a tiny model: total = every parameter, active = without the experts a token skips, and
+    with every layer MoE (no fused-gate approximation left) the LoRA count is peft's exactly."""
+    from dlrl.config import LoraSpec
+    from dlrl.models.lora import apply_lora
+
+    cfg = tiny_config(first_k_dense_replace=0)
+    model = LLaDA2MoeModelLM(cfg)
+    shape = family_of(cfg).shape(cfg.to_dict())
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in model.model.layers[0].mlp.experts[0].parameters())
+    assert shape.params() == total and shape.moe_layers == 3 and shape.dense_count == 0
+    assert shape.active_params() == total - 3 * (8 - 2) * expert
+    wrapped = apply_lora(model, LoraSpec(r=2))
+    assert shape.lora_params(2) == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+
+
+def test_moe_block_activation_formula_by_hand():
+    s = fp.ModelShape(vocab=10, hidden=8, layers=3, heads=2, kv_heads=1, ffn=16, experts=4, experts_per_token=2,
+                      shared_experts=1, expert_ffn=4, dense_layers=1)
+    # 16h + b (6h + 3kv + 4 (k + shared) fe) + k h (2b + 4) + 8E, h 8, kv 4, k 2, fe 4, E 4:
+    assert fp.moe_block_activation_bytes(s, 2) == 128 + 2 * (48 + 12 + 48) + 16 * 8 + 32
+    dense, moe = fp.block_activation_bytes(s, 2), fp.moe_block_activation_bytes(s, 2)
+    assert fp.activation_bytes(s, rows=3, seq_len=5, compute_bytes=2, checkpointing=False) == 15 * (dense + 2 * moe)
+    assert fp.activation_bytes(s, rows=3, seq_len=5, compute_bytes=2, checkpointing=True) == 15 * (3 * 32 + max(dense, moe))
+
+
+def test_plan_sizes_llada2_weights_by_total_and_activations_by_active():
+    """LLaDA2.0-mini: every expert is stored, trained and gathered (16.26 B), but a token runs 8 of
+    256: four times the experts nearly quadruple the weights but change the activations by the router's 8 bytes
+    per expert only."""
+    from dataclasses import replace
+
+    shape = fp.shape_from_config(fp.model_config("inclusionAI/LLaDA2.0-mini"))
+    wide = replace(shape, experts=4 * shape.experts)
+    kw = dict(gpus=1, master_bytes=4, compute_bytes=2, rows=2, seq_len=768, resp_len=512)
+    mem, wide_mem = fp.learner_memory(shape, **kw), fp.learner_memory(wide, **kw)
+    assert mem.weights == 4 * shape.params() and mem.optimizer == 8 * shape.params()
+    assert 3.8 < wide_mem.weights / mem.weights < 4.0  # the experts are 93% of the weights
+    assert wide_mem.activations - mem.activations == 2 * 768 * 19 * 8 * 3 * shape.experts
+    assert fp.rollout_memory(shape, batch=1, seq_len=768, weight_bytes=2).weights == 2 * shape.params()
+    four = fp.learner_memory(shape, **(kw | {"gpus": 4}))
+    assert four.gathered == 2 * (2 * shape.moe_block_params() + shape.root_params())  # a MoE block is the largest
+
+
+def test_dlrl_plan_prints_total_and_active_parameters(tmp_path, capsys):
+    from services.cli import main
+
+    spec = tmp_path / "llada2.toml"
+    spec.write_text('name = "llada2-plan"\n[model]\npath = "inclusionAI/LLaDA2.0-mini"\ndtype = "bfloat16"\n'
+                    '[model.lora]\nr = 16\n')
+    main(["plan", str(spec), "--gpus", "8", "--gpu-memory", "80"])
+    out = capsys.readouterr().out
+    assert "16.26 B params (1.43 B active per token: 8 of 256 experts + 1 shared)" in out
