@@ -61,11 +61,12 @@ class ModelShape:
     tied: bool = False
     qkv_bias: bool = False
     head_dim: int | None = None
-    """Width of one head; None: hidden / heads."""
+    """Width of one attention head; None: hidden / heads (Qwen3 sets it apart: 4B has 2560 / 32 = 80
+    but head_dim 128)."""
     qk_norm: bool = False
-    """RMSNorm gains on every q and k head (head_dim each)."""
+    """Per-head RMSNorm gains on q and k (Qwen3, SDAR): 2 x head_dim parameters per block."""
     out_bias: bool = False
-    """A bias on the attention output projection."""
+    """A bias on the attention's out projection (Qwen3's `attention_bias` sets it with q, k, v's)."""
     experts: int = 0
     """Routed experts per MoE layer; 0: a dense model."""
     experts_per_token: int = 0
@@ -75,18 +76,19 @@ class ModelShape:
     """Layers with a dense SwiGLU of width ffn (the first ones); None: every layer."""
 
     @property
-    def head_width(self) -> int:
-        return self.head_dim or self.hidden // self.heads
+    def dim(self) -> int:
+        """Width of one attention head."""
+        return self.head_dim if self.head_dim is not None else self.hidden // self.heads
 
     @property
     def q(self) -> int:
-        """Width of Q: heads x head_dim (the hidden size unless head_dim says otherwise)."""
-        return self.heads * self.head_width
+        """Width of Q (and of the attention output): heads x head_dim; the hidden size unless head_dim says otherwise."""
+        return self.heads * self.dim
 
     @property
     def kv(self) -> int:
         """Width of K (and of V): kv_heads x head_dim."""
-        return self.kv_heads * self.head_width
+        return self.kv_heads * self.dim
 
     @property
     def moe_layers(self) -> int:
@@ -100,7 +102,7 @@ class ModelShape:
         """q, k, v and out projections (+ biases, q/k norm gains) and the block's two RMSNorm gains."""
         h, q, kv = self.hidden, self.q, self.kv
         return (h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.out_bias else 0)
-                + (2 * self.head_width if self.qk_norm else 0) + 2 * h)
+                + (2 * self.dim if self.qk_norm else 0) + 2 * h)
 
     def dense_block_params(self) -> int:
         """A dense block: attention + the SwiGLU's gate, up, down."""
@@ -193,30 +195,31 @@ class LearnerMemory:
 
 
 def block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
-    """Bytes autograd keeps per token for one dense block's backward: 16h + b (6h + 3kv + 4f).
+    """Bytes autograd keeps per token for one dense block's backward: 16h + b (2h + 4q + 3kv + 4f).
 
     Two RMSNorms each keep their float32 input and normalised value (8h) and the linear's input in
-    the compute dtype (b h); attention keeps the fused qkv output (h + 2kv), rotated q and k (h + kv),
-    the SDPA output and its reshaped copy for the out projection (2h), all in b; the SwiGLU keeps
+    the compute dtype (b h); attention keeps the fused qkv output (q + 2kv), rotated q and k (q + kv),
+    the SDPA output and its reshaped copy for the out projection (2q), all in b; the SwiGLU keeps
     the gate/up output (2f), silu(gate) (f) and the product fed to `down` (f). The residual stream
-    is float32 (embedding output plus bf16 branch outputs promotes to float32).
+    is float32 (embedding output plus bf16 branch outputs promotes to float32). q = h unless the
+    config sets head_dim apart (Qwen3); the per-head q/k norms' small saves are not counted.
     """
-    h, f, kv = shape.hidden, shape.ffn, shape.kv
-    return 16 * h + compute_bytes * (6 * h + 3 * kv + 4 * f)
+    h, f, q, kv = shape.hidden, shape.ffn, shape.q, shape.kv
+    return 16 * h + compute_bytes * (2 * h + 4 * q + 3 * kv + 4 * f)
 
 
 def moe_block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
     """Bytes per token for one MoE block's backward (dlrl/models/llada2.py), by what a token runs:
-    16h + b (6h + 3kv + 4 f_a) + k h (2b + 4) + 8E, with f_a = (k + shared) x expert_ffn.
+    16h + b (2h + 4q + 3kv + 4 f_a) + k h (2b + 4) + 8E, with f_a = (k + shared) x expert_ffn.
 
     Norms and attention as in a dense block; each of the k routed experts and the shared one keeps
     a SwiGLU's tensors (4 expert widths); each of the k slots also keeps its gathered input row and
     its output (2 b h) and the float32 copy the weighted sum multiplies (4h); the router keeps its
     float32 logits and sigmoid scores (8E).
     """
-    h, kv, k = shape.hidden, shape.kv, shape.experts_per_token
+    h, q, kv, k = shape.hidden, shape.q, shape.kv, shape.experts_per_token
     active_ffn = (k + shape.shared_experts) * shape.expert_ffn
-    return (16 * h + compute_bytes * (6 * h + 3 * kv + 4 * active_ffn) + k * h * (2 * compute_bytes + 4)
+    return (16 * h + compute_bytes * (2 * h + 4 * q + 3 * kv + 4 * active_ffn) + k * h * (2 * compute_bytes + 4)
             + 8 * shape.experts)
 
 

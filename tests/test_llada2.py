@@ -131,6 +131,24 @@ def test_matches_published_forward_with_left_padding(variant):
             assert max_diff(padded[row, -n:], published_alone[0]) <= TOL
 
 
+def test_diffusion_logits_scores_a_sequence_block_causally_with_block_32():
+    """The generic forward (dlrl.models.forward) gives a LLaDA2 model the family's block-causal
+    mask, block 32 on each row's own grid: a left-padded 70-token batch equals the published
+    forward of each row alone under the mask `generate` builds."""
+    native, ref = native_and_reference()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, 99, (2, 70), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        scored = diffusion_logits(native, ids, mask)
+        for row in range(2):
+            alone = ids[row, mask[row].bool()][None]
+            n = alone.shape[1]
+            assert max_diff(scored[row, -n:], ref(alone, published_block_mask(n, 32))[0]) <= TOL
+
+
 def test_train_mode_matches_the_published_training_branch_and_reaches_every_part():
     """In train mode the published block routes by masked assignment, not `moe_infer`: the same
     logits. One backward reaches the router (through the weights), the experts a token was sent
@@ -280,7 +298,7 @@ def test_family_record_holds_the_published_conventions():
     assert (family.attention, family.block_size, family.logit_shift, family.padding_mask) == (
         "block_causal", 32, 0, "4d")
     cfg = LLaDA2MoeConfig.from_dict(published_config())
-    assert (getattr(cfg, "block_size", None) or family.block_size) == 32  # config.json carries no block size
+    assert family.block_size_for(cfg) == 32  # config.json carries no block size: the family's
     assert family.mask_token == "<|mask|>" and cfg.pad_token_id == 156892
     assert family_of({"architectures": ["LLaDA2MoeModelLM"]}) is family
 

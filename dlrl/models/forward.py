@@ -9,6 +9,12 @@ additive bias, non-causal by construction), so it gets that; the native LLaDA (d
 also takes position ids. Dream's generation code builds a 4-D boolean (B, 1, T, T) mask from the
 padding mask and passes it straight to SDPA (True = may attend), and takes `position_ids`.
 
+Block diffusion: a family whose record says `attention = "block_causal"` (SDAR) attends
+bidirectionally inside a block and causally across blocks. Its models obey whatever 4-D mask they
+are given, so `diffusion_logits` builds that mask itself (`dlrl.models.block_mask.
+block_causal_mask`, blocks of `Family.block_size_for(config)` on the global grid) with position
+ids from each row's first real token: one-sequence scoring and sampling are block-causal by default.
+
 Logit alignment: a family whose raw logits lag the tokens they predict (Dream, like the Qwen2 it
 starts from, predicts token i from hidden state i - 1; `Family.logit_shift`) has them shifted right
 here, as its published generation code does (position 0 keeps its own). Models return their
@@ -22,7 +28,8 @@ from functools import lru_cache
 
 import torch
 
-from dlrl.models.families import model_family
+from dlrl.models.block_mask import block_causal_mask
+from dlrl.models.families import Family, model_family
 from dlrl.models.kv_cache import KVCache
 from dlrl.models.padding import padding_positions, padding_to_4d
 
@@ -42,7 +49,8 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 def diffusion_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits (B, T, V) of a bidirectional masked-diffusion model (plain or peft-wrapped).
+    """Logits (B, T, V) of a masked-diffusion model (plain or peft-wrapped): bidirectional, or
+    block-causal for a block-diffusion family (the mask is built here, see the module docstring).
 
     attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding, or None. Position ids
     count from each row's first real token where the model accepts them, so a padded row gives
@@ -52,6 +60,8 @@ def diffusion_logits(
     """
     family = model_family(model)
     shift = family.logit_shift
+    if family.attention == "block_causal":
+        return _block_causal_logits(model, family, input_ids, attention_mask)
     if attention_mask is None or bool(attention_mask.all()):
         return align_logits(model(input_ids).logits, shift)
     inner = _unwrapped(model)
@@ -63,6 +73,22 @@ def diffusion_logits(
     else:
         kwargs["attention_mask"] = padding_to_4d(attention_mask)
     return align_logits(model(input_ids, **kwargs).logits, shift)
+
+
+def _block_causal_logits(model: torch.nn.Module, family: Family, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """One sequence scored as a block-diffusion model attends: bidirectional inside a block, causal
+    across blocks, on the global grid of each row's own positions (dlrl.models.block_mask), with
+    position ids from each row's first real token, so a padded row sees exactly what it sees alone."""
+    size = family.block_size_for(getattr(_unwrapped(model), "config", None))
+    t = input_ids.shape[1]
+    mask = block_causal_mask(attention_mask, t, size, device=input_ids.device)
+    if attention_mask is None:
+        positions = torch.arange(t, device=input_ids.device).expand(input_ids.shape[0], t)
+    else:
+        positions = padding_positions(attention_mask)
+    logits = model(input_ids, attention_mask=mask, position_ids=positions).logits
+    return align_logits(logits, family.logit_shift)
 
 
 def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
@@ -90,25 +116,32 @@ def cached_diffusion_logits(
     before the first position it predicts) and attend to the cached keys/values of the others.
     `keep` lets a sampler ask for the block it can commit only: a model whose forward takes
     `logits_to_keep` then projects just those positions onto the vocabulary.
-    attention_mask: (B, T) 1/0 padding mask of the whole sequence, or None. Native families only:
+    attention_mask: (B, T) 1/0 padding mask of the whole sequence, or None. A block-causal family
+    gets the forwarded rows of the sequence's block-causal mask (exact when the cached keys are
+    those of earlier, final blocks: they never see later ones). Native families only:
     the model's forward must take `kv_cache` and `cache_start` (dlrl.models.kv_cache).
     """
     lo, hi = keep if keep is not None else (start, end)
     if not start <= lo <= hi <= end:
         raise ValueError(f"keep [{lo}, {hi}) is not inside the forwarded positions [{start}, {end})")
-    shift = model_family(model).logit_shift
+    family = model_family(model)
+    shift = family.logit_shift
     first = 0 if start == 0 else start - shift
     if first < 0:
         raise ValueError(f"a block step at {start} needs position {first}: refresh from 0 first")
     b = x.shape[0]
+    width = max(len(kv_cache), end)  # keys attended after this call's update
     if attention_mask is None:
         positions = torch.arange(first, end, device=x.device).expand(b, -1)
         mask = None
     else:
         positions = padding_positions(attention_mask)[:, first:end]
         keep_keys = attention_mask.bool()
-        width = max(len(kv_cache), end)  # keys attended after this call's update
         mask = keep_keys[:, None, None, :width].expand(-1, 1, end - first, -1)
+    if family.attention == "block_causal":  # the rows [first, end) of the whole sequence's block-causal mask
+        size = family.block_size_for(getattr(_unwrapped(model), "config", None))
+        full = block_causal_mask(attention_mask, x.shape[1], size, device=x.device)
+        mask = full[:, :, first:end, :width].expand(b, -1, -1, -1)
     kwargs: dict = {}
     sliced = shift == 0 and (lo, hi) != (start, end) and _accepts(type(_unwrapped(model)).forward, "logits_to_keep")
     if sliced:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dlrl.models.attention import (
@@ -372,36 +372,3 @@ class LLaDA2MoeModelLM(PreTrainedModel):
         logits = F.linear(x, m.word_embeddings.weight) if self.lm_head is None else self.lm_head(x)
         return MaskedLMOutput(logits=logits)
 
-
-def build_tiny_llada2(
-    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, experts: int = 8,
-    experts_per_token: int = 2, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
-) -> tuple[LLaDA2MoeModelLM, PreTrainedTokenizerBase]:
-    """A randomly initialised tiny LLaDA2 (every published feature at toy size) + the char tokenizer.
-
-    One dense first layer, then MoE layers of `experts` routed experts in 2 groups (1 eligible per
-    token) with `experts_per_token` chosen, 1 shared expert, q/k norm, RoPE on half of each head.
-    Mask / pad / EOS ids are the tokenizer's. Initialisation draws from a forked RNG seeded with
-    `seed` (the caller's global RNG is untouched); the router bias is random too, so routing
-    depends on it as in a trained checkpoint.
-    """
-    from dlrl.models.tiny import round_up
-    from dlrl.models.tokenizer import build_char_tokenizer
-
-    tokenizer = tokenizer or build_char_tokenizer()
-    config = LLaDA2MoeConfig(
-        vocab_size=round_up(len(tokenizer), 8), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden // heads, num_experts=experts, num_experts_per_tok=experts_per_token,
-        num_shared_experts=1, n_group=2, topk_group=1, moe_intermediate_size=hidden // 2,
-        first_k_dense_replace=1, rotary_dim=None, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LLaDA2MoeModelLM(config)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LLaDA2MoeGate):
-                    module.expert_bias.normal_(std=0.1)
-    return model, tokenizer

@@ -52,18 +52,21 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
 def special_ids(model: object, tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     """Read mask / pad / EOS ids from `model.config` (or a config passed directly) and `tokenizer`.
 
-    mask: config.mask_token_id, else tokenizer.mask_token_id, else the id of the family's named
-    mask token in the tokenizer, else ValueError (guessing would silently train on the wrong
-    token). pad: config, else tokenizer, else the first EOS id. EOS: config.eos_token_id (int or list), tokenizer.eos_token_id, then any end-of-turn token
+    mask: config.mask_token_id, else the id of the family's named mask token where the tokenizer
+    has it, else tokenizer.mask_token_id, else ValueError (guessing would silently train on the
+    wrong token). The family's token comes before the tokenizer's declaration because a published
+    tokenizer may declare one it lacks: SDAR's tokenizer_config names `<|MASK|>`, not in its
+    vocabulary, which transformers then adds as a fresh, untrained id (151670), while the model's
+    mask is `<MASK>` = 151669 (block-diffusion.md §3). pad: config, else tokenizer, else the first EOS id. EOS: config.eos_token_id (int or list), tokenizer.eos_token_id, then any end-of-turn token
     in END_OF_TURN_TOKENS that the tokenizer has.
     """
     config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     mask_id = getattr(config, "mask_token_id", None)
-    if mask_id is None:
-        mask_id = tokenizer.mask_token_id
     mask_token = family_of(config).mask_token
     if mask_id is None and mask_token is not None:
         mask_id = token_id(tokenizer, mask_token)
+    if mask_id is None:
+        mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise ValueError(
             "no mask token id: set `mask_token_id` in the model config or a mask token on the tokenizer"

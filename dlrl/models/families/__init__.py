@@ -12,13 +12,14 @@ from collections.abc import Mapping
 
 from transformers import PretrainedConfig
 
-from dlrl.models.families import dream, llada, llada2, tiny
+from dlrl.models.families import dream, llada, llada2, sdar, tiny
 from dlrl.models.families.family import REMOTE, Family
 
 FAMILIES: tuple[Family, ...] = (
     tiny.FAMILY,
     llada.FAMILY,
     dream.FAMILY,
+    sdar.FAMILY,
     llada2.FAMILY,
 )
 
