@@ -149,6 +149,28 @@ def test_diffusion_logits_scores_a_sequence_block_causally_with_block_32():
             assert max_diff(scored[row, -n:], ref(alone, published_block_mask(n, 32))[0]) <= TOL
 
 
+def test_cached_block_step_equals_the_block_causal_forward():
+    """The sampler's cached path (dlrl.models.forward.cached_diffusion_logits) on a LLaDA2 model:
+    fill the cache with two committed blocks of 32, then step the last block alone, asking only for
+    its logits (logits_to_keep): equal to scoring the whole sequence at once. Row 0 is padded by a
+    whole block, so column 64 starts a block in both rows."""
+    from dlrl.models.forward import cached_diffusion_logits
+
+    native, _ = native_and_reference()
+    ids = torch.randint(2, 99, (2, 70), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :32] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        full = diffusion_logits(native, ids, mask)
+        cache = KVCache()
+        first = cached_diffusion_logits(native, ids[:, :64], mask[:, :64], kv_cache=cache, start=0, end=64)
+        step = cached_diffusion_logits(native, ids, mask, kv_cache=cache, start=64, end=70, keep=(66, 70))
+    real = mask[:, :64].bool()
+    assert max_diff(first[real], full[:, :64][real]) <= 1e-5
+    assert max_diff(step, full[:, 66:70]) <= 1e-5
+
+
 def test_train_mode_matches_the_published_training_branch_and_reaches_every_part():
     """In train mode the published block routes by masked assignment, not `moe_infer`: the same
     logits. One backward reaches the router (through the weights), the experts a token was sent
