@@ -16,7 +16,10 @@ FSDP2 learner group (`runtime.learner_ranks`, learner/sharding.py), whose layout
 The activation formula counts the tensors autograd saves in the built-in block
 (dlrl/models/bidirectional.py); LLaDA's and Dream's blocks are the same Llama-style layers (RMSNorm,
 rotary attention, SwiGLU), so it is applied to their shapes too. Attention is SDPA without a
-stored T x T score matrix (flash / memory-efficient kernels).
+stored T x T score matrix (flash / memory-efficient kernels). A MoE model (LLaDA2.x) stores and
+trains every expert, so its weights, gradients, optimizer states and gathered blocks are sized by
+the total parameters, and its activations by what a token runs through (the routed experts it is
+sent to and the shared one: `moe_block_activation_bytes`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What memory depends on: the sizes of a Llama-style masked-diffusion transformer."""
+    """What memory depends on: the sizes of a Llama-style masked-diffusion transformer, dense or MoE.
+
+    A MoE model (experts > 0, LLaDA2.x) has `dense_layers` leading layers with a SwiGLU of width
+    `ffn` and MoE layers after them: `experts` routed SwiGLU experts of width `expert_ffn`, of
+    which `experts_per_token` run per token, one shared SwiGLU of width shared_experts x expert_ffn
+    that every token runs, and a router (experts x hidden). Weights, gradients and optimizer states
+    are sized by the total parameters (every expert is stored and trained); activations and FLOPs
+    by the active ones (what one token runs through).
+    """
 
     vocab: int
     hidden: int
@@ -56,6 +67,13 @@ class ModelShape:
     """Per-head RMSNorm gains on q and k (Qwen3, SDAR): 2 x head_dim parameters per block."""
     out_bias: bool = False
     """A bias on the attention's out projection (Qwen3's `attention_bias` sets it with q, k, v's)."""
+    experts: int = 0
+    """Routed experts per MoE layer; 0: a dense model."""
+    experts_per_token: int = 0
+    shared_experts: int = 0
+    expert_ffn: int = 0
+    dense_layers: int | None = None
+    """Layers with a dense SwiGLU of width ffn (the first ones); None: every layer."""
 
     @property
     def dim(self) -> int:
@@ -72,26 +90,65 @@ class ModelShape:
         """Width of K (and of V): kv_heads x head_dim."""
         return self.kv_heads * self.dim
 
+    @property
+    def moe_layers(self) -> int:
+        return 0 if self.experts == 0 else self.layers - (self.dense_layers or 0)
+
+    @property
+    def dense_count(self) -> int:
+        return self.layers - self.moe_layers
+
+    def attention_params(self) -> int:
+        """q, k, v and out projections (+ biases, q/k norm gains) and the block's two RMSNorm gains."""
+        h, q, kv = self.hidden, self.q, self.kv
+        return (h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.out_bias else 0)
+                + (2 * self.dim if self.qk_norm else 0) + 2 * h)
+
+    def dense_block_params(self) -> int:
+        """A dense block: attention + the SwiGLU's gate, up, down."""
+        return self.attention_params() + 3 * self.hidden * self.ffn
+
+    def moe_block_params(self, active: bool = False) -> int:
+        """A MoE block: attention, the router, the shared expert and every routed expert (active:
+        only the experts_per_token a token runs)."""
+        routed = self.experts_per_token if active else self.experts
+        h = self.hidden
+        return (self.attention_params() + self.experts * h + 3 * h * self.shared_experts * self.expert_ffn
+                + routed * 3 * h * self.expert_ffn)
+
     def block_params(self) -> int:
-        """One block: q, k, v, out projections (and their biases, q/k norms where the family has
-        them), the SwiGLU's gate, up, down, two RMSNorm gains."""
-        h, f, q, kv = self.hidden, self.ffn, self.q, self.kv
-        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
-        attn += (h if self.out_bias else 0) + (2 * self.dim if self.qk_norm else 0)
-        return attn + 3 * h * f + 2 * h
+        """The largest block (the unit FSDP gathers whole; a dense model's every block)."""
+        if self.moe_layers == 0:
+            return self.dense_block_params()
+        if self.dense_count == 0:
+            return self.moe_block_params()
+        return max(self.dense_block_params(), self.moe_block_params())
 
     def root_params(self) -> int:
         """Embedding, output head (unless tied) and the final norm: the FSDP root's own weights."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     def params(self) -> int:
-        return self.layers * self.block_params() + self.root_params()
+        """Every parameter (a MoE model's total)."""
+        return self.dense_count * self.dense_block_params() + self.moe_layers * self.moe_block_params() + (
+            self.root_params())
+
+    def active_params(self) -> int:
+        """Parameters one token runs through (embedding and head included): a dense model's all; a
+        MoE model's without the experts it is not routed to (LLaDA2.0-mini: "16B-A1.4B")."""
+        return self.dense_count * self.dense_block_params() + self.moe_layers * self.moe_block_params(
+            active=True) + self.root_params()
 
     def lora_params(self, r: int) -> int:
-        """Adapters of rank r on every linear of every block: r x (in + out) each."""
-        h, f, q, kv = self.hidden, self.ffn, self.q, self.kv
-        per_block = r * ((h + q + 2 * kv) + (q + h) + (h + 2 * f) + (f + h))
-        return self.layers * per_block
+        """Adapters of rank r on every linear of every block: r x (in + out) each (a dense block's
+        gate and up counted as one fused h -> 2f linear, as the built-in model has them; a MoE
+        block's experts' separately, as LLaDA2.x has them)."""
+        h, f, q, kv, fe = self.hidden, self.ffn, self.q, self.kv, self.expert_ffn
+        attn = (h + q + 2 * kv) + (q + h)
+        dense = attn + (h + 2 * f) + (f + h)
+        shared = 3 * (h + self.shared_experts * fe) if self.shared_experts else 0
+        moe = attn + self.experts * 3 * (h + fe) + shared
+        return r * (self.dense_count * dense + self.moe_layers * moe)
 
 
 def shape_from_config(cfg: dict) -> ModelShape:
@@ -138,7 +195,7 @@ class LearnerMemory:
 
 
 def block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
-    """Bytes autograd keeps per token for one block's backward: 16h + b (2h + 4q + 3kv + 4f).
+    """Bytes autograd keeps per token for one dense block's backward: 16h + b (2h + 4q + 3kv + 4f).
 
     Two RMSNorms each keep their float32 input and normalised value (8h) and the linear's input in
     the compute dtype (b h); attention keeps the fused qkv output (q + 2kv), rotated q and k (q + kv),
@@ -151,10 +208,33 @@ def block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
     return 16 * h + compute_bytes * (2 * h + 4 * q + 3 * kv + 4 * f)
 
 
+def moe_block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
+    """Bytes per token for one MoE block's backward (dlrl/models/llada2.py), by what a token runs:
+    16h + b (2h + 4q + 3kv + 4 f_a) + k h (2b + 4) + 8E, with f_a = (k + shared) x expert_ffn.
+
+    Norms and attention as in a dense block; each of the k routed experts and the shared one keeps
+    a SwiGLU's tensors (4 expert widths); each of the k slots also keeps its gathered input row and
+    its output (2 b h) and the float32 copy the weighted sum multiplies (4h); the router keeps its
+    float32 logits and sigmoid scores (8E).
+    """
+    h, q, kv, k = shape.hidden, shape.q, shape.kv, shape.experts_per_token
+    active_ffn = (k + shape.shared_experts) * shape.expert_ffn
+    return (16 * h + compute_bytes * (2 * h + 4 * q + 3 * kv + 4 * active_ffn) + k * h * (2 * compute_bytes + 4)
+            + 8 * shape.experts)
+
+
 def lora_activation_bytes(shape: ModelShape) -> int:
-    """Extra bytes per token per block with LoRA: peft feeds each adapter a float32 copy of its input."""
+    """Extra bytes per token per dense block with LoRA: peft feeds each adapter a float32 copy of its input."""
     h, f = shape.hidden, shape.ffn
     return 4 * (3 * h + f)
+
+
+def moe_lora_activation_bytes(shape: ModelShape) -> int:
+    """The same for a MoE block: attention's two inputs (2h), and the gate, up and down inputs of
+    each routed expert a token runs (k (2h + expert_ffn)) and of the shared one."""
+    h, fe, k = shape.hidden, shape.expert_ffn, shape.experts_per_token
+    shared = 2 * h + shape.shared_experts * fe if shape.shared_experts else 0
+    return 4 * (2 * h + k * (2 * h + fe) + shared)
 
 
 def activation_bytes(
@@ -168,9 +248,14 @@ def activation_bytes(
     """
     per_block = block_activation_bytes(shape, compute_bytes) + (lora_activation_bytes(shape) if lora else 0)
     tokens = rows * seq_len
+    if shape.moe_layers == 0:
+        if checkpointing:
+            return tokens * (shape.layers * 4 * shape.hidden + per_block)
+        return tokens * shape.layers * per_block
+    per_moe = moe_block_activation_bytes(shape, compute_bytes) + (moe_lora_activation_bytes(shape) if lora else 0)
     if checkpointing:
-        return tokens * (shape.layers * 4 * shape.hidden + per_block)
-    return tokens * shape.layers * per_block
+        return tokens * (shape.layers * 4 * shape.hidden + max(per_moe, per_block if shape.dense_count else 0))
+    return tokens * (shape.dense_count * per_block + shape.moe_layers * per_moe)
 
 
 def logits_bytes(shape: ModelShape, rows: int, seq_len: int, resp_len: int, compute_bytes: int) -> int:
@@ -424,8 +509,11 @@ def describe(p: Plan, spec: JobSpec) -> str:
     """The plan as the text `dlrl plan` prints."""
     lm, rm = p.learner, p.rollout
     what = f"LoRA r={spec.model.lora.r}" if spec.model.lora else f"full fine-tune, {spec.model.dtype} masters"
+    shape = job_shape(spec)
+    moe = (f" ({shape.active_params() / 1e9:.2f} B active per token: {shape.experts_per_token} of "
+           f"{shape.experts} experts + {shape.shared_experts} shared)" if shape.experts else "")
     lines = [
-        f"{spec.model.path}: {job_shape(spec).params() / 1e9:.2f} B params, {what}, "
+        f"{spec.model.path}: {shape.params() / 1e9:.2f} B params{moe}, {what}, "
         f"compute {spec.train.compute_dtype}",
         f"{p.gpus} x {p.gpu_bytes / GB:.0f} GB GPUs, budget {_gb(p.budget).strip()} each ({USABLE:.0%})",
         f"learner: {p.learner_gpus} GPU(s){', sharing the GPU with the rollout worker' if p.colocated else ''}"

@@ -27,6 +27,7 @@ from dlrl.config import LoraSpec
 from dlrl.models import (
     BidirectionalConfig,
     DreamConfig,
+    LLaDA2MoeConfig,
     LLaDAConfig,
     SDARConfig,
     build_char_tokenizer,
@@ -54,12 +55,17 @@ def tiny_configs() -> dict[str, list[PretrainedConfig]]:
     dream = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
              "intermediate_size": 48, "vocab_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
     sdar = dream | {"head_dim": 12}  # Qwen3: head_dim apart from hidden / heads
+    llada2 = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+              "num_hidden_layers": 2, "intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2,
+              "n_group": 2, "topk_group": 1, "moe_intermediate_size": 16, "rotary_dim": None,
+              "vocab_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
     return {
         "tiny": [BidirectionalConfig(vocab_size=104, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=48)],
         "llada": [LLaDAConfig(**llada), LLaDAConfig(**llada, weight_tying=True, include_qkv_bias=True)],
         "dream": [DreamConfig(**dream), DreamConfig(**dream, tie_word_embeddings=True)],
         "sdar": [SDARConfig(**sdar), SDARConfig(**sdar, tie_word_embeddings=True, attention_bias=True, block_size=8)],
+        "llada2": [LLaDA2MoeConfig(**llada2), LLaDA2MoeConfig(**llada2, tie_word_embeddings=True, use_bias=True)],
     }
 
 
@@ -192,12 +198,14 @@ def test_attention_pattern_and_block_size():
     lookup (the config's block_size, else the family's published default; None for full
     attention); a record that mixes the two up is refused when it is built."""
     block = {f.name for f in FAMILIES if f.attention == "block_causal"}
-    assert block == {"sdar"}
+    assert block == {"sdar", "llada2"}
     assert all(f.block_size is None for f in FAMILIES if f.name not in block)
     sdar = registry.sdar.FAMILY
     assert sdar.block_size == 4 and sdar.block_size_for(SDARConfig()) == 4  # the original HF config has none
     assert sdar.block_size_for(SDARConfig(block_size=16)) == 16 and sdar.block_size_for({"block_size": 8}) == 8
     assert sdar.block_size_for(None) == 4
+    # LLaDA2.x: block 32 by convention (generate's default, DARE's recipe), not in config.json
+    assert registry.llada2.FAMILY.block_size_for(LLaDA2MoeConfig()) == 32
     assert registry.dream.FAMILY.block_size_for(DreamConfig()) is None
     assert registry.llada.FAMILY.block_size_for({"block_size": 4}) is None  # full attention: no blocks
     with pytest.raises(ValueError, match="block size"):

@@ -1,4 +1,5 @@
-"""Model adapters: the model families (built-in, native LLaDA, Dream and SDAR), loading, LoRA, special ids.
+"""Model adapters: the model families (built-in, native LLaDA, Dream, SDAR and LLaDA2.x), loading, LoRA,
+special ids.
 
 Importing this package registers every family with native code (dlrl.models.families) with the
 transformers Auto classes, so plain `AutoModel.from_pretrained(dir)` (and `load_model(dir)`) open
@@ -13,11 +14,12 @@ from dlrl.models.dream import DreamConfig, DreamModel
 from dlrl.models.families import FAMILIES, Family, family_of
 from dlrl.models.forward import diffusion_logits
 from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
+from dlrl.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dlrl.models.loading import CheckpointNotFoundError, load_model
 from dlrl.models.sdar import SDARConfig, SDARForCausalLM
 from dlrl.models.lora import LoraSpec, default_target_modules
 from dlrl.models.special_ids import SpecialIds, special_ids
-from dlrl.models.tiny import build_tiny, build_tiny_sdar
+from dlrl.models.tiny import build_tiny, build_tiny_llada2, build_tiny_sdar
 from dlrl.models.tokenizer import build_char_tokenizer
 
 for _family in FAMILIES:
@@ -34,6 +36,8 @@ __all__ = [
     "DreamConfig",
     "DreamModel",
     "Family",
+    "LLaDA2MoeConfig",
+    "LLaDA2MoeModelLM",
     "LLaDAConfig",
     "LLaDAModelLM",
     "LoraSpec",
@@ -42,6 +46,7 @@ __all__ = [
     "SpecialIds",
     "build_char_tokenizer",
     "build_tiny",
+    "build_tiny_llada2",
     "build_tiny_sdar",
     "default_target_modules",
     "diffusion_logits",

@@ -36,6 +36,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Partial RoPE: rotate the first r = cos.shape[-1] channels of x (B, H, T, D) as `apply_rope`
+    does, pass the other D - r through (GPT-NeoX `rotary_pct`; LLaDA2.x rotates half of each head:
+    `apply_rotary_pos_emb` in modeling_llada2_moe.py splits at the width of its cos)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+
+
 def sdpa_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A mask SDPA takes: (B, T) 1/0 padding -> (B, 1, 1, T) bool; 4-D bool kept; 4-D float cast.
 

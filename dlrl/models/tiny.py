@@ -1,4 +1,4 @@
-"""Build untrained tiny models + char tokenizer: the CPU stand-ins for an 8B dLLM (built-in, SDAR).
+"""Build untrained tiny models + char tokenizer: the CPU stand-ins for an 8B dLLM (built-in, SDAR, LLaDA2.x).
 
 Tests, benchmarks and the embedded default job use it so that every code path (save, load,
 sample, learn) runs in seconds without downloading weights.
@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel
+from dlrl.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM, LLaDA2MoeSparseMoeBlock
 from dlrl.models.sdar import SDARConfig, SDARForCausalLM
 from dlrl.models.tokenizer import build_char_tokenizer
 
@@ -77,4 +78,35 @@ def build_tiny_sdar(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SDARForCausalLM(config)
+    return model, tokenizer
+
+
+def build_tiny_llada2(
+    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, experts: int = 8,
+    experts_per_token: int = 2, seed: int = 0,
+) -> tuple[LLaDA2MoeModelLM, PreTrainedTokenizerBase]:
+    """A randomly initialised tiny LLaDA2 (every published feature at toy size) + the char tokenizer.
+
+    One dense first layer, then MoE layers of `experts` routed experts in 2 groups (1 eligible per
+    token) with `experts_per_token` chosen, 1 shared expert, q/k norm, RoPE on half of each head.
+    Mask / pad / EOS ids are the tokenizer's. Initialisation draws from a forked RNG seeded with
+    `seed` (the caller's global RNG is untouched); the router bias is random too, so routing
+    depends on it as in a trained checkpoint.
+    """
+    tokenizer = build_char_tokenizer()
+    config = LLaDA2MoeConfig(
+        vocab_size=round_up(len(tokenizer), 8), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=hidden // heads, num_experts=experts, num_experts_per_tok=experts_per_token,
+        num_shared_experts=1, n_group=2, topk_group=1, moe_intermediate_size=hidden // 2,
+        first_k_dense_replace=1, rotary_dim=None, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LLaDA2MoeModelLM(config)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if isinstance(layer.mlp, LLaDA2MoeSparseMoeBlock):
+                    layer.mlp.gate.expert_bias.normal_(std=0.1)
     return model, tokenizer

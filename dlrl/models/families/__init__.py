@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from transformers import PretrainedConfig
 
-from dlrl.models.families import dream, llada, sdar, tiny
+from dlrl.models.families import dream, llada, llada2, sdar, tiny
 from dlrl.models.families.family import REMOTE, Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -20,6 +20,7 @@ FAMILIES: tuple[Family, ...] = (
     llada.FAMILY,
     dream.FAMILY,
     sdar.FAMILY,
+    llada2.FAMILY,
 )
 
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
