@@ -544,13 +544,11 @@ def test_evaluation_and_the_worker_decode_with_the_block_engine(tmp_path):
 def test_the_engine_decodes_a_llada2_model_as_llada2_generate():
     """The tiny LLaDA2.x MoE (block 32 by the family's convention; its config carries none) through
     make_engine: each row of a ragged batch is LLaDA2.1's generate without editing at T = 0, and
-    LLaDA2.0's threshold generate when sampling with the row's stream. Skipped until the LLaDA2
-    family (helper "llada2") is merged."""
-    llada2 = pytest.importorskip("dlrl.models.llada2")
-    from dlrl.models import special_ids
+    LLaDA2.0's threshold generate when sampling with the row's stream."""
+    from dlrl.models import build_tiny_llada2, special_ids
     from rollout.engines import make_engine
 
-    model, tokenizer = llada2.build_tiny_llada2(seed=0)
+    model, tokenizer = build_tiny_llada2(seed=0)
     ids = special_ids(model, tokenizer)
     peaked(model, ids.mask_id, torch.Generator().manual_seed(0))
     model.eval()
