@@ -449,6 +449,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_progress(done: int, total: int, reused: int, seconds: float) -> None:
+    """`dlrl eval`'s progress line on stderr: items done of all, those reused from an earlier run
+    in --out (a resumed or extended run), and the time left at this run's own pace."""
+    if done == reused:
+        if reused:
+            print(f"eval: {reused}/{total} items already in the output folder, reused", file=sys.stderr, flush=True)
+        return
+    fresh = done - reused
+    eta = seconds / fresh * (total - done)
+    print(f"eval: {done}/{total} items ({100 * done / total:.0f}%)  {seconds:.0f}s  ETA {eta:.0f}s",
+          file=sys.stderr, flush=True)
+
+
 def _eval(args: argparse.Namespace) -> int:
     """`dlrl eval`: one model, or a run directory (no config.json of its own) whose checkpoints
     are all evaluated and the best named. Prints the markdown table; the JSON is in --out."""
@@ -466,7 +479,7 @@ def _eval(args: argparse.Namespace) -> int:
     label = model.name if model.is_dir() else args.model.replace(":", "_").replace("/", "_")
     out = Path(args.out) if args.out else Path("runs/eval") / protocol.name / label
     kwargs = dict(out_dir=out, resume=not args.no_resume, limit=args.limit, device=args.device,
-                  dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                  dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=eval_progress)
     try:
         if is_run:
             summary = evaluate_run(model, args.task, protocol, **kwargs)
