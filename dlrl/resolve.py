@@ -31,7 +31,8 @@ def _did_you_mean(name: str, known: list[str]) -> str:
 
 
 def builtin_models() -> list[str]:
-    return sorted(f"{BUILTIN_PREFIX}{p.name}" for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []
+    return (sorted(f"{BUILTIN_PREFIX}{p.name}" for p in ASSETS.iterdir() if (p / "config.json").is_file())
+            if ASSETS.is_dir() else [])
 
 
 def model_problem(path: str) -> str | None:
