@@ -7,8 +7,8 @@ starts, with one line that says why and what to do.
   capacities, an autoscaler's included.
 - `dlrl validate` (dlrl/resolve.py): a missing model folder, a built-in model typo, an unknown
   task and a missing data file are each one line, exit 2, with the close name where there is one.
-- A run whose rollout worker raises in its `__init__` prints the root cause once, as its last
-  line, and keeps the traceback in <run>/error.log.
+- A run whose actors raise in their `__init__` prints the root cause once, as its last line, and
+  keeps the traceback in <run>/error.log.
 - The smaller front-door items: `dlrl plan` of the tiny CPU job without --gpus, `dlrl --version`,
   `dlrl validate` printing TOML (and field docs with --explain).
 """
@@ -31,7 +31,6 @@ from dlrl.config import JobSpec
 from services.cli import load_spec, main
 from services.driver.placement import plan_placement
 from services.driver.resources import Capacity, CapacityError, shortfall
-from tests.failing_task import MESSAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "deploy/jobs/tiny-sudoku.toml"
@@ -106,18 +105,24 @@ def test_dlrl_train_of_a_cuda_job_without_gpus_ends_with_the_remedy(ray_cluster,
 
 @pytest.mark.slow
 def test_a_run_failing_in_an_actor_says_its_root_cause_once_as_its_last_line(ray_cluster, tmp_path):
-    """The rollout worker's __init__ raises: the driver's own output is two lines, the last one
-    the worker's exception; the full traceback is in <run>/error.log."""
-    proc, _ = _train(ray_cluster, tmp_path, "task.name=tests.failing_task:exploding_task", "name=explodes")
+    """A checkpoint folder whose config.json is torn passes `dlrl validate` (it is a folder with a
+    config.json) and fails in the learner's and the workers' __init__: the driver does not rebuild a
+    learner whose __init__ raised, its own output names the actor's error once, as its last line,
+    and the full traceback is in <run>/error.log."""
+    model = tmp_path / "torn-checkpoint"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": ')
+    message = f"no model checkpoint at local path '{model}': check the path"
+    proc, _ = _train(ray_cluster, tmp_path, f"model.path={model}", "name=torn", "runtime.max_restarts=3")
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).strip().splitlines()
-    assert lines[-1] == f"dlrl: RuntimeError: {MESSAGE}"
+    assert lines[-1] == f"dlrl: dlrl.models.loading.CheckpointNotFoundError: {message}", lines[-5:]
     own = [line for line in lines if not RAY_PREFIX.match(line)]  # the driver's lines, not the actors'
-    assert sum(MESSAGE in line for line in own) == 1, "\n".join(own)
+    assert sum(message in line for line in own) == 1, "\n".join(own)
     assert not any("Traceback" in line for line in own), "\n".join(own)
-    assert "restarted from step" not in proc.stdout  # an __init__ that raises is not rebuilt and retried
-    log = (tmp_path / "explodes/error.log").read_text()
-    assert "Traceback" in log and MESSAGE in log
+    assert "restarted from step" not in proc.stdout  # an __init__ that raised is not rebuilt 3 times
+    log = (tmp_path / "torn/error.log").read_text()
+    assert "Traceback" in log and message in log
 
 
 # ---------------------------------------------------------------- dlrl validate: what the spec names
