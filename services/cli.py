@@ -269,8 +269,8 @@ def package_version() -> str:
 
 
 def _validate(spec: JobSpec, args: argparse.Namespace) -> int:
-    """Print the resolved spec (TOML, with --explain each field's docs; --json or a JSON source:
-    JSON); exit 2, one line per problem, when its model, task or data do not resolve."""
+    """Print the resolved spec as TOML, the format it was read in (with --explain each field's
+    docs; --json: JSON); exit 2, one line per problem, when its model, task or data do not resolve."""
     from dlrl.resolve import problems
 
     found = problems(spec)
