@@ -125,6 +125,34 @@ def test_a_run_failing_in_an_actor_says_its_root_cause_once_as_its_last_line(ray
     assert "Traceback" in log and message in log
 
 
+def test_root_cause_peels_ray_and_the_drivers_wrappers():
+    """What the driver catches, built as Ray builds it: a task's exception inside RayTaskError
+    inside the driver's RolloutFailed; an __init__'s exception in an ActorDiedError's message
+    inside LearnerDied. An error the code raised about something else stays itself."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from services.driver.driver import RolloutFailed
+    from services.driver.failure import one_line
+    from services.driver.learner_group import LearnerDied
+
+    try:
+        raise ValueError("no data file 'x.jsonl'")
+    except ValueError as inner:
+        task_error = RayTaskError("RolloutWorker.rollout_to_queue", "Traceback ...\nValueError: no data file 'x.jsonl'",
+                                  inner).as_instanceof_cause()
+    try:
+        raise RolloutFailed(f"dlrl: rollout worker 0 failed on rollout batch 3: {task_error}") from task_error
+    except RolloutFailed as wrapped:
+        assert one_line(wrapped) == "ValueError: no data file 'x.jsonl'"
+    init = RayTaskError("Learner.__init__", 'Traceback (most recent call last):\n  File "learner/train.py", line 1\n'
+                        "dlrl.models.loading.CheckpointNotFoundError: no model checkpoint at '/m'", OSError("x"))
+    died = ActorDiedError(init)
+    assert died.actor_init_failed
+    assert one_line(LearnerDied(died)) == "dlrl.models.loading.CheckpointNotFoundError: no model checkpoint at '/m'"
+    assert one_line(TimeoutError("dlrl: the final evaluation did not answer within 600s")) == \
+        "TimeoutError: dlrl: the final evaluation did not answer within 600s"
+
+
 # ---------------------------------------------------------------- dlrl validate: what the spec names
 
 
