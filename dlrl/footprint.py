@@ -502,23 +502,52 @@ def min_gpus_to_fit(spec: JobSpec, gpu_memory_gb: float, prompt_len: int = 256, 
 
 
 def _gb(n: int) -> str:
-    return f"{n / GB:6.1f} GB"
+    """A size in the unit that shows it: GB down to 0.1 GB, then MB, then KB (a tiny model's
+    memory is real, not "0.0 GB")."""
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("KB", 1e3)):
+        if n >= 0.1 * scale or unit == "KB":
+            return f"{n / scale:6.1f} {unit}"
+    return ""
 
 
-def describe(p: Plan, spec: JobSpec) -> str:
-    """The plan as the text `dlrl plan` prints."""
+def _count(n: int) -> str:
+    """A parameter count: 8.02 B, 0.82 M, 3.1 K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= 0.01 * scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def compute_dtype_on(spec: JobSpec, device_type: str) -> str:
+    """train.compute_dtype as the learner resolves it on `device_type` ("cpu"/"cuda"): "auto" is
+    bfloat16 on CUDA and the masters' dtype on the CPU (dlrl.precision.autocast_dtype)."""
+    compute = spec.train.compute_dtype
+    if compute != "auto":
+        return compute
+    return "bfloat16" if device_type == "cuda" else spec.model.dtype
+
+
+def describe(p: Plan, spec: JobSpec, host: bool = False) -> str:
+    """The plan as the text `dlrl plan` prints; `host`: a CPU job, sized on this host's memory
+    (one "GPU" of p.gpu_bytes that the learner and a rollout worker share)."""
     lm, rm = p.learner, p.rollout
+    per = "" if host else " per GPU"
     what = f"LoRA r={spec.model.lora.r}" if spec.model.lora else f"full fine-tune, {spec.model.dtype} masters"
+    compute = spec.train.compute_dtype
+    resolved = compute_dtype_on(spec, "cpu" if host else "cuda")
+    compute_text = f"compute {resolved}" + (f" (auto, on {'the CPU' if host else 'CUDA'})" if compute == "auto" else "")
+    batch = f"batch {p.rollout_batch}" if p.rollout_batch >= 1 else "batch 0: not even one sequence fits"
     shape = job_shape(spec)
-    moe = (f" ({shape.active_params() / 1e9:.2f} B active per token: {shape.experts_per_token} of "
+    moe = (f" ({_count(shape.active_params())} active per token: {shape.experts_per_token} of "
            f"{shape.experts} experts + {shape.shared_experts} shared)" if shape.experts else "")
     lines = [
-        f"{spec.model.path}: {shape.params() / 1e9:.2f} B params{moe}, {what}, "
-        f"compute {spec.train.compute_dtype}",
-        f"{p.gpus} x {p.gpu_bytes / GB:.0f} GB GPUs, budget {_gb(p.budget).strip()} each ({USABLE:.0%})",
-        f"learner: {p.learner_gpus} GPU(s){', sharing the GPU with the rollout worker' if p.colocated else ''}"
-        f"{', FSDP-style sharded' if p.learner_gpus > 1 else ''}"
-        f", activation checkpointing {'on' if p.checkpointing else 'off'}",
+        f"{spec.model.path}: {_count(shape.params())} params{moe}, {what}, {compute_text}",
+        (f"this host: {p.gpu_bytes / GB:.1f} GB of memory, budget {_gb(p.budget).strip()} ({USABLE:.0%})" if host
+         else f"{p.gpus} x {p.gpu_bytes / GB:.0f} GB GPUs, budget {_gb(p.budget).strip()} each ({USABLE:.0%})"),
+        ("learner: on the CPU, sharing the host with the rollout worker" if host else
+         f"learner: {p.learner_gpus} GPU(s){', sharing the GPU with the rollout worker' if p.colocated else ''}"
+         f"{', FSDP-style sharded' if p.learner_gpus > 1 else ''}")
+        + f", activation checkpointing {'on' if p.checkpointing else 'off'}",
         f"  weights    {_gb(lm.weights)}",
         f"  grads      {_gb(lm.grads)}",
         f"  optimizer  {_gb(lm.optimizer)}",
@@ -526,12 +555,12 @@ def describe(p: Plan, spec: JobSpec) -> str:
         f"  activations{_gb(lm.activations)}   (micro_batch x {p.graph_copies} MC copies alive per row, "
         f"mc_chunk {p.mc_chunk}{' picked by auto' if spec.train.mc_chunk == 'auto' else ''})",
         f"  logits     {_gb(lm.logits)}",
-        f"  total      {_gb(lm.total)} per GPU",
-        f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), batch {p.rollout_batch}"
+        f"  total      {_gb(lm.total)}{per}",
+        f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), {batch}"
         f" (spec: {spec.rollout.batch_size})",
         f"  weights    {_gb(rm.weights)}",
         f"  sampling   {_gb(rm.sampling)}",
-        f"  total      {_gb(rm.total)} per GPU",
+        f"  total      {_gb(rm.total)}{per}",
     ]
     if p.fits and p.rollout_batch < spec.rollout.batch_size:
         lines.append(f"set rollout.batch_size = {p.rollout_batch} (the spec's {spec.rollout.batch_size} "

@@ -7,7 +7,8 @@ that cites the protocol's sha256, written so that a long run resumes where it st
 
 Writes into `out_dir`:
   results.jsonl   one line per example (completions, the extracted answers, rewards), appended a
-                  batch at a time and fsynced; a rerun keeps the complete batches and redoes the rest
+                  batch at a time and fsynced; a rerun keeps the complete batches and redoes the rest,
+                  and a rerun with a larger --limit keeps the batches it shares with the smaller one
   summary.json    protocol (file, sha256, settings), model, task, data, n, mean reward, accuracy,
                   unbiased pass@k, seeds, dlrl commit; date, machine and wall time under "run"
                   (the only part that differs between two identical runs)
@@ -15,7 +16,12 @@ Writes into `out_dir`:
 
 Determinism: the eval set has a fixed order, batches are fixed slices of it, and the sampling
 noise of batch b comes from a generator seeded with (protocol seed, b), so a resumed run redraws
-exactly what the interrupted one would have; on the CPU two runs give the same bytes.
+exactly what the interrupted one would have; on the CPU two runs give the same bytes. A `--limit`
+takes a prefix of that order, so a later run with a larger limit reuses every batch that has the
+same extent in both (all but a short last batch of the smaller run, which a batch of another size
+would decode differently: other padding, other noise) and gives the bytes a run with the larger
+limit from scratch gives. manifest.json names the evaluation (protocol, model, task, data, first
+example) and the eval-set size the stored results were computed under.
 
 Best checkpoint (`evaluate_run`): BGPO reports the best checkpoint of a run, evaluated every 20
 steps; every HF checkpoint folder under a run directory is evaluated with the same protocol and the
@@ -35,6 +41,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,9 +105,26 @@ def dlrl_commit() -> str:
 
 # ------------------------------------------------------------------------------ resume
 
-def _read_done(path: Path, batch_size: int) -> list[dict]:
-    """The records of the complete batches at the head of `path`; a torn last line or a partial
-    batch is dropped (and the file cut back to what is kept)."""
+SIZED = ("n", "last_id")
+"""Manifest fields that depend on --limit: the eval-set size the stored results were computed under."""
+
+
+def reusable(n_done: int, n_then: int, n_now: int, batch_size: int) -> int:
+    """How many of the first `n_done` stored results (computed with an eval set of `n_then`
+    examples) a run over `n_now` examples keeps: the whole batches whose extent is the same in
+    both runs, [b*bs, min((b+1)*bs, n)); the first batch that differs, and all after it, are redone."""
+    keep = 0
+    while keep < min(n_done, n_now):
+        end_then, end_now = min(keep + batch_size, n_then), min(keep + batch_size, n_now)
+        if end_then != end_now or end_then > n_done:
+            break
+        keep = end_now
+    return keep
+
+
+def _read_done(path: Path, examples: list[Example]) -> list[dict]:
+    """The stored records at the head of `path` that are in order and of these examples (a torn
+    last line, or a record of another example, ends them)."""
     if not path.is_file():
         return []
     records: list[dict] = []
@@ -110,36 +134,45 @@ def _read_done(path: Path, batch_size: int) -> list[dict]:
                 rec = json.loads(line)
             except ValueError:
                 break
-            if not line.endswith(b"\n") or rec.get("index") != len(records):
+            i = len(records)
+            if (not line.endswith(b"\n") or rec.get("index") != i
+                    or (i < len(examples) and rec.get("id") != examples[i].id)):
                 break
             records.append(rec)
-    keep = len(records) - len(records) % batch_size
-    records = records[:keep]
-    with path.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
     return records
 
 
-def _check_manifest(out_dir: Path, manifest: dict, resume: bool) -> None:
+def _check_manifest(out_dir: Path, manifest: dict, resume: bool) -> int | None:
+    """The eval-set size the results in `out_dir` were computed under, if they are of this
+    evaluation (None: nothing to resume, the folder is started afresh); ResumeMismatch when they
+    are of another one. A different --limit is the same evaluation."""
     path = out_dir / MANIFEST
     if resume and path.is_file():
         old = json.loads(path.read_text())
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        same = {k: v for k, v in manifest.items() if k not in SIZED}
+        if {k: v for k, v in old.items() if k not in SIZED} != same:
+            diff = sorted(k for k in set(old) | set(same) if k not in SIZED and old.get(k) != manifest.get(k))
             raise ResumeMismatch(f"{out_dir} holds results of another evaluation (differs in {diff}); "
                                  "use another --out or delete it")
-        return
+        return int(old.get("n", 0))
     (out_dir / RESULTS).unlink(missing_ok=True)
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return None
 
 
 # ------------------------------------------------------------------------------ running
 
+Progress = Callable[[int, int, int, float], None]
+"""(items done, items in all, items reused from an earlier run, seconds so far) after each batch."""
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: EvalProtocol, *,
                    model_name: str, out_dir: str | Path | None = None, resume: bool = True,
-                   limit: int | None = None, examples: list[Example] | None = None) -> dict:
+                   limit: int | None = None, examples: list[Example] | None = None,
+                   progress: Progress | None = None) -> dict:
     """Run `protocol` with an already loaded model (the driver's periodic evaluation calls this);
-    returns the summary, also written to `out_dir` when one is given."""
+    returns the summary, also written to `out_dir` when one is given. `progress` is told after
+    every batch (and once before the first, with what was reused)."""
     t0 = time.perf_counter()
     task = _with_template(task, protocol.prompt.template)
     examples = examples if examples is not None else load_examples(protocol, task, limit)
@@ -159,8 +192,16 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
     records: list[dict] = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _check_manifest(out, manifest, resume)
-        records = _read_done(out / RESULTS, smp.batch_size)
+        n_then = _check_manifest(out, manifest, resume)
+        stored = _read_done(out / RESULTS, examples) if n_then is not None else []
+        records = stored[:reusable(len(stored), n_then or 0, len(examples), smp.batch_size)]
+        if len(records) < len(examples):  # more to decode: the file becomes this run's, from what is kept
+            with (out / RESULTS).open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+            (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    reused = len(records)
+    if progress is not None:
+        progress(reused, len(examples), reused, time.perf_counter() - t0)
     device = next(model.parameters()).device
     for b in range(len(records) // smp.batch_size, math.ceil(len(examples) / smp.batch_size)):
         chunk = examples[b * smp.batch_size:(b + 1) * smp.batch_size]
@@ -180,6 +221,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in batch)
                 f.flush()
                 os.fsync(f.fileno())
+        if progress is not None:
+            progress(len(records), len(examples), reused, time.perf_counter() - t0)
     summary = _summary(protocol, manifest, records, time.perf_counter() - t0)
     if out is not None:
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -237,7 +280,8 @@ def resolve_task(task_name: str | None, protocol: EvalProtocol) -> Task:
 
 def evaluate_checkpoint(model_path_or_builtin: str | Path, task: str | None, protocol: EvalProtocol, *,
                         out_dir: str | Path, resume: bool = True, limit: int | None = None,
-                        device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+                        device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+                        progress: Progress | None = None) -> dict:
     """Load a checkpoint folder or `builtin:` model and run `protocol` on `task` (see module doc)."""
     task_obj = resolve_task(task, protocol)
     examples = load_examples(protocol, _with_template(task_obj, protocol.prompt.template), limit)
@@ -245,7 +289,7 @@ def evaluate_checkpoint(model_path_or_builtin: str | Path, task: str | None, pro
                                   trust_remote_code=trust_remote_code)
     model.requires_grad_(False)
     summary = evaluate_model(model, tokenizer, task_obj, protocol, model_name=str(model_path_or_builtin),
-                             out_dir=out_dir, resume=resume, examples=examples)
+                             out_dir=out_dir, resume=resume, examples=examples, progress=progress)
     return summary
 
 
@@ -272,7 +316,7 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
 
 def evaluate_run(run_dir: str | Path, task: str | None, protocol: EvalProtocol, *, out_dir: str | Path,
                  resume: bool = True, limit: int | None = None, device: str = "cpu",
-                 dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+                 dtype: str = "float32", trust_remote_code: bool = False, progress: Progress | None = None) -> dict:
     """Evaluate every checkpoint of a run and name the best by the protocol metric (ties: earliest)."""
     run_dir, out = Path(run_dir), Path(out_dir)
     checkpoints = find_checkpoints(run_dir)
@@ -283,7 +327,8 @@ def evaluate_run(run_dir: str | Path, task: str | None, protocol: EvalProtocol, 
         rel = folder.relative_to(run_dir)
         name = "_".join(rel.parts) if rel.parts else "root"
         s = evaluate_checkpoint(folder, task, protocol, out_dir=out / name, resume=resume, limit=limit,
-                                device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                                device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                progress=progress)
         rows.append({"checkpoint": str(rel), "step": step, "score": s["score"], "summary": s})
     best = max(rows, key=lambda r: r["score"])  # max keeps the first of equals: the earliest step
     summary = {**{k: v for k, v in best["summary"].items() if k != "model"}, "run_dir": str(run_dir),

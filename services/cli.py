@@ -3,8 +3,12 @@
     dlrl train deploy/jobs/tiny-sudoku.toml                 # the embedded default job, in this process
     dlrl train spec.toml --set train.steps=3 --set name=smoke
     dlrl train spec.toml --resume                           # continue from <run>/checkpoint
-    dlrl validate spec.toml                                 # check a spec, print it resolved
+    dlrl validate spec.toml                                 # check a spec (and that its model, task and data
+                                                            #  exist), print it resolved, as TOML
+    dlrl validate --explain [spec.toml]                     # the same with every field's documentation
     dlrl plan spec.toml --gpus 8 --gpu-memory 80            # per-GPU memory and a learner/rollout split
+    dlrl plan deploy/jobs/tiny-sudoku.toml                  # a CPU spec: sized from this host's memory
+    dlrl --version
 
     dlrl serve --host 127.0.0.1 --port 8000                 # the job API (DLRL_API_TOKEN, DLRL_REDIS_URL,
                                                             #  DLRL_RAY_ADDRESS from the environment)
@@ -27,11 +31,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from dlrl.config import JobSpec
+from dlrl.spec_toml import to_toml
 from dlrl.tasks import IMPORT_PATHS_ENV
 from services.api.cli_client import COMMANDS, progress_line, submit, wait  # noqa: F401  (re-exported)
 
@@ -80,6 +86,7 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlrl", description="RL for diffusion language models (BGPO).")
+    parser.add_argument("--version", action="version", version=f"dlrl {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run an RL job from a TOML spec, in this process")
@@ -88,12 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--spec-env", metavar="VAR",
                        help="read the spec as JSON from this environment variable (how the API starts jobs)")
     train.add_argument("--job-id", help="the API's job id: mirror metrics to Redis ($DLRL_REDIS_URL)")
-    validate = sub.add_parser("validate", help="validate a TOML spec and print it with defaults")
-    _spec_arguments(validate)
+    validate = sub.add_parser("validate", help="validate a TOML spec (its model, task and data must exist) and "
+                                               "print it with defaults")
+    _spec_arguments(validate, optional=True)
+    validate.add_argument("--explain", action="store_true",
+                          help="document every field (the spec's, or the defaults without a spec)")
+    validate.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     plan = sub.add_parser("plan", help="per-GPU memory of a job and a learner/rollout GPU split that fits")
     _spec_arguments(plan)
-    plan.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
-    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB",
+    plan.add_argument("--gpus", type=int, default=None,
+                      help="GPUs in the cluster (a CPU spec: none needed, it is sized from this host's memory)")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                       help="memory of each GPU (1e9 bytes)")
     plan.add_argument("--prompt-length", type=int, default=256, metavar="TOKENS",
                       help="longest prompt in tokens, chat template included (default 256)")
@@ -191,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "queue":
         return _queue_delete(args)
+    if args.command == "validate" and args.explain and not args.spec:
+        print(to_toml(JobSpec(), explain=True), end="")
+        return 0
     if args.command in ("train", "validate", "submit", "plan"):
         spec = _read_spec(args)
         if isinstance(spec, int):
@@ -199,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dlrl: invalid job spec:\n  rollout: {problem}", file=sys.stderr)
             return 2
         if args.command == "validate":
-            print(spec.model_dump_json(indent=2))
-            return 0
+            return _validate(spec, args)
         if args.command == "plan":
             return _plan(spec, args)
         if args.command == "train":
@@ -238,6 +252,38 @@ def _engine_problem(spec: JobSpec) -> str | None:
     return None
 
 
+def package_version() -> str:
+    """The installed distribution's version; from pyproject.toml in a checkout that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dlrl")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, ValueError):
+            return "unknown"
+
+
+def _validate(spec: JobSpec, args: argparse.Namespace) -> int:
+    """Print the resolved spec as TOML, the format it was read in (with --explain each field's
+    docs; --json: JSON); exit 2, one line per problem, when its model, task or data do not resolve."""
+    from dlrl.resolve import problems
+
+    found = problems(spec)
+    if found:
+        print("dlrl: the spec names what is not there:\n" + "\n".join(f"  {p}" for p in found), file=sys.stderr)
+        return 2
+    if args.json:
+        print(spec.model_dump_json(indent=2))
+    else:
+        print(to_toml(spec, explain=args.explain), end="")
+    return 0
+
+
 def _read_spec(args: argparse.Namespace) -> JobSpec | int:
     source = args.spec
     try:
@@ -268,6 +314,18 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
     from dlrl import footprint
     from learner.objectives import objective_for
 
+    host = args.gpus is None and args.gpu_memory is None
+    if host:  # no GPUs named: a CPU job (runtime.device 'cpu' or 'auto'), sized on this host's memory
+        if spec.runtime.device == "cuda":
+            print("dlrl plan: runtime.device = 'cuda': give the cluster's --gpus and --gpu-memory", file=sys.stderr)
+            return 2
+        args.gpus, args.gpu_memory = 1, host_memory_gb()
+        print(f"planned for the CPU (runtime.device = {spec.runtime.device!r}, no --gpus): the learner and a "
+              f"rollout worker share this host's {args.gpu_memory:.1f} GB; prompts of {args.prompt_length} tokens")
+        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"device": "cpu"})})
+    elif args.gpus is None or args.gpu_memory is None:
+        print("dlrl plan: give both --gpus and --gpu-memory (or neither, for a CPU job)", file=sys.stderr)
+        return 2
     if args.gpus < 1 or args.gpu_memory <= 0 or args.prompt_length < 1:
         print("dlrl plan: --gpus, --gpu-memory and --prompt-length must be positive", file=sys.stderr)
         return 2
@@ -277,7 +335,7 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"dlrl plan: {exc}", file=sys.stderr)
         return 2
-    print(footprint.describe(plan, spec))
+    print(footprint.describe(plan, spec, host=host))
     if plan.fits:
         print("fits")
         return 0
@@ -289,11 +347,18 @@ def _plan(spec: JobSpec, args: argparse.Namespace) -> int:
     return 1
 
 
+def host_memory_gb() -> float:
+    """This machine's physical memory in GB (1e9 bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
 def _train(spec: JobSpec, args: argparse.Namespace) -> int:
     from services.api.launcher import adopt_redis_url_file
 
+    from dlrl.resolve import problems
+
     adopt_redis_url_file()  # an API job: its Redis URL comes in a 0600 file, never in Ray's runtime env
-    on_record = None
+    on_record, store = None, None
     if args.job_id:
         from services.api.jobstore import JobStore, MetricMirror
 
@@ -303,7 +368,12 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
             return 2
         store = JobStore.from_url(url, os.environ.get("DLRL_REDIS_PREFIX") or "dlrl")
         on_record = MetricMirror(store, args.job_id)
+    if found := problems(spec):  # before Ray starts: a missing model or file fails in seconds, not in an actor
+        print("dlrl: the spec names what is not there:\n" + "\n".join(f"  {p}" for p in found), file=sys.stderr)
+        _record_failure(store, args.job_id, "; ".join(found))
+        return 2
     from services.driver.driver import ResumeError, run  # heavy imports (ray, torch) only when training
+    from services.driver.failure import one_line, write_traceback
 
     try:
         # An API job's id names its queue: two jobs of the same name must not share (or purge) one.
@@ -311,7 +381,27 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
     except ResumeError as exc:
         print(f"dlrl: cannot resume: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - the run failed: its root cause once, as the last line
+        where = write_traceback(exc, Path(spec.runtime.out_dir) / spec.name)
+        cause = one_line(exc)
+        _record_failure(store, args.job_id, cause)
+        print(f"dlrl: the run failed{f' (full traceback: {where})' if where else ''}:", file=sys.stderr)
+        print(f"dlrl: {cause}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _record_failure(store, job_id: str | None, cause: str) -> None:
+    """An API job: put its one-line failure in its record, where the API reads a FAILED job's
+    message from (services.api.routes). Redis being down must not hide the failure itself."""
+    if store is None or job_id is None:
+        return
+    import redis
+
+    try:
+        store.update(job_id, failure=cause[:2000])
+    except redis.RedisError as exc:
+        print(f"dlrl: could not record the failure in the job store: {exc}", file=sys.stderr)
 
 
 def _queue_delete(args: argparse.Namespace) -> int:
@@ -359,6 +449,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_progress(done: int, total: int, reused: int, seconds: float) -> None:
+    """`dlrl eval`'s progress line on stderr: items done of all, those reused from an earlier run
+    in --out (a resumed or extended run), and the time left at this run's own pace."""
+    if done == reused:
+        if reused:
+            print(f"eval: {reused}/{total} items already in the output folder, reused", file=sys.stderr, flush=True)
+        return
+    fresh = done - reused
+    eta = seconds / fresh * (total - done)
+    print(f"eval: {done}/{total} items ({100 * done / total:.0f}%)  {seconds:.0f}s  ETA {eta:.0f}s",
+          file=sys.stderr, flush=True)
+
+
 def _eval(args: argparse.Namespace) -> int:
     """`dlrl eval`: one model, or a run directory (no config.json of its own) whose checkpoints
     are all evaluated and the best named. Prints the markdown table; the JSON is in --out."""
@@ -376,7 +479,7 @@ def _eval(args: argparse.Namespace) -> int:
     label = model.name if model.is_dir() else args.model.replace(":", "_").replace("/", "_")
     out = Path(args.out) if args.out else Path("runs/eval") / protocol.name / label
     kwargs = dict(out_dir=out, resume=not args.no_resume, limit=args.limit, device=args.device,
-                  dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                  dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=eval_progress)
     try:
         if is_run:
             summary = evaluate_run(model, args.task, protocol, **kwargs)

@@ -236,6 +236,21 @@ def test_a_running_job_can_be_stopped(http: httpx.Client):
     assert http.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] < 1000
 
 
+def test_a_job_the_cluster_can_never_place_is_failed_with_why(http: httpx.Client):
+    """runtime.device = "cuda" on the tests' Ray head (no GPU, no autoscaler): the job fails within
+    seconds of starting, and its message is the job's own sentence with the remedy, not RUNNING for
+    the 600 s placement timeout nor Ray's log excerpt."""
+    r = http.post("/v1/jobs", json=tiny_spec("api-cuda", "runtime.device=cuda"))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    wait_for(lambda: job_state(http, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 180, "the job's end")
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "FAILED", job
+    assert job["message"].startswith("CapacityError: runtime.device = 'cuda' asks for 1 GPU per learner rank"), job
+    assert "this cluster has 0 GPUs and no autoscaler: set runtime.device = 'cpu'" in job["message"]
+    assert job["progress"]["step"] == 0
+
+
 # ---------------------------------------------------------------- auth, validation, limits
 
 

@@ -267,6 +267,35 @@ def test_resume_after_an_interrupted_run_gives_the_same_summary(tmp_path, monkey
         evaluate_checkpoint(TINY, "sudoku", other, out_dir=tmp_path / "cut", limit=6)
 
 
+def test_a_larger_limit_reuses_the_batches_a_smaller_one_finished(tmp_path, monkeypatch):
+    """Sampled decoding in batches of 2: --limit 3 decodes batch 0 and a short batch 1 of one
+    item; --limit 6 then reuses batch 0 only (the short batch would decode differently as a full
+    one) and ends with the bytes a --limit 6 run from scratch writes; --limit 4 after that
+    decodes nothing. Progress is reported after every batch, with what was reused."""
+    p = EvalProtocol.from_toml(write_protocol(tmp_path, "sampled", SAMPLED))
+    fresh = evaluate_checkpoint(TINY, "sudoku", p, out_dir=tmp_path / "fresh", limit=6)
+    fresh4 = evaluate_checkpoint(TINY, "sudoku", p, out_dir=tmp_path / "fresh4", limit=4)
+    calls, seen = [], []
+    real = evaluation.sample_completions
+    monkeypatch.setattr(evaluation, "sample_completions", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def progress(done, total, reused, seconds):
+        seen.append((done, total, reused))
+
+    small = evaluate_checkpoint(TINY, "sudoku", p, out_dir=tmp_path / "out", limit=3, progress=progress)
+    assert small["n"] == 3 and len(calls) == 2 and seen == [(0, 3, 0), (2, 3, 0), (3, 3, 0)]
+    calls.clear(), seen.clear()
+    extended = evaluate_checkpoint(TINY, "sudoku", p, out_dir=tmp_path / "out", limit=6, progress=progress)
+    assert len(calls) == 2 and seen == [(2, 6, 2), (4, 6, 2), (6, 6, 2)]  # batches 1 and 2 only
+    assert without_run(extended) == without_run(fresh)
+    assert (tmp_path / "out/results.jsonl").read_text() == (tmp_path / "fresh/results.jsonl").read_text()
+    calls.clear()
+    shorter = evaluate_checkpoint(TINY, "sudoku", p, out_dir=tmp_path / "out", limit=4)
+    assert not calls and without_run(shorter) == without_run(fresh4)
+    again = evaluate_checkpoint(TINY, "sudoku", p, out_dir=tmp_path / "out", limit=6)
+    assert not calls and without_run(again) == without_run(fresh)  # the 6 stored results are kept
+
+
 def test_a_protocol_naming_the_cached_engine_decodes_with_it(tmp_path, monkeypatch):
     """engine = "cached" with a confidence threshold reaches rollout.engines.cached: fewer model
     forwards than the reference's one per token, and a held-out reward close to the reference's

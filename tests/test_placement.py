@@ -85,19 +85,21 @@ def test_actors_run_in_their_bundles(ray_cluster):
 
 
 def test_an_unplaceable_job_fails_before_any_actor_starts(ray_cluster, redis_server, tmp_path, monkeypatch):
-    """The driver reserves before it creates actors: a GPU job on this CPU cluster fails in about
-    placement_timeout_s with the request, and leaves no queue behind."""
+    """The driver checks the cluster before it reserves or creates anything: a GPU job on this CPU
+    cluster, which has no autoscaler, fails at once (services/driver/resources.py; not after the
+    placement timeout, which stays the bound on an autoscaling cluster) and leaves no queue behind."""
     import redis
 
     from services.driver import driver
+    from services.driver.resources import CapacityError
     from tests.test_runtime import tiny_spec
 
     monkeypatch.setenv("DLRL_REDIS_URL", redis_server.url)
     s = tiny_spec(tmp_path, "unplaceable", ray_address=ray_cluster.address, device="cuda",
-                  placement_timeout_s=3)
+                  placement_timeout_s=600)
     s = s.model_copy(update={"queue": s.queue.model_copy(update={"backend": "redis"})})
     t0 = time.monotonic()
-    with pytest.raises(PlacementError, match="1 CPU, 1 GPU each"):
+    with pytest.raises(CapacityError, match="1 GPU per learner rank .* 0 GPUs and no autoscaler"):
         driver.run(s)
     assert time.monotonic() - t0 < 60
     assert not list(redis.Redis.from_url(redis_server.url).scan_iter("dlrl:unplaceable*"))

@@ -105,6 +105,9 @@ class JobRecord(BaseModel):
     latest_metrics: dict[str, Any] | None = None
     latest_eval: dict[str, Any] | None = None
     stop_requested: bool = False
+    failure: str | None = None
+    """The job's own one-line account of why it failed (its root cause, written by the job before it
+    exits): a FAILED job's message, instead of the log excerpt Ray puts in its own."""
 
 
 def spec_digest(spec: JobSpec) -> str:

@@ -87,6 +87,9 @@ class JobsContext:
             state, message = "FAILED", f"Ray has no record of submission {job.submission_id}"
         else:
             state, message = info[0], wall_clock_message(info[1], self.settings)
+        if state == "FAILED":  # the job said why (services.cli): that line, not Ray's log excerpt
+            failure = job.failure or getattr(self.store.get(job.id), "failure", None)
+            message = failure or message
         if state not in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"):
             return job
         if state != job.state or message != job.message:

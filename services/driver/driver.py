@@ -68,6 +68,7 @@ from services.driver.periodic_eval import KEPT_DIR, PeriodicEval, clear_outputs
 from services.driver.learner_group import CALL_WAIT_S, LearnerDied, LearnerGroup, get
 from services.driver.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
 from services.driver.progress import RunLog, plot_rewards, read_metrics
+from services.driver.resources import check_capacity
 from services.driver.telemetry import RunMetrics
 
 
@@ -318,6 +319,10 @@ class Run:
         (learner.train). The versions after the checkpoint are published again under a new
         generation, which is what lets the workers go back to them; they come through the object
         store from now on."""
+        if isinstance(error, RayActorError) and error.actor_init_failed:
+            # Its __init__ raised (a model or checkpoint that does not load): no crash, and a
+            # rebuild would raise it again, max_restarts times over.
+            raise error
         self.rebuilds += 1
         if self.rebuilds > self.spec.runtime.max_restarts:
             raise RuntimeError(f"dlrl: the learner died {self.rebuilds} times without the run getting past "
@@ -417,6 +422,8 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         metrics_path.unlink(missing_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     start_ray(spec)
+    placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
+    check_capacity(spec, placement)  # in seconds, when the cluster can never hold the actors
     actor_spec = with_redis_url(spec)
     queue = open_queue(actor_spec, run_id, consumer="driver")
     if not resume:
@@ -424,7 +431,6 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         clear_outputs(run_dir)
     log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record)
-    placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
     try:
         pg = reserve(placement, spec.runtime.placement_timeout_s, name=f"dlrl:{run_id}")
     except BaseException:

@@ -13,6 +13,8 @@ PACK puts the ranks of a learner group on one node when one node has room, so th
 stay on NVLink). The reservation is pending demand
 that an autoscaler acts on; if it is not granted within `runtime.placement_timeout_s` the job fails
 with what it asked for and what the cluster has, instead of hanging with actors that never start.
+A request no node of the cluster (or of what its autoscaler can add) could ever grant fails before
+that, in seconds (services.driver.resources).
 A learner rebuilt after a crash, or a worker Ray restarts, takes its own bundle again.
 
 `device = "auto"` keeps the small-machine behaviour: GPUs only if the cluster has some at start,
