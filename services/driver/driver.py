@@ -60,6 +60,7 @@ from ray.util.placement_group import PlacementGroup
 
 from dlrl.config import JobSpec
 from dlrl.queue import open_queue
+from dlrl.quiet import quiet_logs
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.objectives import behaviour_pass
 from learner.train import read_state, recover_checkpoint
@@ -67,7 +68,9 @@ from rollout.worker import RolloutWorker
 from services.driver.periodic_eval import KEPT_DIR, PeriodicEval, clear_outputs
 from services.driver.learner_group import CALL_WAIT_S, LearnerDied, LearnerGroup, get
 from services.driver.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
-from services.driver.progress import RunLog, plot_rewards, read_metrics
+from services.driver.progress import RunLog, loss_moves, plot_rewards, read_metrics
+from services.driver.samples import truncate_samples
+from services.driver.tracker import open_tracker
 from services.driver.telemetry import RunMetrics
 
 
@@ -95,6 +98,7 @@ def start_ray(spec: JobSpec) -> None:
     """Join the configured cluster (or the one a Ray Job runs in), else start Ray in-process."""
     if ray.is_initialized():
         return
+    quiet_logs()  # before ray.init: a local Ray's actors inherit this environment
     address = spec.runtime.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -272,7 +276,7 @@ class Run:
             metrics.update(self._rollout_metrics(rolled, time.perf_counter() - t_step, metrics))
             metrics.update(sync)
             metrics["worker_weight_sync_seconds"] = max((r["weight_sync_seconds"] for r in rolled), default=0.0)
-            self.log.step(step, metrics)
+            self.log.step(step + 1, metrics)  # step numbers count the steps done (RunLog)
             self.telemetry.record({"kind": "train", **metrics})
             t_step = time.perf_counter()
             step += 1
@@ -389,9 +393,13 @@ def recover_saves(run_dir: Path) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps >= `step`: they are about to be redone."""
-    records = [r for r in read_metrics(path) if r.get("step", 0) < step]
+    """Keep the records of what the checkpoint of `step` holds: the train records of steps 1 ..
+    `step` and the evaluations before it (the evaluation of version `step` and everything after it
+    are about to be redone); samples.jsonl likewise."""
+    records = [r for r in read_metrics(path)
+               if r.get("step", 0) < step or (r.get("kind") == "train" and r.get("step") == step)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    truncate_samples(path.parent, step)
 
 
 def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None] | None = None,
@@ -423,7 +431,8 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         queue.purge()  # a fresh run must not train on an old run's groups
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         clear_outputs(run_dir)
-    log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record)
+    log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record, show_loss=loss_moves(spec),
+                 tracker=open_tracker(spec.runtime.tracker, run_dir))
     placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
     try:
         pg = reserve(placement, spec.runtime.placement_timeout_s, name=f"dlrl:{run_id}")
@@ -444,6 +453,7 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         remove_placement_group(pg)
         # Finished, failed or stopped: the queue must not outlive the run (see the module docstring).
         dead_letters = close_queue(queue)
+        log.close()
     png = plot_rewards(run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
     evals = [x["eval_reward"] for x in read_metrics(metrics_path) if x.get("kind") == "eval"]
     summary = {
