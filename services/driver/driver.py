@@ -26,7 +26,8 @@ a deadline and an error that says what was waited for. Every
 optimizer, RNG, the trained group ids and the driver's cursor) and then acknowledges the queue
 entries those steps used.
 
-The run directory gets spec.json, metrics.jsonl, reward.png, summary.json and checkpoint/ (and
+The run directory gets spec.json, metrics.jsonl, samples.jsonl, reward.png, summary.json and
+checkpoint/ (with runtime.tracker also tensorboard/: services.driver.tracker; and
 with eval.protocol / runtime.keep_checkpoints eval/step-<k>/, checkpoints/step-<k>/ and best.json:
 services.driver.periodic_eval).
 Whether the run finished, failed or was stopped, its queue is deleted at the end: nothing in it is
