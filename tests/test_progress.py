@@ -194,3 +194,22 @@ def test_jobs_submitted_through_the_api_get_the_quiet_environment(tmp_path):
 
     env = job_env(ApiSettings(token="t", runs_dir=tmp_path), JobSpec(), "j-1")
     assert QUIET_ENV.items() <= env.items()
+
+
+def test_protocol_evaluations_log_their_first_examples_as_samples(tmp_path):
+    """A run with eval.protocol: the samples are the protocol's own first examples, prompts as the
+    protocol renders them, and the completion and reward its results.jsonl recorded."""
+    from dlrl.eval_protocol import EvalProtocol, load_examples
+    from rollout.evaluation import evaluate_checkpoint, read_samples, resolve_task
+
+    protocol = EvalProtocol.from_toml(ROOT / "deploy/eval/tiny-sudoku.toml")
+    task = resolve_task("sudoku", protocol)
+    evaluate_checkpoint("builtin:tiny-sudoku", "sudoku", protocol, out_dir=tmp_path, limit=5)
+    examples = load_examples(protocol, task)
+    samples = read_samples(tmp_path, task, protocol, examples, 3)
+    results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == [r["id"] for r in results[:3]] == [str(ex.id) for ex in examples[:3]]
+    assert [(s["completion"], s["reward"]) for s in samples] == [(r["completions"][0], r["rewards"][0])
+                                                                 for r in results[:3]]
+    assert samples[0]["prompt"] == task.prompt(examples[0], "compact")
+    assert read_samples(tmp_path, task, protocol, examples, 0) == []
