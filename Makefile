@@ -4,7 +4,7 @@
 setup:
 	@bash scripts/setup.sh
 
-# The demo: 60 steps on the cached engine, under 3 minutes on 2 cores (deploy/jobs/tiny-sudoku-demo.toml).
+# The demo: 60 steps on the cached engine, aimed at 3 minutes on 2 cores (deploy/jobs/tiny-sudoku-demo.toml).
 train: setup
 	.venv/bin/dlrl train deploy/jobs/tiny-sudoku-demo.toml
 
