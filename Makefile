@@ -1,10 +1,15 @@
 # The two commands of the README, and test-fast for the edit-test loop. Each sets up .venv first (scripts/setup.sh).
-.PHONY: setup train test test-fast
+.PHONY: setup train train-reference test test-fast
 
 setup:
 	@bash scripts/setup.sh
 
+# The demo: 60 steps on the cached engine, aimed at 3 minutes on 2 cores (deploy/jobs/tiny-sudoku-demo.toml).
 train: setup
+	.venv/bin/dlrl train deploy/jobs/tiny-sudoku-demo.toml
+
+# The reference run: 150 steps on LLaDA's reference sampler, about 8 minutes (bench/tiny_sudoku.py's spec).
+train-reference: setup
 	.venv/bin/dlrl train deploy/jobs/tiny-sudoku.toml
 
 # The full suite: ruff first (a lint failure stops it), then every test but the GPU ones.

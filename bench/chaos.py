@@ -157,7 +157,7 @@ def run_with_faults(spec: JobSpec, head: RayHead, redis: RedisProcess, faults: l
             if "caught_up_s" not in f and any(r["step"] > f["reached"] for r in records):
                 f["caught_up_s"] = round(now - f["t_kill"], 2)
         reached = max((r["step"] for r in records), default=-1)
-        if todo and reached >= todo[0].step:
+        if todo and reached > todo[0].step:  # records count the steps done: step f.step (0-based) is done
             fault = todo.pop(0)
             seen = {json.dumps(r, sort_keys=True) for r in records}
             t_kill = time.monotonic()
@@ -258,7 +258,7 @@ def main() -> None:
         "redis_appendfsync": "always",
         "max_staleness": base["runtime"]["max_staleness"],
         **report,
-        "every_step_logged_once": report["steps_logged"] == list(range(args.steps)),
+        "every_step_logged_once": report["steps_logged"] == list(range(1, args.steps + 1)),
         "every_group_trained_once": (report["trained_groups"] == report["distinct_trained_groups"]
                                      == report["expected_groups"] and not report["missing_groups"]),
         "every_drop_in_metrics": report["drops_in_metrics"] == report["drops_in_checkpoint"],

@@ -23,11 +23,15 @@ TIMING = ("time", "seconds", "tokens_per_s", "memory_bytes", "idle_fraction", "w
 
 
 def records(run: Path) -> dict[tuple[str, int], dict]:
-    """(kind, step) -> that record's non-timing fields."""
+    """(kind, step) -> that record's non-timing fields. A train record is keyed by its `version`
+    (the steps done): its `step` was the 0-based batch index before issue 21 and is the steps done
+    since, so runs on either side of that change still line up."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out[(r["kind"], r["step"])] = {k: v for k, v in r.items() if not k.endswith(TIMING)}
+        step = r["version"] if r["kind"] == "train" and "version" in r else r["step"]
+        out[(r["kind"], step)] = {k: v for k, v in r.items() if not k.endswith(TIMING)
+                                  and not (k == "step" and r["kind"] == "train")}
     return out
 
 

@@ -12,10 +12,17 @@ bench/results/tiny_sudoku_<algorithm>_reward.png.
     python bench/tiny_sudoku.py --algorithms bgpo --seeds 1 2 --out bench/results/tiny_sudoku_seeds.json
     python bench/tiny_sudoku.py --algorithms bgpo --tag cached --set rollout.engine=cached \
         --set rollout.threshold=0.9 --out bench/results/tiny_sudoku_cached.json
+    python bench/tiny_sudoku.py --spec deploy/jobs/tiny-sudoku-demo.toml --algorithms bgpo --tag demo \
+        --out bench/results/tiny_sudoku_demo.json     # the README's demo (`make train`)
 
 `--set KEY=VALUE` passes further spec overrides to every run (e.g. the rollout engine, which
-evaluation uses too); `--tag` names those runs `<tag>_<algorithm>` so their PNGs do not overwrite
-the shipped-spec ones.
+evaluation uses too) and `--spec` runs another job spec; `--tag` names those runs
+`<tag>_<algorithm>` so their PNGs do not overwrite the shipped-spec ones.
+
+Times per run: `command_seconds` is the whole `dlrl train` command as a user waits for it (Python
+and Ray start-up included), `wall_seconds` the run from its first evaluation on (summary.json), and
+`rollout_seconds_total` / `learner_seconds_total` / `eval_seconds_total` the phases summed over the
+run (from metrics.jsonl; in a synchronous run they take turns, so they add up to most of the wall).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +54,8 @@ def run_name(algorithm: str, seed: int | None, tag: str | None) -> str:
     return name if tag is None else f"{tag}_{name}"
 
 
-def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, overrides: list[str],
-            tag: str | None) -> Path:
+def run_one(spec: Path, algorithm: str, seed: int | None, steps: int | None, out_dir: Path, overrides: list[str],
+            tag: str | None) -> tuple[Path, float]:
     name = run_name(algorithm, seed, tag)
     sets = ["--set", f"train.algorithm={algorithm}", "--set", f"name={name}",
             "--set", f"runtime.out_dir={out_dir}"]
@@ -59,13 +67,15 @@ def run_one(algorithm: str, seed: int | None, steps: int | None, out_dir: Path, 
         sets += ["--set", f"train.steps={steps}"]
     for kv in overrides:
         sets += ["--set", kv]
-    cmd = [sys.executable, "-m", "services.cli", "train", str(SPEC), *sets]
+    cmd = [sys.executable, "-m", "services.cli", "train", str(spec), *sets]
     print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.monotonic()
     subprocess.run(cmd, cwd=ROOT, check=True)
-    return out_dir / name
+    return out_dir / name, time.monotonic() - t0
 
 
-def summarize(run: Path, algorithm: str, seed: int | None, overrides: list[str], results: Path) -> dict:
+def summarize(run: Path, spec: Path, algorithm: str, seed: int | None, overrides: list[str], results: Path,
+              command_seconds: float | None = None) -> dict:
     """One run's row. A run cut short (no summary.json) is summarized from its metrics so far,
     marked `"partial": true`, its wall time measured from the run directory's creation."""
     records = read_metrics(run / "metrics.jsonl")
@@ -85,7 +95,7 @@ def summarize(run: Path, algorithm: str, seed: int | None, overrides: list[str],
         "algorithm": algorithm,
         "overrides": overrides,
         **({"partial": True, "target_steps": target} if partial else {}),
-        "seed": JobSpec.from_toml(SPEC).train.seed if seed is None else seed,
+        "seed": JobSpec.from_toml(spec).train.seed if seed is None else seed,
         "steps": summary["steps"],
         "first_eval_reward": summary["first_eval_reward"],
         "last3_eval_reward": summary["last3_eval_reward"],
@@ -95,6 +105,10 @@ def summarize(run: Path, algorithm: str, seed: int | None, overrides: list[str],
         "rollout_reward_first10": sum(r["reward"] for r in train[:10]) / len(train[:10]),
         "rollout_reward_last10": sum(r["reward"] for r in train[-10:]) / len(train[-10:]),
         "wall_seconds": summary["seconds"],
+        **({"command_seconds": command_seconds} if command_seconds is not None else {}),
+        "rollout_seconds_total": sum(r["rollout_seconds"] for r in train),
+        "learner_seconds_total": sum(r["learner_seconds"] for r in train),
+        "eval_seconds_total": sum(r["eval_seconds"] for r in evals),
         "mean_step_seconds": sum(r["step_seconds"] for r in train) / len(train),
         "mean_learner_seconds": sum(r["learner_seconds"] for r in train) / len(train),
         "mean_rollout_seconds": sum(r["rollout_seconds"] for r in train) / len(train),
@@ -106,6 +120,7 @@ def summarize(run: Path, algorithm: str, seed: int | None, overrides: list[str],
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=str(SPEC), help="job spec (default: deploy/jobs/tiny-sudoku.toml)")
     p.add_argument("--algorithms", nargs="+", default=["bgpo", "naive_elbo", "diffu_grpo"])
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the spec's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the spec's)")
@@ -119,17 +134,18 @@ def main() -> None:
     args = p.parse_args()
     if args.summarize and not args.runs_dir:
         p.error("--summarize needs --runs-dir")
-    if args.overrides and not args.tag:
-        p.error("--set needs --tag, so the runs' PNGs do not overwrite the shipped-spec ones")
+    spec = Path(args.spec).resolve()
+    if (args.overrides or spec != SPEC) and not args.tag:
+        p.error("--set and --spec need --tag, so the runs' PNGs do not overwrite the shipped-spec ones")
     load_at_start = os.getloadavg()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="dlrl-bench-"))
     results = Path(args.out).parent
     rows = []
     for a in args.algorithms:
         for seed in args.seeds or [None]:
-            run = runs_dir / run_name(a, seed, args.tag) if args.summarize else \
-                run_one(a, seed, args.steps, runs_dir, args.overrides, args.tag)
-            rows.append(summarize(run, a, seed, args.overrides, results))
+            run, seconds = (runs_dir / run_name(a, seed, args.tag), None) if args.summarize else \
+                run_one(spec, a, seed, args.steps, runs_dir, args.overrides, args.tag)
+            rows.append(summarize(run, spec, a, seed, args.overrides, results, seconds))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     sft = json.loads((ASSET / "sft_curve.json").read_text())
     result = {
@@ -138,7 +154,7 @@ def main() -> None:
         "commit": commit,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version()},
-        "spec": str(SPEC.relative_to(ROOT)),
+        "spec": str(spec.relative_to(ROOT)) if spec.is_relative_to(ROOT) else str(spec),
         "start_checkpoint": {"path": "builtin:tiny-sudoku", "sft_recipe": sft["recipe"],
                              "teacher": sft["teacher"], "sft_saved_at_step": sft["saved_at_step"],
                              "sft_curve": sft["curve"]},

@@ -189,6 +189,10 @@ class EvalSpec(Section):
     """Sampling steps for evaluation (None: same as rollout)."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     """Remasking of the greedy evaluation decode (rollouts use rollout.remasking)."""
+    samples: int = Field(4, ge=0, le=256)
+    """Completions each evaluation logs to <run>/samples.jsonl (the first held-out prompts, the same
+    ones every time, with their greedy completion and reward; one is printed): seeing what the model
+    writes catches a reward hack or a format collapse that the mean hides. 0: none."""
     protocol: str | None = Field(None, min_length=1, max_length=4096)
     """A protocol file (deploy/eval/*.toml): the periodic evaluation then runs it exactly as
     `dlrl eval` does (its task, data, prompts, extraction, decoding; task.eval_size, eval.steps and
@@ -314,6 +318,10 @@ class RuntimeSpec(Section):
     <run>/best.json the kept step with the best periodic evaluation (ties: the earliest), the one
     `dlrl eval <run> --protocol <eval.protocol>` selects. checkpoint_every must then be a multiple
     of eval.every, so that every kept step is evaluated."""
+    tracker: Literal["tensorboard"] | None = None
+    """Also send every metrics record to an experiment tracker: 'tensorboard' writes
+    <run>/tensorboard/ with torch.utils.tensorboard (needs the `tensorboard` package: pip install
+    'dlrl[tracker]'); `tensorboard --logdir runs` shows it. None: metrics.jsonl only."""
 
 
 class JobSpec(Section):

@@ -19,7 +19,7 @@ from dlrl.tasks import Example, Task
 from rollout.engines import Engine, engine_class
 from rollout.rollout_stats import RolloutStats
 
-__all__ = ["decode_completion", "encode_prompt", "evaluate", "left_pad", "sample_completions", "score"]
+__all__ = ["decode_completion", "encode_prompt", "evaluate", "left_pad", "sample_completions", "sample_record", "score"]
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,29 @@ def evaluate(
     decoding: Decoding,
     batch_size: int,
     style: str,
-) -> dict[str, float]:
-    """Greedy (temperature-0) mean reward on `examples`, exact-solve rate, timing and sampler stats."""
+    samples: int = 0,
+) -> dict:
+    """Greedy (temperature-0) mean reward on `examples`, exact-solve rate, timing and sampler stats;
+    with `samples` > 0 also `samples`: the first that many examples' prompt, completion and reward
+    (sample_record), what the run logs to samples.jsonl."""
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, task, ex, style) for ex in examples]
     completions, _, stats = sample_completions(engine, prompts, decoding.decoding(temperature=0.0), batch_size)
     ids = engine.ids
-    rewards = [score(task, decode_completion(tokenizer, c, ids), ex) for c, ex in zip(completions, examples)]
-    return {
+    texts = [decode_completion(tokenizer, c, ids) for c in completions]
+    rewards = [score(task, t, ex) for t, ex in zip(texts, examples)]
+    out = {
         "eval_reward": float(np.mean(rewards)),
         "eval_solved": float(np.mean([r >= 1.0 for r in rewards])),
         "eval_seconds": time.perf_counter() - t0,
         **stats.metrics(prefix="eval_"),
     }
+    if samples:
+        out["samples"] = [sample_record(ex, task.prompt(ex, style), t, r)
+                          for ex, t, r in list(zip(examples, texts, rewards))[:samples]]
+    return out
+
+
+def sample_record(ex: Example, prompt: str, completion: str, reward: float) -> dict:
+    """One logged sample: the example's id, its prompt and completion as text, and the reward."""
+    return {"id": str(ex.id), "prompt": prompt, "completion": completion, "reward": float(reward)}

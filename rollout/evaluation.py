@@ -49,11 +49,11 @@ import torch
 from dlrl.eval_protocol import EvalProtocol, ProtocolError, extract, file_sha256, load_examples
 from dlrl.models import load_model, special_ids
 from dlrl.tasks import Example, Task, get_task
-from rollout.completion import decode_completion, encode_prompt, sample_completions, score
+from rollout.completion import decode_completion, encode_prompt, sample_completions, sample_record, score
 from rollout.engines import make_engine
 
 __all__ = ["EvalProtocol", "ProtocolError", "evaluate_checkpoint", "evaluate_model",
-           "evaluate_run", "find_checkpoints", "pass_at_k", "run_metrics"]
+           "evaluate_run", "find_checkpoints", "pass_at_k", "read_samples", "run_metrics"]
 
 RESULTS, SUMMARY, TABLE, MANIFEST = "results.jsonl", "summary.json", "summary.md", "manifest.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +228,23 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: Task, protocol: Eval
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         (out / TABLE).write_text(markdown_table([summary]))
     return summary
+
+
+def read_samples(out_dir: str | Path, task: Task, protocol: EvalProtocol, examples: list[Example],
+                 n: int) -> list[dict]:
+    """The first `n` examples of the evaluation written to `out_dir` as logged samples (prompt as the
+    protocol renders it, first completion, its reward): the driver's samples.jsonl (services.driver.samples)."""
+    if n <= 0 or not (Path(out_dir) / RESULTS).is_file():
+        return []
+    rendered = _with_template(task, protocol.prompt.template)
+    out = []
+    with (Path(out_dir) / RESULTS).open(encoding="utf-8") as f:
+        for line, _ in zip(f, range(n)):
+            rec = json.loads(line)
+            ex = examples[rec["index"]]
+            out.append(sample_record(ex, rendered.prompt(ex, protocol.prompt.style), rec["completions"][0],
+                                     rec["rewards"][0]))
+    return out
 
 
 def run_metrics(summary: dict) -> dict[str, float]:

@@ -36,7 +36,7 @@ from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.behaviour import with_behaviour_elbo
 from rollout.completion import decode_completion, encode_prompt, evaluate, sample_completions, score
 from rollout.engines import check_decoding, make_engine
-from rollout.evaluation import evaluate_model, resolve_task, run_metrics
+from rollout.evaluation import evaluate_model, read_samples, resolve_task, run_metrics
 from rollout.rollout_stats import RolloutStats
 
 PUT_TIMEOUT_S = 1800.0
@@ -214,7 +214,7 @@ class RolloutWorker:
         r = self.spec.rollout
         decoding = r.decoding(steps=steps or r.steps, remasking=self.spec.eval.remasking)
         return evaluate(self.engine, self.tokenizer, self.task, examples, decoding, r.batch_size,
-                        self.spec.task.style)
+                        self.spec.task.style, samples=self.spec.eval.samples)
 
     def evaluate_protocol(self, step: int, out_dir: str, handle: WeightHandle | None = None) -> dict[str, float]:
         """eval.protocol on the weights `handle` names, through rollout.evaluation.evaluate_model
@@ -229,4 +229,5 @@ class RolloutWorker:
         protocol, task, examples = self._protocol
         summary = evaluate_model(self.model, self.tokenizer, task, protocol, model_name=f"{self.run_id}@step-{step}",
                                  out_dir=out_dir, resume=False, examples=examples)
-        return run_metrics(summary)
+        samples = read_samples(out_dir, task, protocol, examples, self.spec.eval.samples)
+        return {**run_metrics(summary), **({"samples": samples} if samples else {})}

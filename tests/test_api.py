@@ -196,15 +196,15 @@ def test_tiny_job_reaches_succeeded_with_metrics_across_an_api_restart(api: ApiS
     assert history["count"] == len(records) > n_before  # metrics kept arriving after the restart
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in train] == list(range(6))
+    assert [r["step"] for r in train] == list(range(1, 7))  # the steps done, = the version
     assert [r["version"] for r in train] == list(range(1, 7))
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(0.0 <= r["reward"] <= 1.0 for r in train) and all(0.0 <= r["eval_reward"] <= 1.0 for r in evals)
     assert job["progress"] == {"step": 6, "total_steps": 6, "fraction": 1.0}
-    assert job["policy_version"] == 6 and job["latest_metrics"]["step"] == 5
+    assert job["policy_version"] == 6 and job["latest_metrics"]["step"] == 6
     assert job["reward"] == train[-1]["reward"] and job["eval_reward"] == evals[-1]["eval_reward"]
     since = http.get(f"/v1/jobs/{job_id}/metrics", params={"since": 3, "kind": "train"}).json()["records"]
-    assert [r["step"] for r in since] == [3, 4, 5]
+    assert [r["step"] for r in since] == [3, 4, 5, 6]
 
     ckpts = http.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]
     assert [c["path"] for c in ckpts] == ["checkpoint"] and ckpts[0]["size_bytes"] > 100_000
@@ -418,12 +418,12 @@ def test_metric_history_filters_and_keeps_json_finite(store: JobStore):
     spec = JobSpec(name="m")
     job = store.create(spec, spec, "/tmp/m")[0]
     store.append_metric(job.id, {"kind": "eval", "step": 0, "eval_reward": 0.25})
-    for step in range(3):
-        store.append_metric(job.id, {"kind": "train", "step": step, "reward": 0.5, "version": step + 1,
-                                     "loss": float("nan") if step == 1 else 0.1})
+    for step in range(1, 4):  # a train record's step is the steps done (services.driver.progress.RunLog)
+        store.append_metric(job.id, {"kind": "train", "step": step, "reward": 0.5, "version": step,
+                                     "loss": float("nan") if step == 2 else 0.1})
     store.r.rpush(store._metrics(job.id), "not json", "[1]")  # foreign entries never hide the rest
-    assert [r["step"] for r in store.metrics(job.id)] == [0, 0, 1, 2]
-    assert [r["step"] for r in store.metrics(job.id, since=1, kind="train")] == [1, 2]
+    assert [r["step"] for r in store.metrics(job.id)] == [0, 1, 2, 3]
+    assert [r["step"] for r in store.metrics(job.id, since=2, kind="train")] == [2, 3]
     assert store.metrics(job.id, kind="train")[1]["loss"] is None  # NaN is no JSON number
     got = store.get(job.id)
     assert got.step == 3 and got.policy_version == 3 and got.latest_eval["eval_reward"] == 0.25

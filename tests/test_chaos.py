@@ -70,7 +70,7 @@ def test_worker_redis_and_learner_sigkills_lose_and_repeat_nothing(max_staleness
     faults = [Fault(2, "worker:0"), Fault(4, "redis"), Fault(6, "learner")]
     report = run_with_faults(spec, ray_cluster, own_redis, faults, timeout_s=600)
     report_counts(summary_line(f"chaos max_staleness={max_staleness}", report))
-    assert report["steps_logged"] == list(range(STEPS))
+    assert report["steps_logged"] == list(range(1, STEPS + 1))
     assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"] == 4 * STEPS
     assert report["missing_groups"] == [] and report["unexpected_groups"] == []
     assert report["max_staleness_seen"] <= max_staleness and report["stale_dropped"] == 0
@@ -103,7 +103,7 @@ def test_learner_killed_inside_a_checkpoint_write_is_rebuilt_and_ends_as_its_twi
     report = run_with_faults(spec, ray_cluster, own_redis, [Fault(2, "save")], timeout_s=600)
     report_counts(summary_line("chaos kill inside a checkpoint write", report))
     steps = spec.train.steps
-    assert report["steps_logged"] == list(range(steps))
+    assert report["steps_logged"] == list(range(1, steps + 1))
     assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"]
     assert report["missing_groups"] == [] and report["unexpected_groups"] == []
     assert [f["target"] for f in report["faults"]] == ["save"] and "caught_up_s" in report["faults"][0]
@@ -181,7 +181,7 @@ def test_sigkilled_dlrl_train_resumes_and_finishes_with_the_default_capacity(ray
                   f"(capacity {default_capacity(spec)}); resumed run finished in {seconds:.0f}s, "
                   f"{len(logged)} steps logged, {len(ids)} groups trained, {len(set(ids))} distinct, "
                   f"{len(left)} queue keys left, {len(actors)} actors left")
-    assert logged == list(range(steps))
+    assert logged == list(range(1, steps + 1))
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
     assert left == [] and actors == []
 

@@ -384,7 +384,7 @@ def test_compose_services_run_a_tiny_job_end_to_end():
             assert job["state"] == "SUCCEEDED", f"{job}\n{logs}"
             assert job["progress"]["step"] == 2 and job["reward"] is not None
             records = http.get(f"/v1/jobs/{job_id}/metrics").json()["records"]
-            assert [m["step"] for m in records if m["kind"] == "train"] == [0, 1], records
+            assert [m["step"] for m in records if m["kind"] == "train"] == [1, 2], records
             assert all(isinstance(m["reward"], float) for m in records if m["kind"] == "train"), records
             assert [m["step"] for m in records if m["kind"] == "eval"] == [0, 2], records
             checkpoints = http.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
 import re
 import shlex
 import tomllib
@@ -499,7 +500,36 @@ def dockerfile_problems(text: str) -> list[str]:
     for private in (".env", ".venv", ".git", "runs"):
         if not dockerignore_excludes(private, patterns):
             problems.append(f".dockerignore lets {private} into the build context")
-    return problems
+    return problems + shipped_protocol_problems(instructions)
+
+
+def shipped_protocol_problems(instructions: list[tuple[str, str]]) -> list[str]:
+    """The image must carry deploy/eval/ (the shipped eval protocols and their pinned data) where
+    the installed packages look for it: beside them, at <checkout>/deploy/eval/ (dlrl.config.CHECKOUT,
+    services.api.admission.SHIPPED_PROTOCOLS). So: the project installed editable (--no-deps, the
+    source install) from a folder, and deploy/eval/ copied into that folder. The image once left
+    deploy/eval/ out, and `eval.protocol = "deploy/eval/..."` failed in it."""
+    workdir, eval_at, install = "/", None, None
+    for op, rest in instructions:
+        if op == "WORKDIR":
+            workdir = posixpath.normpath(posixpath.join(workdir, rest))
+        elif op == "COPY" and "--from" not in rest:
+            *sources, dest = shlex.split(rest)
+            target = posixpath.normpath(posixpath.join(workdir, dest))
+            for src in (x.rstrip("/") or "." for x in sources):
+                found = {"deploy/eval": target, "deploy": target + "/eval", ".": target + "/deploy/eval"}.get(src)
+                eval_at = found or eval_at
+        elif op == "RUN" and re.search(r"pip install\b[^\n]*--no-deps[^\n]*\s\.(\s|$)", rest):
+            install = (workdir, bool(re.search(r"\s(-e|--editable)\s+\.(\s|$)", rest)))
+    if eval_at is None:
+        return ["deploy/eval (the shipped eval protocols) is not copied into the image"]
+    if install is None or not install[1]:
+        return ["the project is not installed editable (pip install --no-deps -e .): its packages would "
+                "look for deploy/eval/ in site-packages"]
+    if eval_at != posixpath.join(install[0], "deploy/eval"):
+        return [f"deploy/eval is copied to {eval_at}, but the packages installed from {install[0]} look in "
+                f"{posixpath.join(install[0], 'deploy/eval')}"]
+    return []
 
 
 # --- Kubernetes / KubeRay ------------------------------------------------------------------------
@@ -805,6 +835,10 @@ def test_dockerfile():
     (lambda t: t.replace("COPY services ./services", "COPY services ./services\nCOPY bench ./bench"),
      "excluded by .dockerignore"),
     (lambda t: t.replace("ARG DLRL_UID=1000", "ARG DLRL_UID=1000\nENV DLRL_API_TOKEN=abc"), "secrets"),
+    # the image before issue 21: no deploy/eval/, installed into site-packages
+    (lambda t: t.replace("COPY deploy/eval ./deploy/eval\n", ""), "deploy/eval (the shipped eval protocols) is not"),
+    (lambda t: t.replace("constraints.txt -e . \\", "constraints.txt . \\"), "not installed editable"),
+    (lambda t: t.replace("COPY deploy/eval ./deploy/eval", "COPY deploy/eval /opt/dlrl/eval"), "look in /opt/dlrl/src"),
 ])
 def test_dockerfile_checks_catch_broken_files(edit, expected):
     text = DOCKERFILE.read_text()

@@ -32,7 +32,7 @@ def test_dlrl_train_runs_the_tiny_job(tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in train] == [0, 1, 2]
+    assert [r["step"] for r in train] == [1, 2, 3]  # the steps done (services.driver.progress.RunLog)
     assert [r["step"] for r in evals] == [0, 2, 3]  # every 2 steps, and after the last
     assert all(0.0 <= r["reward"] <= 1.0 for r in train)
     assert [r["version"] for r in train] == [1, 2, 3]

@@ -118,7 +118,7 @@ def test_paper_job_runs_end_to_end_at_tiny_shape(tmp_path):
     run = tmp_path / "runs" / "paper-tiny"
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [0, 1]
+    assert [r["step"] for r in train] == [1, 2]
     assert all(0.0 <= r["reward"] <= 1.0 for r in train)  # GSM8K reward ran (math_verify)
     assert any(r["kind"] == "eval" for r in records)
 

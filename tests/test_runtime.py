@@ -62,7 +62,8 @@ def wait_for_step(spec: JobSpec, step: int, thread_or_proc) -> None:
     path = Path(spec.runtime.out_dir) / spec.name / "metrics.jsonl"
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
-        if any(r.get("kind") == "train" and r["step"] >= step for r in read_metrics(path)):
+        # step `step` (0-based) done: its train record says step + 1, the steps done
+        if any(r.get("kind") == "train" and r["step"] > step for r in read_metrics(path)):
             return
         alive = thread_or_proc.is_alive() if hasattr(thread_or_proc, "is_alive") else thread_or_proc.poll() is None
         assert alive, "the run ended before the fault was injected"
@@ -158,7 +159,7 @@ def test_async_run_stays_within_its_staleness_bound(ray_cluster, tmp_path):
     spec = tiny_spec(tmp_path, "async", ray_address=ray_cluster.address, max_staleness=1, checkpoint_every=0)
     run(spec)
     train = [r for r in read_metrics(tmp_path / "async" / "metrics.jsonl") if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(spec.train.steps))
+    assert [r["step"] for r in train] == list(range(1, spec.train.steps + 1))
     assert max(r["max_staleness"] for r in train) == 1  # the workers did run ahead
     assert all(r["max_staleness"] <= 1 and r["stale_dropped"] == 0 for r in train)
     ids = trained_groups(spec)
@@ -188,7 +189,7 @@ def test_killed_rollout_actor_is_restarted_and_no_group_is_lost_or_repeated(ray_
     ids = trained_groups(spec)
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
     records = [r for r in read_metrics(tmp_path / "killworker" / "metrics.jsonl") if r["kind"] == "train"]
-    assert [r["step"] for r in records] == list(range(spec.train.steps))
+    assert [r["step"] for r in records] == list(range(1, spec.train.steps + 1))
     assert sum(r["worker_restarts"] for r in records) >= 1
 
 
@@ -205,7 +206,7 @@ def test_killed_learner_is_rebuilt_from_its_checkpoint(ray_cluster, redis_server
     ids = trained_groups(spec)
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
     records = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if r["kind"] == "train"]
-    assert [r["step"] for r in records] == list(range(spec.train.steps))
+    assert [r["step"] for r in records] == list(range(1, spec.train.steps + 1))
     # Synchronous and seeded: the rewound run ends where the uninterrupted one did.
     ref = weights(uninterrupted)
     assert all(torch.equal(v, ref[k]) for k, v in weights(spec).items())

@@ -115,7 +115,11 @@ def _status(client: Any, args: argparse.Namespace) -> int:
         print(f"  message: {job['message']}")
     if job.get("latest_metrics"):
         m = job["latest_metrics"]
-        keys = [k for k in ("reward", "loss", "grad_norm", "step_seconds") if isinstance(m.get(k), (int, float))]
+        # loss and |d| only where they moved: on-policy with one update per batch d = 0 exactly and
+        # the loss is 0 by construction (services.driver.progress.loss_moves)
+        moved = ("loss", "d_abs") if m.get("d_abs") else ()
+        keys = [k for k in ("reward", "reward_std_in_group", "zero_adv_groups", *moved, "grad_norm", "step_seconds")
+                if isinstance(m.get(k), (int, float))]
         print("  latest: " + "  ".join(f"{k} {m[k]:.4g}" for k in keys))
     print(f"  run dir: {job['run_dir']}")
     print(f"  dashboard: {job['links']['dashboard_job'] or job['links']['dashboard']}")

@@ -264,7 +264,7 @@ class JobStore:
         if record.get("kind") == "train":
             fields["latest_metrics"] = record
             if isinstance(record.get("step"), int):
-                fields["step"] = record["step"] + 1
+                fields["step"] = record["step"]  # the steps done (services.driver.progress.RunLog)
             if isinstance(record.get("version"), int):
                 fields["policy_version"] = record["version"]
         elif record.get("kind") == "eval":

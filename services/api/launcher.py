@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrl.config import JobSpec
+from dlrl.quiet import QUIET_ENV
 from dlrl.tasks import IMPORT_PATHS_ENV
 from dlrl.tasks.data_root import DATA_ROOT_ENV
 from services.api.settings import ApiSettings
@@ -90,7 +91,8 @@ def job_env(settings: ApiSettings, spec: JobSpec, job_id: str) -> dict[str, str]
     env = {SPEC_ENV: spec.model_dump_json(), "DLRL_JOB_ID": job_id,
            REDIS_URL_FILE_ENV: str(write_redis_url_file(settings, job_id)),
            "DLRL_REDIS_PREFIX": settings.redis_prefix,
-           IMPORT_PATHS_ENV: ",".join(settings.admission.import_paths)}
+           IMPORT_PATHS_ENV: ",".join(settings.admission.import_paths),
+           **QUIET_ENV}  # no progress bars in the job's log (dlrl.runtime)
     if settings.admission.data_root is not None:
         env[DATA_ROOT_ENV] = settings.admission.data_root
     return env

@@ -26,7 +26,8 @@ a deadline and an error that says what was waited for. Every
 optimizer, RNG, the trained group ids and the driver's cursor) and then acknowledges the queue
 entries those steps used.
 
-The run directory gets spec.json, metrics.jsonl, reward.png, summary.json and checkpoint/ (and
+The run directory gets spec.json, metrics.jsonl, samples.jsonl, reward.png, summary.json and
+checkpoint/ (with runtime.tracker also tensorboard/: services.driver.tracker; and
 with eval.protocol / runtime.keep_checkpoints eval/step-<k>/, checkpoints/step-<k>/ and best.json:
 services.driver.periodic_eval).
 Whether the run finished, failed or was stopped, its queue is deleted at the end: nothing in it is
@@ -60,6 +61,7 @@ from ray.util.placement_group import PlacementGroup
 
 from dlrl.config import JobSpec
 from dlrl.queue import open_queue
+from dlrl.quiet import quiet_logs
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.objectives import behaviour_pass
 from learner.train import read_state, recover_checkpoint
@@ -67,8 +69,10 @@ from rollout.worker import RolloutWorker
 from services.driver.periodic_eval import KEPT_DIR, PeriodicEval, clear_outputs
 from services.driver.learner_group import CALL_WAIT_S, LearnerDied, LearnerGroup, get
 from services.driver.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
-from services.driver.progress import RunLog, plot_rewards, read_metrics
+from services.driver.progress import RunLog, loss_moves, plot_rewards, read_metrics
 from services.driver.resources import check_capacity
+from services.driver.samples import truncate_samples
+from services.driver.tracker import open_tracker
 from services.driver.telemetry import RunMetrics
 
 
@@ -96,6 +100,7 @@ def start_ray(spec: JobSpec) -> None:
     """Join the configured cluster (or the one a Ray Job runs in), else start Ray in-process."""
     if ray.is_initialized():
         return
+    quiet_logs()  # before ray.init: a local Ray's actors inherit this environment
     address = spec.runtime.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -260,6 +265,8 @@ class Run:
                 next_batch += 1
             if step % spec.eval.every == 0 and step not in evals:
                 evals[step] = self.evaluator.start(step, handle)
+                if stale == 0:  # synchronous: evaluate first, alone (see eval_alone)
+                    self._log_evals(evals, upto=step)
             learner_refs = self.learners.call("step_from_queue", step, spec.rollout.prompts_per_step, QUEUE_WAIT_S)
             metrics = self.wait_step(learner_refs, step)
             if step > self.furthest:  # new ground: the learner's deaths so far are behind the run
@@ -273,7 +280,7 @@ class Run:
             metrics.update(self._rollout_metrics(rolled, time.perf_counter() - t_step, metrics))
             metrics.update(sync)
             metrics["worker_weight_sync_seconds"] = max((r["weight_sync_seconds"] for r in rolled), default=0.0)
-            self.log.step(step, metrics)
+            self.log.step(step + 1, metrics)  # step numbers count the steps done (RunLog)
             self.telemetry.record({"kind": "train", **metrics})
             t_step = time.perf_counter()
             step += 1
@@ -286,6 +293,14 @@ class Run:
         self.log.eval(total, get(self.evaluator.start(total, handle), "the final evaluation"))
         self.learners.run("save", str(self.checkpoint), self.evaluator.kept(total), what="the final checkpoint")
         self.evaluator.update_best()
+
+    # eval_alone: in a synchronous run the learner waits for rollout batch b before step b anyway,
+    # and worker 0 evaluates right after that batch; run side by side, the evaluation and the
+    # learner step share the cores and both crawl (torch's threads of two processes on 2 cores:
+    # in baseline6 each step beside an evaluation took 11.9 s of learner time, 2.2 s alone, and the
+    # final evaluation, alone, 2.0 s instead of 12). So a synchronous run finishes the evaluation
+    # before it starts the step. Numbers are unchanged: the evaluation reads the same weights.
+    # Asynchronous runs keep overlapping it, as they overlap everything.
 
     def _log_evals(self, evals: dict[int, ray.ObjectRef], upto: int) -> None:
         for s in sorted(k for k in evals if k <= upto):
@@ -394,9 +409,13 @@ def recover_saves(run_dir: Path) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps >= `step`: they are about to be redone."""
-    records = [r for r in read_metrics(path) if r.get("step", 0) < step]
+    """Keep the records of what the checkpoint of `step` holds: the train records of steps 1 ..
+    `step` and the evaluations before it (the evaluation of version `step` and everything after it
+    are about to be redone); samples.jsonl likewise."""
+    records = [r for r in read_metrics(path)
+               if r.get("step", 0) < step or (r.get("kind") == "train" and r.get("step") == step)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    truncate_samples(path.parent, step)
 
 
 def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None] | None = None,
@@ -430,7 +449,8 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         queue.purge()  # a fresh run must not train on an old run's groups
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         clear_outputs(run_dir)
-    log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record)
+    log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record, show_loss=loss_moves(spec),
+                 tracker=open_tracker(spec.runtime.tracker, run_dir))
     try:
         pg = reserve(placement, spec.runtime.placement_timeout_s, name=f"dlrl:{run_id}")
     except BaseException:
@@ -450,6 +470,7 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
         remove_placement_group(pg)
         # Finished, failed or stopped: the queue must not outlive the run (see the module docstring).
         dead_letters = close_queue(queue)
+        log.close()
     png = plot_rewards(run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
     evals = [x["eval_reward"] for x in read_metrics(metrics_path) if x.get("kind") == "eval"]
     summary = {
