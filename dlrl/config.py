@@ -255,7 +255,7 @@ class QueueSpec(Section):
     password need not be written into the spec."""
     capacity: int | None = Field(None, ge=1, le=10_000_000)
     """Groups queued but not yet acknowledged before producers block (back-pressure).
-    None: (max_staleness + 2 + checkpoint_every) x prompts_per_step (dlrl.queue.default_capacity:
+    None: (max_staleness + 2 + checkpoint steps) x prompts_per_step (dlrl.queue.default_capacity:
     entries are acknowledged only once their step is in a checkpoint)."""
     maxlen: int = Field(100_000, ge=1, le=100_000_000)
     """Approximate bound on the Redis stream's length (XADD MAXLEN ~): acknowledged history is trimmed."""
@@ -297,8 +297,10 @@ class RuntimeSpec(Section):
     """torch threads per actor (None: the machine's cores, since sync actors take turns)."""
     out_dir: str = Field("runs", min_length=1, max_length=4096)
     """Runs are written to <out_dir>/<name>/."""
-    checkpoint_every: int = Field(0, ge=0, le=10_000_000)
-    """Save an HF checkpoint every k steps (0: only at the end)."""
+    checkpoint_every: int | None = Field(None, ge=0, le=10_000_000)
+    """Save an HF checkpoint (and the resume state) every k steps; 0: only at the end. None (the
+    default): every eval.every steps, so a run stopped anywhere (Ctrl-C, `dlrl stop`, a crash)
+    resumes from its last evaluated step (`JobSpec.checkpoint_every` resolves it)."""
     max_staleness: int = Field(0, ge=0, le=1024)
     """0: synchronous, exactly on-policy. S >= 1: the driver dispatches rollout batch b once
     b <= version + S, so workers generate at most S weight versions ahead of the learner. The
@@ -336,6 +338,13 @@ class JobSpec(Section):
     weights: WeightsSpec = WeightsSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
+    @property
+    def checkpoint_every(self) -> int:
+        """runtime.checkpoint_every, with its default (None) resolved to eval.every: what the
+        driver, the learner and the queue's capacity go by."""
+        every = self.runtime.checkpoint_every
+        return self.eval.every if every is None else every
+
     @model_validator(mode="after")
     def _compute_dtype_fits(self) -> "JobSpec":
         compute = self.train.compute_dtype
@@ -354,9 +363,8 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _evaluated_as_trained(self) -> "JobSpec":
-        if self.runtime.keep_checkpoints and (not self.runtime.checkpoint_every
-                                              or self.runtime.checkpoint_every % self.eval.every):
-            raise ValueError(f"runtime.keep_checkpoints needs runtime.checkpoint_every ({self.runtime.checkpoint_every}) "
+        if self.runtime.keep_checkpoints and (not self.checkpoint_every or self.checkpoint_every % self.eval.every):
+            raise ValueError(f"runtime.keep_checkpoints needs runtime.checkpoint_every ({self.checkpoint_every}) "
                              f"to be a positive multiple of eval.every ({self.eval.every}): best.json "
                              f"chooses among evaluated checkpoints")
         if self.eval.protocol is not None and FILE_CHECKS.get():

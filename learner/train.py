@@ -269,7 +269,7 @@ class Learner:
             sharding.broadcast_blobs([g.to_bytes() for g in groups])
         metrics = self.step(groups)
         self.unacked += [d.entry_id for d in chosen]
-        if not self.spec.runtime.checkpoint_every:  # no checkpoint to wait for: nothing could resume
+        if not self.spec.checkpoint_every:  # no checkpoint to wait for: nothing could resume
             self.queue.ack(self.unacked)
             self.unacked = []
         metrics.update(

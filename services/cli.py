@@ -3,6 +3,7 @@
     dlrl train deploy/jobs/tiny-sudoku.toml                 # the embedded default job, in this process
     dlrl train spec.toml --set train.steps=3 --set name=smoke
     dlrl train spec.toml --resume                           # continue from <run>/checkpoint
+    dlrl train spec.toml --overwrite                        # delete the run under this name, start again
     dlrl validate spec.toml                                 # check a spec (and that its model, task and data
                                                             #  exist), print it resolved, as TOML
     dlrl validate --explain [spec.toml]                     # the same with every field's documentation
@@ -19,6 +20,7 @@
     dlrl status ID
     dlrl logs ID [-f]
     dlrl stop ID
+    dlrl resume ID [--wait]                                 # a stopped or failed job, from its last checkpoint
     dlrl checkpoints ID
 
     dlrl eval builtin:tiny-sudoku --protocol deploy/eval/tiny-sudoku.toml [--out DIR] [--limit N]
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run an RL job from a TOML spec, in this process")
     _spec_arguments(train, optional=True)
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the run this spec's folder holds (<out_dir>/<name>) and start again")
     train.add_argument("--spec-env", metavar="VAR",
                        help="read the spec as JSON from this environment variable (how the API starts jobs)")
     train.add_argument("--job-id", help="the API's job id: mirror metrics to Redis ($DLRL_REDIS_URL)")
@@ -161,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true")
 
     for name, text in [("status", "a job's state, progress and latest metrics"), ("stop", "stop a job"),
-                       ("checkpoints", "a job's checkpoints")]:
+                       ("checkpoints", "a job's checkpoints"),
+                       ("resume", "resume a stopped or failed job from its last checkpoint")]:
         p = sub.add_parser(name, help=text)
         _client_arguments(p)
         p.add_argument("job_id")
         p.add_argument("--json", action="store_true")
+        if name == "resume":
+            p.add_argument("--wait", action="store_true", help="show progress until the job ends")
+            p.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
     logs = sub.add_parser("logs", help="a job's log (the Ray Job's output)")
     _client_arguments(logs)
     logs.add_argument("job_id")
@@ -196,7 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except KeyboardInterrupt:
+        if args.command != "train":
+            raise
+        return _interrupted(args, argv)
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "eval":
@@ -233,6 +251,35 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors:
             print(f"  {err.get('path')}: {err.get('reason')}", file=sys.stderr)
         return 1
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> int:
+    """Ctrl-C: the run's actors and queue are gone (the driver's `finally`) and its checkpoints
+    are whole (saved atomically); the last line says which step resumes and how."""
+    import shlex
+
+    try:
+        spec = _read_spec(args)
+    except KeyboardInterrupt:
+        spec = 2
+    if isinstance(spec, int):
+        print("\ndlrl: interrupted", file=sys.stderr)
+        return 130
+    from services.driver.run_dir import last_checkpoint
+
+    run_dir = os.path.join(spec.runtime.out_dir, spec.name)
+    step = last_checkpoint(Path(run_dir))
+    if args.job_id:
+        again = f"dlrl resume {args.job_id}"
+    else:
+        again = shlex.join(["dlrl", *[a for a in argv if a not in ("--overwrite", "--resume")], "--resume"])
+    if step is None:
+        print(f"\ndlrl: interrupted before the run's first checkpoint: nothing to resume in {run_dir}; "
+              f"start it again with --overwrite", file=sys.stderr)
+    else:
+        print(f"\ndlrl: interrupted; the last checkpoint is step {step} of {spec.train.steps} "
+              f"({os.path.join(run_dir, 'checkpoint')}). Resume with:\n  {again}", file=sys.stderr)
+    return 130
 
 
 def _engine_problem(spec: JobSpec) -> str | None:
@@ -374,12 +421,16 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
         return 2
     from services.driver.driver import ResumeError, run  # heavy imports (ray, torch) only when training
     from services.driver.failure import one_line, write_traceback
+    from services.driver.run_dir import RunFolderError
 
     try:
         # An API job's id names its queue: two jobs of the same name must not share (or purge) one.
-        run(spec, resume=args.resume, on_record=on_record, run_id=args.job_id)
+        run(spec, resume=args.resume, overwrite=args.overwrite, on_record=on_record, run_id=args.job_id)
     except ResumeError as exc:
         print(f"dlrl: cannot resume: {exc}", file=sys.stderr)
+        return 2
+    except RunFolderError as exc:
+        print(f"dlrl: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the run failed: its root cause once, as the last line
         where = write_traceback(exc, Path(spec.runtime.out_dir) / spec.name)

@@ -251,6 +251,68 @@ def test_a_job_the_cluster_can_never_place_is_failed_with_why(http: httpx.Client
     assert job["progress"]["step"] == 0
 
 
+@pytest.mark.slow
+def test_a_stopped_job_resumes_from_its_last_checkpoint_in_the_same_run_folder(api: ApiServer, http: httpx.Client):
+    """Checkpoints by default (every eval.every = 2 steps): a job stopped mid-run resumes with
+    `dlrl resume ID` (the CLI client over HTTP), trains every remaining step once and succeeds."""
+    r = http.post("/v1/jobs", json=tiny_spec("api-resume", "train.steps=8"))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    def saved() -> int | None:
+        assert_not_ended(http, job_id)
+        steps = [c["step"] for c in http.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]]
+        return steps[0] if steps and steps[0] else None
+
+    wait_for(saved, 240, "the job's first checkpoint")
+    assert http.post(f"/v1/jobs/{job_id}/stop").status_code == 202
+    wait_for(lambda: job_state(http, job_id) == "STOPPED", 120, "STOPPED")
+    step = http.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"][0]["step"]
+    assert 2 <= step < 8 and step % 2 == 0
+    run_dir = Path(http.get(f"/v1/jobs/{job_id}").json()["run_dir"])
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLRL_API")}
+    resumed = subprocess.run([sys.executable, "-m", "services.cli", "resume", job_id], cwd=ROOT, capture_output=True,
+                             text=True, timeout=180, env={**env, "DLRL_API_URL": api.url, "DLRL_API_TOKEN": api.token})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # the reply: PENDING, its progress (and metric history) cut back to the checkpoint
+    assert resumed.stdout.startswith(f"resuming {job_id} (api-resume) from step {step}: PENDING")
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    assert job["resumes"] == 1 and job["submission_id"] == f"dlrl-{job_id}-r1" and job["run_dir"] == str(run_dir)
+    again = http.post(f"/v1/jobs/{job_id}/resume")  # it runs: one resume at a time
+    assert again.status_code == 409 and "only a STOPPED or FAILED job resumes" in again.json()["detail"]
+
+    wait_for(lambda: job_state(http, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the resumed job's end")
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    log = http.get(f"/v1/jobs/{job_id}/logs", params={"tail": 0}).text
+    assert job["state"] == "SUCCEEDED", log[-3000:]
+    assert f"steps {step}->8 -> {run_dir}" in log
+    records = http.get(f"/v1/jobs/{job_id}/metrics").json()["records"]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))  # each step once
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4, 6, 8]
+    on_disk = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "train"]
+    assert on_disk == list(range(1, 9))
+    finished = http.post(f"/v1/jobs/{job_id}/resume")
+    assert finished.status_code == 409 and "SUCCEEDED" in finished.json()["detail"]
+
+
+def test_a_job_stopped_before_its_first_checkpoint_cannot_resume(http: httpx.Client):
+    r = http.post("/v1/jobs", json=tiny_spec("api-nockpt", "train.steps=1000", "runtime.checkpoint_every=0"))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    assert r.json()["resumes"] == 0
+    wait_for(lambda: assert_not_ended(http, job_id) or job_state(http, job_id) == "RUNNING", 60, "RUNNING")
+    running = http.post(f"/v1/jobs/{job_id}/resume")
+    assert running.status_code == 409 and "RUNNING" in running.json()["detail"]
+    assert http.post(f"/v1/jobs/{job_id}/stop").status_code == 202
+    wait_for(lambda: job_state(http, job_id) == "STOPPED", 60, "STOPPED")
+    refused = http.post(f"/v1/jobs/{job_id}/resume")
+    assert refused.status_code == 409 and "no checkpoint to resume from" in refused.json()["detail"]
+    assert job_state(http, job_id) == "STOPPED"
+    assert http.post("/v1/jobs/j-000000000000/resume").status_code == 404
+
+
 # ---------------------------------------------------------------- auth, validation, limits
 
 
@@ -260,7 +322,8 @@ def test_every_route_but_the_probes_needs_the_token(api: ApiServer):
         ready = anon.get("/readyz")
         assert ready.status_code == 200 and ready.json() == {"status": "ready", "redis": "ok", "ray": "ok"}
         for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/jobs/j-0"), ("POST", "/v1/jobs"),
-                             ("POST", "/v1/jobs/j-0/stop"), ("GET", "/v1/jobs/j-0/logs"), ("GET", "/openapi.json")]:
+                             ("POST", "/v1/jobs/j-0/stop"), ("POST", "/v1/jobs/j-0/resume"),
+                             ("GET", "/v1/jobs/j-0/logs"), ("GET", "/openapi.json")]:
             for headers in [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {api.token}"},
                             {"Authorization": f"Bearer {api.token}x"}, {"Authorization": "Bearer"}]:
                 r = anon.request(method, path, headers=headers, json={"name": "x"} if method == "POST" else None)
@@ -274,7 +337,8 @@ def test_every_route_but_the_probes_needs_the_token(api: ApiServer):
 def test_openapi_document_describes_the_api(http: httpx.Client):
     doc = http.get("/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/logs",
-            "/v1/jobs/{job_id}/stop", "/v1/jobs/{job_id}/checkpoints", "/healthz", "/readyz"} <= set(doc["paths"])
+            "/v1/jobs/{job_id}/stop", "/v1/jobs/{job_id}/resume", "/v1/jobs/{job_id}/checkpoints", "/healthz",
+            "/readyz"} <= set(doc["paths"])
     body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/JobSpec"}
     assert "rollout" in doc["components"]["schemas"]["JobSpec"]["properties"]

@@ -127,8 +127,7 @@ def default_capacity(spec: JobSpec) -> int:
     """
     if spec.queue.capacity is not None:
         return spec.queue.capacity
-    r = spec.runtime
-    return (r.max_staleness + 2 + r.checkpoint_every) * spec.rollout.prompts_per_step
+    return (spec.runtime.max_staleness + 2 + spec.checkpoint_every) * spec.rollout.prompts_per_step
 
 
 def open_queue(spec: JobSpec, job_id: str, *, consumer: str = "learner",

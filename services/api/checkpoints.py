@@ -31,13 +31,18 @@ def list_checkpoints(run_dir: Path, max_depth: int = 3) -> list[CheckpointInfo]:
                     continue  # replaced while we looked
                 size += st.st_size
                 mtime = max(mtime, st.st_mtime)
-        step, version = _checkpoint_step(here)
+        step, version = _step_and_version(here)
         found.append(CheckpointInfo(name=here.name, path=str(here.relative_to(run_dir)), step=step,
                                     policy_version=version, size_bytes=size, mtime=mtime))
     return found
 
 
-def _checkpoint_step(path: Path) -> tuple[int | None, int | None]:
+def checkpoint_step(path: Path) -> int | None:
+    """The learner step a checkpoint folder resumes from (None: no resume state there)."""
+    return _step_and_version(path)[0]
+
+
+def _step_and_version(path: Path) -> tuple[int | None, int | None]:
     """(learner step, policy version) from the resume state saved with the checkpoint, if any."""
     try:
         state = json.loads((path / "trainer_state.json").read_text())

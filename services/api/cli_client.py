@@ -132,6 +132,23 @@ def _stop(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(client: Any, args: argparse.Namespace) -> int:
+    """`dlrl resume ID`: the job starts again from its last checkpoint, in the same run folder."""
+    job = client.resume(args.job_id)
+    if args.json and not args.wait:
+        print(json.dumps(job, indent=2))
+        return 0
+    print(f"resuming {job['id']} ({job['name']}) from step {job['progress']['step']}: {job['state']}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        job = wait(client, job["id"], args.poll)
+    except KeyboardInterrupt:
+        print(f"\ndlrl: stopped watching; the job goes on (dlrl stop {job['id']} ends it)", file=sys.stderr)
+        return 130
+    return 0 if job["state"] == "SUCCEEDED" else 1
+
+
 def _checkpoints(client: Any, args: argparse.Namespace) -> int:
     data = client.checkpoints(args.job_id)
     if args.json:
@@ -154,5 +171,6 @@ def _logs(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"jobs": _jobs, "status": _status, "stop": _stop, "checkpoints": _checkpoints, "logs": _logs}
+COMMANDS = {"jobs": _jobs, "status": _status, "stop": _stop, "resume": _resume, "checkpoints": _checkpoints,
+            "logs": _logs}
 

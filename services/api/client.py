@@ -111,6 +111,9 @@ class ApiClient:
     def stop(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/stop")
 
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/resume")
+
     def logs(self, job_id: str, tail: int = 200) -> str:
         with self._open("GET", f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/logs", params={"tail": tail}) as r:
             return r.read().decode(errors="replace")

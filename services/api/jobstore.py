@@ -80,6 +80,31 @@ return {'created', tostring(seq)}
 """Claim, count and create in one step (Redis runs a script without interleaving other commands)."""
 
 
+_REOPEN = """
+-- KEYS: job hash, all-jobs index, PENDING index, RUNNING index, STOPPED index, FAILED index
+-- ARGV: max active jobs (-1: no limit), job id, then the resumed record's field/value pairs
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+local from
+if state == '"STOPPED"' then from = KEYS[5] elseif state == '"FAILED"' then from = KEYS[6]
+else return {'state', state} end
+local limit = tonumber(ARGV[1])
+local active = redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[4])
+if limit >= 0 and active >= limit then return {'full', tostring(active)} end
+local seq = redis.call('ZSCORE', KEYS[2], ARGV[2]) or 0
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZREM', from, ARGV[2])
+redis.call('ZADD', KEYS[3], seq, ARGV[2])
+return {'reopened', ''}
+"""
+"""Check the state, count and move the job to PENDING in one step: of two concurrent resumes of one
+job only one starts it, and the active-job limit holds as for a submission (`_CREATE`)."""
+
+
+class JobNotResumable(Exception):
+    """The job is not STOPPED or FAILED (it runs, or it succeeded), or is gone."""
+
+
 class JobRecord(BaseModel):
     """What the store knows about one job (the API's responses are built from it)."""
 
@@ -108,6 +133,8 @@ class JobRecord(BaseModel):
     failure: str | None = None
     """The job's own one-line account of why it failed (its root cause, written by the job before it
     exits): a FAILED job's message, instead of the log excerpt Ray puts in its own."""
+    resumes: int = 0
+    """Times the job was resumed (`POST /v1/jobs/{id}/resume`); its Ray submissions are numbered by it."""
 
 
 def spec_digest(spec: JobSpec) -> str:
@@ -139,6 +166,7 @@ class JobStore:
         self.r = client
         self.p = prefix
         self._create = client.register_script(_CREATE)
+        self._reopen = client.register_script(_REOPEN)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "dlrl", timeout_s: float = 5.0) -> "JobStore":
@@ -202,6 +230,47 @@ class JobStore:
         if outcome == "full":
             raise ActiveLimitReached(int(value))
         return job, True
+
+    def reopen(self, job: JobRecord, spec: JobSpec, step: int, max_active: int | None = None) -> JobRecord:
+        """Move a STOPPED or FAILED job back to PENDING to resume it from the checkpoint of `step`
+        (with `spec`, the effective spec admitted again): one script (`_REOPEN`), so only one of two
+        concurrent resumes wins and the active-job limit holds. Its metric history is cut back to
+        the steps before `step`, as the resumed run cuts metrics.jsonl (they are done again).
+        JobNotResumable or ActiveLimitReached otherwise."""
+        now = time.time()
+        new = job.model_copy(update=dict(state="PENDING", message=None, submission_id=None, stop_requested=False,
+                                         resumes=job.resumes + 1, step=step, updated=now,
+                                         spec=spec.model_dump(mode="json")))
+        fields = {k: v for k, v in new.model_dump(mode="json").items()
+                  if k in ("state", "message", "submission_id", "stop_requested", "resumes", "step", "updated", "spec")}
+        keys = [self._job(job.id), self._index(), self._index("PENDING"), self._index("RUNNING"),
+                self._index("STOPPED"), self._index("FAILED")]
+        outcome, value = self._reopen(keys=keys, args=[-1 if max_active is None else max_active, job.id,
+                                                       *[x for k, v in fields.items() for x in (k, json.dumps(v))]])
+        if outcome == "full":
+            raise ActiveLimitReached(int(value))
+        if outcome != "reopened":
+            state = json.loads(value) if value else "gone"
+            raise JobNotResumable(f"job {job.id} is {state}: only a STOPPED or FAILED job resumes")
+        self.rewind_metrics(job.id, step)
+        return self.get(job.id) or new
+
+    def rewind_metrics(self, job_id: str, step: int) -> None:
+        """Keep only the metric records of steps before `step` (their order kept)."""
+        key = self._metrics(job_id)
+        kept = []
+        for line in self.r.lrange(key, 0, -1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < step:
+                kept.append(line)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if kept:
+                pipe.rpush(key, *kept)
+            pipe.execute()
 
     def find_idempotent(self, key: str, digest: str) -> JobRecord | None:
         """The job an Idempotency-Key created (None if unused); IdempotencyConflict if its spec differs."""

@@ -49,9 +49,11 @@ KILL_AFTER_S = 30
 """Grace between the wall-clock SIGTERM and SIGKILL."""
 
 
-def job_entrypoint(settings: ApiSettings, job_id: str) -> str:
-    """The shell command Ray runs for the job (under `timeout` when there is a wall-clock limit)."""
-    command = [*settings.job_command, "train", "--spec-env", SPEC_ENV, "--job-id", job_id]
+def job_entrypoint(settings: ApiSettings, job_id: str, resume: bool = False) -> str:
+    """The shell command Ray runs for the job (under `timeout` when there is a wall-clock limit);
+    `resume`: continue its run from the last checkpoint (`POST /v1/jobs/{id}/resume`)."""
+    command = [*settings.job_command, "train", "--spec-env", SPEC_ENV, "--job-id", job_id,
+               *(["--resume"] if resume else [])]
     limit = settings.admission.max_job_seconds
     if limit is not None:
         command = ["timeout", f"--kill-after={KILL_AFTER_S}",

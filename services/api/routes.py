@@ -1,11 +1,12 @@
-"""The job API's routes: the probes, and /v1/jobs (submit, list, view, metrics, logs, stop,
+"""The job API's routes: the probes, and /v1/jobs (submit, list, view, metrics, logs, stop, resume,
 checkpoints). Each route is a plain function over a `JobsContext`; `services.api.api` assembles them
 into the app with its error handlers and gates.
 
 A submission passes, in order: JobSpec validation (422), the idempotency replay (200/409), the
 admission policy (422, `services.api.admission`), the active-job limit and the per-token start rate
 (429), then the job store and Ray (503 if down). Every /v1 request also counts against the
-per-token request rate (429 with Retry-After).
+per-token request rate (429 with Retry-After). A resume passes the same gates but the idempotency
+replay: the job's spec is admitted again under the current policy, and it starts a job.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 
 from dlrl.config import JobSpec
 from services.api.admission import AdmissionRefused, admit
-from services.api.checkpoints import list_checkpoints
-from services.api.jobstore import (TERMINAL, ActiveLimitReached, IdempotencyConflict, JobRecord, JobState,
-                                   JobStore, new_job_id, spec_digest)
+from services.api.checkpoints import checkpoint_step, list_checkpoints
+from services.api.jobstore import (TERMINAL, ActiveLimitReached, IdempotencyConflict, JobNotResumable, JobRecord,
+                                   JobState, JobStore, new_job_id, spec_digest)
 from services.api.launcher import RayJobs, RayUnavailable, job_entrypoint, job_env, wall_clock_message
 from services.api.ratelimit import RateLimit, token_key
 from services.api.settings import ApiSettings
@@ -274,6 +275,52 @@ def jobs_router(ctx: JobsContext) -> APIRouter:
             ctx.ray.stop(job.submission_id)
         job = store.update(job.id, stop_requested=True) or job
         return view(ctx.refresh(job), dashboard)
+
+    @api.post("/jobs/{job_id}/resume", status_code=202, response_model=JobView,
+              responses={400: _BAD_BODY, 404: _ERR, 409: _ERR, 413: _ERR})
+    def resume(job_id: str, request: Request) -> JobView:
+        """Start a STOPPED or FAILED job again from its last checkpoint, in the same run folder
+        (`dlrl train --resume`); 409 if it runs, succeeded, or has no checkpoint yet. Its spec is
+        admitted again under the API's current policy (422), and the resume counts as a start
+        against the active-job limit and the per-token start rate (429)."""
+        job = ctx.refresh(ctx.load(job_id))
+        if job.state not in ("STOPPED", "FAILED"):
+            raise http_error(409, f"job {job_id} is {job.state}: only a STOPPED or FAILED job resumes")
+        run = Path(job.run_dir)  # a save killed between its renames left checkpoint.old (learner.train)
+        step = checkpoint_step(run / "checkpoint")
+        step = checkpoint_step(run / "checkpoint.old") if step is None else step
+        if step is None:
+            raise http_error(409, f"job {job_id} has no checkpoint to resume from: it stopped before its first "
+                                  f"(runtime.checkpoint_every; default every eval.every steps)")
+        try:
+            admitted = admit(JobSpec.model_validate(job.spec), settings.admission)
+        except AdmissionRefused as exc:
+            raise AdmissionError(exc) from exc
+        effective = admitted.model_copy(update={"runtime": admitted.runtime.model_copy(
+            update={"out_dir": job.spec["runtime"]["out_dir"]})})  # the same run folder
+        limit = settings.max_active_jobs
+        if limit is not None and ctx.active_count() >= limit:
+            raise ctx.full()
+        retry = ctx.starts.hit(token_key(request.headers.get("authorization")))
+        if retry is not None:
+            raise http_error(429, f"more than {settings.submit_limit_per_minute} jobs a minute with this token; "
+                                  f"retry in {retry} s", {"Retry-After": str(retry)})
+        before = job.state
+        try:  # the state and the limit are checked again here, atomically
+            job = store.reopen(job, effective, step, max_active=limit)
+        except JobNotResumable as exc:
+            raise http_error(409, str(exc)) from exc
+        except ActiveLimitReached as exc:
+            raise ctx.full() from exc
+        submission_id = f"dlrl-{job.id}-r{job.resumes}"
+        try:
+            ctx.ray.submit(submission_id, job_entrypoint(settings, job.id, resume=True),
+                           job_env(settings, effective, job.id), {"dlrl_job_id": job.id, "dlrl_name": job.name})
+        except RayUnavailable:  # nothing runs: back to where it was, and the client may retry
+            store.update(job.id, state=before, message="resume failed: Ray was unavailable")
+            raise
+        job = store.update(job.id, submission_id=submission_id) or job
+        return view(job, dashboard)
 
     @api.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses={404: _ERR})
     def checkpoints(job_id: str) -> CheckpointList:

@@ -64,6 +64,8 @@ class JobView(JobSummary):
     submission_id: str | None
     idempotency_key: str | None
     stop_requested: bool
+    resumes: int
+    """Times the job was resumed (POST /v1/jobs/{id}/resume)."""
     run_dir: str
     latest_metrics: dict[str, Any] | None
     latest_eval: dict[str, Any] | None
@@ -130,5 +132,6 @@ def view(job: JobRecord, dashboard: str) -> JobView:
                   dashboard=dashboard,
                   dashboard_job=f"{dashboard}/#/jobs/{job.submission_id}" if job.submission_id else None)
     return JobView(**summary(job).model_dump(), message=job.message, submission_id=job.submission_id,
-                   idempotency_key=job.idempotency_key, stop_requested=job.stop_requested, run_dir=job.run_dir,
+                   idempotency_key=job.idempotency_key, stop_requested=job.stop_requested, resumes=job.resumes,
+                   run_dir=job.run_dir,
                    latest_metrics=job.latest_metrics, latest_eval=job.latest_eval, spec=job.spec, links=links)

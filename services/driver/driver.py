@@ -22,12 +22,14 @@ learner that keeps dying without the run getting past the furthest step it had f
 run after `runtime.max_restarts` rebuilds.
 `run(spec, resume=True)` does the same after the whole run was killed. Every wait on an actor has
 a deadline and an error that says what was waited for. Every
-`runtime.checkpoint_every` steps the learner writes <run>/checkpoint/ atomically (HF weights,
-optimizer, RNG, the trained group ids and the driver's cursor) and then acknowledges the queue
-entries those steps used.
+`runtime.checkpoint_every` steps (default: every `eval.every`) the learner writes
+<run>/checkpoint/ atomically (HF weights, optimizer, RNG, the trained group ids and the driver's
+cursor) and then acknowledges the queue entries those steps used.
 
-The run directory gets spec.json, metrics.jsonl, samples.jsonl, reward.png, summary.json and
-checkpoint/ (with runtime.tracker also tensorboard/: services.driver.tracker; and
+The run directory is locked while the run goes, a folder holding an earlier run is never started
+over without --overwrite, and a resumed run may change only some fields (services.driver.run_dir).
+It gets spec.json, metrics.jsonl, samples.jsonl, reward.png, summary.json and checkpoint/ (with
+runtime.tracker also tensorboard/: services.driver.tracker; and
 with eval.protocol / runtime.keep_checkpoints eval/step-<k>/, checkpoints/step-<k>/ and best.json:
 services.driver.periodic_eval).
 Whether the run finished, failed or was stopped, its queue is deleted at the end: nothing in it is
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -66,13 +67,15 @@ from dlrl.weights import WeightHandle, WeightPublisher
 from learner.objectives import behaviour_pass
 from learner.train import read_state, recover_checkpoint
 from rollout.worker import RolloutWorker
-from services.driver.periodic_eval import KEPT_DIR, PeriodicEval, clear_outputs
+from services.driver.periodic_eval import KEPT_DIR, PeriodicEval
 from services.driver.learner_group import CALL_WAIT_S, LearnerDied, LearnerGroup, get
 from services.driver.placement import Placement, actor_options, plan_placement, reserve, worker_bundle
 from services.driver.progress import RunLog, loss_moves, plot_rewards, read_metrics
 from services.driver.resources import check_capacity
 from services.driver.samples import truncate_samples
 from services.driver.tracker import open_tracker
+from services.driver.run_dir import (RunFolderError, RunLock, check_resume, clear_run, refuse_old_run,
+                                     write_spec)
 from services.driver.telemetry import RunMetrics
 
 
@@ -141,6 +144,7 @@ class Run:
         self.furthest = -1  # the furthest step finished
         self.broadcast = False  # a collective weight group is formed and healthy
         self.rollouts: dict[int, list[ray.ObjectRef]] = {}  # batch -> the workers' rollout calls
+        self.evals: dict[int, ray.ObjectRef] = {}  # step -> its evaluation call, while it runs
         self.origin: dict[ray.ObjectRef, tuple[int, int]] = {}  # rollout call -> (batch, worker)
 
     @property
@@ -160,6 +164,15 @@ class Run:
 
     def release_learner(self) -> None:
         self.learners.release()
+
+    def stop(self) -> None:
+        """End every actor of the run. The worker calls still running are cancelled first: a worker
+        killed inside a call it may retry (max_task_retries) makes Ray announce that the call "will
+        be retried", which after a Ctrl-C or a failure is only noise."""
+        for ref in [*self.origin, *self.evals.values()]:
+            ray.cancel(ref)
+        for actor in [*self.workers, *self.learners.actors]:
+            ray.kill(actor)
 
     def _form_group(self) -> None:
         """The learner and every worker join one broadcast group (all at once); on failure every
@@ -257,7 +270,7 @@ class Run:
         spec, total, stale = self.spec, self.spec.train.steps, self.spec.runtime.max_staleness
         handle, _ = self.publish(step)
         next_batch = step
-        evals: dict[int, ray.ObjectRef] = {}
+        evals = self.evals = {}
         t_step = time.perf_counter()
         while step < total:
             while next_batch < total and next_batch <= step + stale:
@@ -284,7 +297,7 @@ class Run:
             self.telemetry.record({"kind": "train", **metrics})
             t_step = time.perf_counter()
             step += 1
-            if spec.runtime.checkpoint_every and step % spec.runtime.checkpoint_every == 0:
+            if spec.checkpoint_every and step % spec.checkpoint_every == 0:
                 self.learners.run("save", str(self.checkpoint), self.evaluator.kept(step),
                                   what=f"the checkpoint of step {step}")
             if step % spec.eval.every == 0:
@@ -418,17 +431,31 @@ def truncate_metrics(path: Path, step: int) -> None:
     truncate_samples(path.parent, step)
 
 
-def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None] | None = None,
-        run_id: str | None = None) -> dict:
+def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False,
+        on_record: Callable[[dict], None] | None = None, run_id: str | None = None) -> dict:
     """Run the whole job; returns the final summary (also written to <run>/summary.json).
 
-    `resume`: continue from <run>/checkpoint/ (the last atomic checkpoint). `on_record`: called with
-    every metrics record as it is appended to metrics.jsonl (the job service mirrors them into
-    Redis). `run_id` names the run's queue and group ids (default: the spec's name).
+    `resume`: continue from <run>/checkpoint/ (the last atomic checkpoint); `overwrite`: delete
+    the run the folder holds and start again (without either, a folder holding a run is refused:
+    services.driver.run_dir). The run folder is locked while the job runs. `on_record`: called
+    with every metrics record as it is appended to metrics.jsonl (the job service mirrors them
+    into Redis). `run_id` names the run's queue and group ids (default: the spec's name).
     """
-    run_id = run_id or spec.name
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run and --overwrite deletes it: give one of them")
     run_dir = Path(spec.runtime.out_dir) / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock.acquire(run_dir)
+    try:
+        if lock.note:
+            print(lock.note, flush=True)
+        return _run(spec, run_dir, resume, overwrite, on_record, run_id or spec.name)
+    finally:
+        lock.release()
+
+
+def _run(spec: JobSpec, run_dir: Path, resume: bool, overwrite: bool,
+         on_record: Callable[[dict], None] | None, run_id: str) -> dict:
     recover_saves(run_dir)  # a run killed while saving
     state = read_state(run_dir / "checkpoint")
     if resume and state is None:
@@ -436,10 +463,15 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
     start_step = state["version"] if resume else 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
+        for line in check_resume(run_dir, spec, start_step):
+            print(line, flush=True)
         truncate_metrics(metrics_path, start_step)
     else:
-        metrics_path.unlink(missing_ok=True)
-    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+        if not overwrite:
+            refuse_old_run(run_dir)
+        if (gone := clear_run(run_dir)) and overwrite:  # else only what never got to a first step
+            print(f"dlrl: --overwrite: deleted the earlier run's {', '.join(gone)} in {run_dir}", flush=True)
+        write_spec(run_dir, spec)
     start_ray(spec)
     placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
     check_capacity(spec, placement)  # in seconds, when the cluster can never hold the actors
@@ -447,8 +479,6 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
     queue = open_queue(actor_spec, run_id, consumer="driver")
     if not resume:
         queue.purge()  # a fresh run must not train on an old run's groups
-        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
-        clear_outputs(run_dir)
     log = RunLog(run_dir, spec.train.steps, start_step=start_step, sink=on_record, show_loss=loss_moves(spec),
                  tracker=open_tracker(spec.runtime.tracker, run_dir))
     try:
@@ -465,8 +495,7 @@ def run(spec: JobSpec, *, resume: bool = False, on_record: Callable[[dict], None
     try:
         r.loop(r.start_learner())
     finally:
-        for actor in [*r.workers, *r.learners.actors]:
-            ray.kill(actor)
+        r.stop()
         remove_placement_group(pg)
         # Finished, failed or stopped: the queue must not outlive the run (see the module docstring).
         dead_letters = close_queue(queue)
