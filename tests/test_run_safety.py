@@ -85,7 +85,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     assert f"train.steps 30 -> {max(saved, 4)}" in resumed.stdout
     if saved > 4:
         pytest.skip(f"the machine was too slow: interrupted at step {saved}")
-    assert train_records(run) == [0, 1, 2, 3]
+    assert train_records(run) == [1, 2, 3, 4]  # train records are numbered by the steps done
     metrics, state = (run / "metrics.jsonl").read_bytes(), (run / "checkpoint/trainer_state.json").read_bytes()
 
     # A rerun without flags is refused and the run is intact.
@@ -106,7 +106,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     longer = dlrl(*train, "--set", "train.steps=5", "--resume", timeout=600)
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
     assert "dlrl: resumed with a changed spec: train.steps 4 -> 5" in longer.stdout
-    assert train_records(run) == [0, 1, 2, 3, 4]
+    assert train_records(run) == [1, 2, 3, 4, 5]
     assert json.loads((run / "spec.json").read_text())["train"]["steps"] == 30  # the run's first spec
     history = [json.loads(line) for line in (run / "spec_history.jsonl").read_text().splitlines()]
     assert [(h["resumed_at_step"], h["changes"]) for h in history] == [
