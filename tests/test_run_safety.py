@@ -116,5 +116,5 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     fresh = dlrl(*train, "--set", "train.steps=1", "--overwrite", timeout=600)
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert "--overwrite: deleted the earlier run's" in fresh.stdout
-    assert train_records(run) == [0] and not (run / "spec_history.jsonl").exists()
+    assert train_records(run) == [1] and not (run / "spec_history.jsonl").exists()
     assert json.loads((run / "spec.json").read_text())["train"]["steps"] == 1
