@@ -54,20 +54,39 @@ class ModelShape:
     ffn: int
     tied: bool = False
     qkv_bias: bool = False
+    head_dim: int | None = None
+    """Width of one attention head; None: hidden / heads (Qwen3 sets it apart: 4B has 2560 / 32 = 80
+    but head_dim 128)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm gains on q and k (Qwen3, SDAR): 2 x head_dim parameters per block."""
+    out_bias: bool = False
+    """A bias on the attention's out projection (Qwen3's `attention_bias` sets it with q, k, v's)."""
     bd3: bool = False
     """The learner scores it on the BD3-LM layout [x_t ; x_0] (a block-causal family: 2T tokens per
     forward under a dense (2T)^2 mask, logits of the L response positions only); set from the
     family by `shape_from_config`."""
 
     @property
+    def dim(self) -> int:
+        """Width of one attention head."""
+        return self.head_dim if self.head_dim is not None else self.hidden // self.heads
+
+    @property
+    def q(self) -> int:
+        """Width of Q (and of the attention output): heads x head_dim; the hidden size unless head_dim says otherwise."""
+        return self.heads * self.dim
+
+    @property
     def kv(self) -> int:
         """Width of K (and of V): kv_heads x head_dim."""
-        return self.kv_heads * (self.hidden // self.heads)
+        return self.kv_heads * self.dim
 
     def block_params(self) -> int:
-        """One block: q, k, v, out projections, the SwiGLU's gate, up, down, two RMSNorm gains."""
-        h, f, kv = self.hidden, self.ffn, self.kv
-        attn = h * (h + 2 * kv) + h * h + (h + 2 * kv if self.qkv_bias else 0)
+        """One block: q, k, v, out projections (and their biases, q/k norms where the family has
+        them), the SwiGLU's gate, up, down, two RMSNorm gains."""
+        h, f, q, kv = self.hidden, self.ffn, self.q, self.kv
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn += (h if self.out_bias else 0) + (2 * self.dim if self.qk_norm else 0)
         return attn + 3 * h * f + 2 * h
 
     def root_params(self) -> int:
@@ -79,8 +98,8 @@ class ModelShape:
 
     def lora_params(self, r: int) -> int:
         """Adapters of rank r on every linear of every block: r x (in + out) each."""
-        h, f, kv = self.hidden, self.ffn, self.kv
-        per_block = r * ((h + h + 2 * kv) + (h + h) + (h + 2 * f) + (f + h))
+        h, f, q, kv = self.hidden, self.ffn, self.q, self.kv
+        per_block = r * ((h + q + 2 * kv) + (q + h) + (h + 2 * f) + (f + h))
         return self.layers * per_block
 
 
@@ -130,16 +149,17 @@ class LearnerMemory:
 
 
 def block_activation_bytes(shape: ModelShape, compute_bytes: int) -> int:
-    """Bytes autograd keeps per token for one block's backward: 16h + b (6h + 3kv + 4f).
+    """Bytes autograd keeps per token for one block's backward: 16h + b (2h + 4q + 3kv + 4f).
 
     Two RMSNorms each keep their float32 input and normalised value (8h) and the linear's input in
-    the compute dtype (b h); attention keeps the fused qkv output (h + 2kv), rotated q and k (h + kv),
-    the SDPA output and its reshaped copy for the out projection (2h), all in b; the SwiGLU keeps
+    the compute dtype (b h); attention keeps the fused qkv output (q + 2kv), rotated q and k (q + kv),
+    the SDPA output and its reshaped copy for the out projection (2q), all in b; the SwiGLU keeps
     the gate/up output (2f), silu(gate) (f) and the product fed to `down` (f). The residual stream
-    is float32 (embedding output plus bf16 branch outputs promotes to float32).
+    is float32 (embedding output plus bf16 branch outputs promotes to float32). q = h unless the
+    config sets head_dim apart (Qwen3); the per-head q/k norms' small saves are not counted.
     """
-    h, f, kv = shape.hidden, shape.ffn, shape.kv
-    return 16 * h + compute_bytes * (6 * h + 3 * kv + 4 * f)
+    h, f, q, kv = shape.hidden, shape.ffn, shape.q, shape.kv
+    return 16 * h + compute_bytes * (2 * h + 4 * q + 3 * kv + 4 * f)
 
 
 def lora_activation_bytes(shape: ModelShape) -> int:

@@ -28,6 +28,7 @@ from dlrl.models import (
     BidirectionalConfig,
     DreamConfig,
     LLaDAConfig,
+    SDARConfig,
     build_char_tokenizer,
     diffusion_logits,
     load_model,
@@ -39,7 +40,7 @@ from dlrl.models.families import FAMILIES, REMOTE, Family, family_of, model_fami
 from dlrl.models.lora import apply_lora
 from dlrl.models.published import check_checkpoint, published_names
 from dlrl.models.special_ids import token_id
-from tests.chat_tokenizers import dream_tokenizer, llada_tokenizer
+from tests.chat_tokenizers import dream_tokenizer, llada_tokenizer, sdar_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES_DIR = ROOT / "dlrl" / "models" / "families"
@@ -52,11 +53,13 @@ def tiny_configs() -> dict[str, list[PretrainedConfig]]:
              "vocab_size": 100, "embedding_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
     dream = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
              "intermediate_size": 48, "vocab_size": 104, "mask_token_id": 99, "pad_token_id": 0, "eos_token_id": 1}
+    sdar = dream | {"head_dim": 12}  # Qwen3: head_dim apart from hidden / heads
     return {
         "tiny": [BidirectionalConfig(vocab_size=104, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=48)],
         "llada": [LLaDAConfig(**llada), LLaDAConfig(**llada, weight_tying=True, include_qkv_bias=True)],
         "dream": [DreamConfig(**dream), DreamConfig(**dream, tie_word_embeddings=True)],
+        "sdar": [SDARConfig(**sdar), SDARConfig(**sdar, tie_word_embeddings=True, attention_bias=True, block_size=8)],
     }
 
 
@@ -129,6 +132,11 @@ def test_mask_tokens_are_the_published_ids():
     dream = json.loads((CONFIGS / "dream-v0-instruct-7b-config.json").read_text())
     assert token_id(llada_tokenizer(published_ids=True), family_of(llada).mask_token) == llada["mask_token_id"]
     assert token_id(dream_tokenizer(published_ids=True), family_of(dream).mask_token) == dream["mask_token_id"]
+    sdar = json.loads((CONFIGS / "sdar-1.7b-chat-training-config.json").read_text())
+    assert token_id(sdar_tokenizer(published_ids=True), family_of(sdar).mask_token) == sdar["mask_token_id"]
+    # the original inference config has no mask_token_id: the family's <MASK> gives the same id
+    inference = SDARConfig.from_dict(json.loads((CONFIGS / "sdar-1.7b-chat-config.json").read_text()))
+    assert special_ids(inference, sdar_tokenizer(published_ids=True)).mask_id == sdar["mask_token_id"]
     tiny = json.loads((ROOT / "dlrl" / "assets" / "tiny-sudoku" / "config.json").read_text())
     assert token_id(build_char_tokenizer(), family_of(tiny).mask_token) == tiny["mask_token_id"]
 
@@ -166,10 +174,19 @@ def test_lookup_by_model_type_architectures_or_the_generic_record():
     assert REMOTE.shape(qwen2).qkv_bias and not REMOTE.shape(qwen2 | {"attention_bias": False}).qkv_bias
 
 
-def test_today_every_family_attends_fully():
-    """Block-causal attention is a record field with its block size (issue 18 registers such
-    families); a record that mixes the two up is refused when it is built."""
-    assert all(f.attention == "full" and f.block_size is None for f in FAMILIES)
+def test_attention_pattern_and_block_size():
+    """Block-causal attention is a record field with its block size; `block_size_for` is the one
+    lookup (the config's block_size, else the family's published default; None for full
+    attention); a record that mixes the two up is refused when it is built."""
+    block = {f.name for f in FAMILIES if f.attention == "block_causal"}
+    assert block == {"sdar"}
+    assert all(f.block_size is None for f in FAMILIES if f.name not in block)
+    sdar = registry.sdar.FAMILY
+    assert sdar.block_size == 4 and sdar.block_size_for(SDARConfig()) == 4  # the original HF config has none
+    assert sdar.block_size_for(SDARConfig(block_size=16)) == 16 and sdar.block_size_for({"block_size": 8}) == 8
+    assert sdar.block_size_for(None) == 4
+    assert registry.dream.FAMILY.block_size_for(DreamConfig()) is None
+    assert registry.llada.FAMILY.block_size_for({"block_size": 4}) is None  # full attention: no blocks
     with pytest.raises(ValueError, match="block size"):
         Family(name="broken", attention="block_causal")
     with pytest.raises(ValueError, match="block size"):

@@ -1,4 +1,4 @@
-"""Model adapters: the model families (built-in, native LLaDA and Dream), loading, LoRA, special ids.
+"""Model adapters: the model families (built-in, native LLaDA, Dream and SDAR), loading, LoRA, special ids.
 
 Importing this package registers every family with native code (dlrl.models.families) with the
 transformers Auto classes, so plain `AutoModel.from_pretrained(dir)` (and `load_model(dir)`) open
@@ -14,9 +14,10 @@ from dlrl.models.families import FAMILIES, Family, family_of
 from dlrl.models.forward import diffusion_logits
 from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
 from dlrl.models.loading import CheckpointNotFoundError, load_model
+from dlrl.models.sdar import SDARConfig, SDARForCausalLM
 from dlrl.models.lora import LoraSpec, default_target_modules
 from dlrl.models.special_ids import SpecialIds, special_ids
-from dlrl.models.tiny import build_tiny
+from dlrl.models.tiny import build_tiny, build_tiny_sdar
 from dlrl.models.tokenizer import build_char_tokenizer
 
 for _family in FAMILIES:
@@ -36,9 +37,12 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModelLM",
     "LoraSpec",
+    "SDARConfig",
+    "SDARForCausalLM",
     "SpecialIds",
     "build_char_tokenizer",
     "build_tiny",
+    "build_tiny_sdar",
     "default_target_modules",
     "diffusion_logits",
     "family_of",

@@ -9,6 +9,12 @@ additive bias, non-causal by construction), so it gets that; the native LLaDA (d
 also takes position ids. Dream's generation code builds a 4-D boolean (B, 1, T, T) mask from the
 padding mask and passes it straight to SDPA (True = may attend), and takes `position_ids`.
 
+Block diffusion: a family whose record says `attention = "block_causal"` (SDAR) attends
+bidirectionally inside a block and causally across blocks. Its models obey whatever 4-D mask they
+are given, so `diffusion_logits` builds that mask itself (`dlrl.models.block_mask.
+block_causal_mask`, blocks of `Family.block_size_for(config)` on the global grid) with position
+ids from each row's first real token: one-sequence scoring and sampling are block-causal by default.
+
 Logit alignment: a family whose raw logits lag the tokens they predict (Dream, like the Qwen2 it
 starts from, predicts token i from hidden state i - 1; `Family.logit_shift`) has them shifted right
 here, as its published generation code does (position 0 keeps its own). Models return their
@@ -22,7 +28,8 @@ from functools import lru_cache
 
 import torch
 
-from dlrl.models.families import model_family
+from dlrl.models.block_mask import block_causal_mask
+from dlrl.models.families import Family, model_family
 from dlrl.models.kv_cache import KVCache
 from dlrl.models.padding import padding_positions, padding_to_4d
 
@@ -52,6 +59,8 @@ def diffusion_logits(
     """
     family = model_family(model)
     shift = family.logit_shift
+    if family.attention == "block_causal":
+        return _block_causal_logits(model, family, input_ids, attention_mask)
     if attention_mask is None or bool(attention_mask.all()):
         return align_logits(model(input_ids).logits, shift)
     inner = _unwrapped(model)
@@ -63,6 +72,22 @@ def diffusion_logits(
     else:
         kwargs["attention_mask"] = padding_to_4d(attention_mask)
     return align_logits(model(input_ids, **kwargs).logits, shift)
+
+
+def _block_causal_logits(model: torch.nn.Module, family: Family, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """One sequence scored as a block-diffusion model attends: bidirectional inside a block, causal
+    across blocks, on the global grid of each row's own positions (dlrl.models.block_mask), with
+    position ids from each row's first real token, so a padded row sees exactly what it sees alone."""
+    size = family.block_size_for(getattr(_unwrapped(model), "config", None))
+    t = input_ids.shape[1]
+    mask = block_causal_mask(attention_mask, t, size, device=input_ids.device)
+    if attention_mask is None:
+        positions = torch.arange(t, device=input_ids.device).expand(input_ids.shape[0], t)
+    else:
+        positions = padding_positions(attention_mask)
+    logits = model(input_ids, attention_mask=mask, position_ids=positions).logits
+    return align_logits(logits, family.logit_shift)
 
 
 def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:

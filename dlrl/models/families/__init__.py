@@ -12,13 +12,14 @@ from collections.abc import Mapping
 
 from transformers import PretrainedConfig
 
-from dlrl.models.families import dream, llada, tiny
+from dlrl.models.families import dream, llada, sdar, tiny
 from dlrl.models.families.family import REMOTE, Family
 
 FAMILIES: tuple[Family, ...] = (
     tiny.FAMILY,
     llada.FAMILY,
     dream.FAMILY,
+    sdar.FAMILY,
 )
 
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}

@@ -9,7 +9,7 @@ gets `REMOTE`, whose fields are the generic fallbacks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,6 +85,20 @@ class Family:
         ):
             raise ValueError(f"family {self.name}: native code needs a config class, a model class "
                              "and its published names")
+
+    def block_size_for(self, config: PretrainedConfig | Mapping | None) -> int | None:
+        """The block length to run a model of this family with: the config's `block_size` where
+        config.json carries one (SDAR's training configs do: 4), else the family's published
+        default; None for a full-attention family (a block size there means nothing)."""
+        if self.attention != "block_causal":
+            return None
+        get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
+        size = get("block_size") if config is not None else None
+        if size is None:
+            return self.block_size
+        if int(size) < 1:
+            raise ValueError(f"family {self.name}: block_size must be >= 1, got {size}")
+        return int(size)
 
     @property
     def native(self) -> bool:
