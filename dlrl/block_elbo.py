@@ -33,14 +33,7 @@ def block_size_of(model: torch.nn.Module) -> int | None:
 
     The config's `block_size` (SDAR's training config carries one), else the family's published
     default (`Family.block_size_for`)."""
-    family = model_family(model)
-    if family.attention != "block_causal":
-        return None
-    config = _unwrapped(model).config
-    lookup = getattr(family, "block_size_for", None)
-    if lookup is not None:
-        return lookup(config)
-    return getattr(config, "block_size", None) or family.block_size
+    return model_family(model).block_size_for(_unwrapped(model).config)
 
 
 def bd3_logits(

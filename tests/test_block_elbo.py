@@ -4,6 +4,11 @@ training layout, with SDAR's Bernoulli(p) masks, through every objective of the 
 The block ELBO is checked against an independent computation written here without bd3_mask: for
 each block b, its own forward of [prompt + clean blocks < b + noisy block b] under attention that
 is causal over blocks (bidirectional inside one), summing CE / p over block b's masked tokens.
+
+Tolerances: the model is float64, but the SDAR body rotates q and k in float32 as published
+(dlrl.models.attention.apply_rope), so two computations that batch rows differently agree to
+about 1e-9 relative, not 1e-15. RTOL = 1e-7 sits above that and far below what a wrong block
+boundary (block 8 for 4: >= 5e-5 on every term here), a chunk's weight or a rank's rows move.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from learner.sharding import Rank
 from learner.step import accumulate_gradients, old_policy_terms, train_step
 from tests.block_model import BLOCK, block_model
 
+RTOL = 1e-7
 GEN = 10  # response tokens: blocks of 4 on the global grid cut it at different offsets per prompt length
 
 
@@ -133,7 +139,7 @@ def test_the_block_elbo_equals_an_independent_per_block_computation():
             mask = batch.masks[i, j]
             ref = float(_own_block_logprobs(model, row, real - GEN, mask, tok.mask_token_id)[mask].sum()
                         * batch.weights[i, j])  # sum over blocks of each block's masked CE / p
-            assert abs(float(terms[i, j]) - ref) <= 1e-9 * abs(ref), (i, j, float(terms[i, j]), ref)
+            assert abs(float(terms[i, j]) - ref) <= RTOL * abs(ref), (i, j, float(terms[i, j]), ref)
     assert P == 7
 
 
@@ -145,7 +151,7 @@ def test_left_padding_does_not_change_a_rows_terms():
     together = old_policy_terms(model, collate_for(groups, spec, ids, model_family(model)), spec, ids.mask_id)
     alone = torch.cat([old_policy_terms(model, collate_for([g], spec, ids, model_family(model)), spec, ids.mask_id)
                        for g in groups])
-    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(together, alone, rtol=RTOL, atol=0)
 
 
 # -- the objectives on it -----------------------------------------------------------------------------
@@ -170,8 +176,8 @@ def test_on_policy_bgpo_equals_the_naive_ratio_in_value_and_gradient():
     loss_b, grad_b = _run(model, batch, bgpo, tok.mask_token_id)
     loss_n, grad_n = _run(model, batch, naive, tok.mask_token_id)
     assert grad_n.norm() > 1e-3
-    assert abs(loss_b - loss_n) <= 1e-9 * abs(loss_n) + 1e-12
-    assert (grad_b - grad_n).norm() / grad_n.norm() <= 1e-9
+    assert abs(loss_b - loss_n) <= RTOL * abs(loss_n) + 1e-12
+    assert (grad_b - grad_n).norm() / grad_n.norm() <= RTOL
 
 
 def test_the_gradient_does_not_depend_on_the_chunk():
@@ -180,7 +186,7 @@ def test_the_gradient_does_not_depend_on_the_chunk():
     batch = _batch(model, tok, one)
     _, g1 = _run(model, batch, one, tok.mask_token_id)
     _, g4 = _run(model, batch, one.model_copy(update={"mc_chunk": 4, "micro_batch": 9}), tok.mask_token_id)
-    assert g1.norm() > 1e-3 and (g1 - g4).norm() / g1.norm() <= 1e-10
+    assert g1.norm() > 1e-3 and (g1 - g4).norm() / g1.norm() <= RTOL
 
 
 def test_diffu_grpos_one_step_is_each_blocks_first_step():
@@ -194,7 +200,7 @@ def test_diffu_grpos_one_step_is_each_blocks_first_step():
         real = int(batch.attention[i].sum())
         row = batch.tokens[i, -real:].numpy()
         ref = _own_block_logprobs(model, row, real - GEN, torch.ones(GEN, dtype=torch.bool), tok.mask_token_id)
-        torch.testing.assert_close(logp[i], ref, rtol=1e-9, atol=0)
+        torch.testing.assert_close(logp[i], ref, rtol=RTOL, atol=0)
     m = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch,
                    spec.model_copy(update={"updates_per_batch": 2, "p_mask_prompt": 0.15}), tok.mask_token_id)
     assert m["d_abs"] > 0 and np.isfinite(m["loss"])
@@ -281,4 +287,4 @@ def test_two_ranks_train_what_one_process_trains_on_the_block_elbo():
         two = torch.load(out, weights_only=True)
     assert max(float((single[k] - start[k]).abs().max()) for k in start) > 1e-4
     worst = max(float((single[k] - two[k]).abs().max()) for k in single)
-    assert worst < 1e-12, worst
+    assert worst < spec.lr * 1e-4, worst  # a rank's rows lost or counted twice move weights by ~lr
