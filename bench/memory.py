@@ -1,4 +1,6 @@
-"""Peak learner memory against the number of MC samples n_t: chunked BGPO vs the naive ELBO ratio.
+"""Peak learner memory against the number of MC samples n_t: chunked BGPO vs the naive ELBO ratio,
+for a full-attention family (the built-in model) and a block-diffusion one (SDAR, scored on its
+BD3-LM [noisy ; clean] layout with Bernoulli(p) masks: dlrl.block_elbo).
 
 Runs the learner's real `accumulate_gradients` (one batch, one backward pass per chunk) on the same
 model and batch for every (algorithm, n_t), each in a fresh subprocess so that its peak RSS is its
@@ -8,7 +10,11 @@ own. Measures
   - on CUDA: torch.cuda.max_memory_allocated.
 BGPO uses c = 1 (one MC sample per backward); the naive ratio keeps all n_t graphs alive.
 
-    python bench/memory.py                  # CPU, writes bench/results/memory.json
+The output file holds one entry per family under "families"; a run replaces only its own
+family's entry and keeps the others (an older single-family file becomes the "tiny" entry).
+
+    python bench/memory.py                  # CPU, the built-in model, into bench/results/memory.json
+    python bench/memory.py --family sdar    # CPU, a same-sized SDAR model, its own entry in the same file
     python bench/memory.py --device cuda --hidden 1024 --layers 8 --out bench/results/memory_cuda.json
 """
 
@@ -32,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from dlrl.batch import collate  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel  # noqa: E402
+from dlrl.models.sdar import SDARConfig, SDARForCausalLM  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms  # noqa: E402
 
@@ -96,11 +103,15 @@ def measure(args: argparse.Namespace) -> dict:
     """One (algorithm, n_mc) measurement in this process."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = BidirectionalConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-    )
-    model = BidirectionalModel(cfg).to(device)
+    sizes = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8)
+    if args.family == "sdar":
+        cfg = SDARConfig(**sizes, num_key_value_heads=args.heads, head_dim=args.hidden // args.heads, block_size=4,
+                         mask_token_id=MASK_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None)
+        model = SDARForCausalLM(cfg).to(device)
+    else:
+        model = BidirectionalModel(BidirectionalConfig(**sizes)).to(device)
+    time_form = "bernoulli" if args.family == "sdar" else "discrete"  # each family's "auto" (time_form_for)
     n_mc = args.n_mc
     algorithm = args.algorithm
     spec = TrainSpec(
@@ -108,7 +119,7 @@ def measure(args: argparse.Namespace) -> dict:
         clip_eps=0.2, dual_clip=3.0,
     )
     groups = make_groups(max(args.batch // 4, 1), min(args.batch, 4), args.prompt_len, args.gen_len, args.vocab)
-    batch = collate(groups, pad_id=PAD_ID, eos_ids=(EOS_ID,), n_mc=n_mc).to(device)
+    batch = collate(groups, pad_id=PAD_ID, eos_ids=(EOS_ID,), n_mc=n_mc, time_form=time_form).to(device)
     old = old_policy_terms(model, batch, spec, MASK_ID)
     meter = SavedTensorMeter()
     if device.type == "cuda":
@@ -133,6 +144,8 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--family", choices=("tiny", "sdar"), default="tiny",
+                   help="tiny: the built-in full-attention model; sdar: block diffusion on the BD3-LM layout")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -168,6 +181,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     result = {
         "benchmark": "learner peak memory vs n_t (BGPO c=1 vs naive ELBO ratio)",
+        "family": args.family,
+        "layout": "[noisy ; clean] 2T tokens, bd3_mask" if args.family == "sdar" else "T tokens, full attention",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "machine": {"device": args.device, "name": device_name, "cpus": __import__("os").cpu_count(),
@@ -180,8 +195,12 @@ def main() -> None:
         "targets": {"bgpo_growth_max": 1.10, "naive_growth_min": 8.0},
     }
     result["targets_met"] = result["bgpo_growth_16_over_1"] <= 1.10 and result["naive_growth_16_over_1"] >= 8.0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.is_file() else {}
+    families = existing.get("families") or ({"tiny": existing} if existing.get("rows") else {})
+    families[args.family] = result
+    out.write_text(json.dumps({"benchmark": result["benchmark"], "families": families}, indent=2) + "\n")
     print(f"BGPO growth x{result['bgpo_growth_16_over_1']:.3f}, naive growth x{result['naive_growth_16_over_1']:.2f}"
           f" -> {'targets met' if result['targets_met'] else 'TARGETS MISSED'}; wrote {args.out}")
 

@@ -13,6 +13,7 @@ import torch
 from dlrl import diffusion
 from dlrl.config import TrainSpec
 from dlrl.models import SpecialIds
+from dlrl.models.families import Family
 from dlrl.trajectory import TrajectoryGroup
 
 
@@ -121,8 +122,21 @@ def collate(
     )
 
 
-def collate_for(groups: list[TrajectoryGroup], spec: TrainSpec, ids: SpecialIds) -> TrainBatch:
-    """`collate` with a job's settings. The learner's batch and a rollout worker's behaviour ELBO
-    terms (rollout/behaviour.py) are both built by this call."""
+def time_form_for(spec: TrainSpec, family: Family) -> diffusion.TimeForm:
+    """The ELBO's time form for a model of `family`: train.time_form, or for "auto" the form the
+    family was trained with. Block-diffusion families (SDAR / TraDo, LLaDA2.x) are trained on
+    Bernoulli(p) masks with p = (1 - 1e-3) t + 1e-3 and a 1/p weight (SDAR's SFT loss; the
+    LLaDA2.0 report's Eq. 1 weight |alpha'_t / (1 - alpha_t)| = 1/t), so their ELBO terms match
+    their training loss (reference/block-diffusion.md §2); full-attention families keep the
+    mask-count form BGPO's LLaDA runs use."""
+    if spec.time_form != "auto":
+        return spec.time_form
+    return "bernoulli" if family.attention == "block_causal" else "discrete"
+
+
+def collate_for(groups: list[TrajectoryGroup], spec: TrainSpec, ids: SpecialIds, family: Family) -> TrainBatch:
+    """`collate` with a job's settings for a model of `family` (dlrl.models.families.model_family).
+    The learner's batch and a rollout worker's behaviour ELBO terms (rollout/behaviour.py) are both
+    built by this call."""
     return collate(groups, pad_id=ids.pad_id, eos_ids=ids.eos_ids, n_mc=spec.n_mc, mask_scheme=spec.mask_scheme,
-                   time_form=spec.time_form, mask_coupling=spec.mask_coupling)
+                   time_form=time_form_for(spec, family), mask_coupling=spec.mask_coupling)

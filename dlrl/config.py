@@ -136,8 +136,11 @@ class TrainSpec(Section):
     numbers). Each completion's ELBO estimate is unchanged in law, but tokens the G completions
     share then get (nearly) cancelling updates, since advantages sum to zero within a group;
     'completion': independent masks per completion."""
-    time_form: Literal["discrete", "continuous"] = "discrete"
-    """Mask-count (k ~ U{1..L}, weight L/k) or continuous-time (t ~ U(0,1), weight 1/t) ELBO."""
+    time_form: Literal["auto", "discrete", "continuous", "bernoulli"] = "auto"
+    """Mask-count (k ~ U{1..L}, weight L/k), continuous-time (t ~ U(0,1), weight 1/t) or SDAR's
+    Bernoulli (p = (1 - 1e-3) t + 1e-3, weight 1/p, >= 1 mask) ELBO (dlrl.diffusion.mc_masks).
+    "auto": the model family's, the form it was trained with (dlrl.batch.time_form_for):
+    "bernoulli" for block-diffusion families (SDAR / TraDo, LLaDA2.x), "discrete" otherwise."""
     normalize: Literal["token", "sequence"] = "token"
     """Divide each ELBO term by L (per-token) or keep the sequence bound."""
     lr: float = Field(5e-7, gt=0, le=1.0)

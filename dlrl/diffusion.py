@@ -8,6 +8,8 @@ process at time t replaces each response token by the mask independently with pr
     continuous form:  l(t, y_t) = (1/t)   * sum_i 1[y_t^i = M] log p(y^i | y_t, x)      (Eq. 3)
     discrete form:    l(k, y_k) = (L/k)   * sum_i 1[y_k^i = M] log p(y^i | y_k, x)
                       (exactly k of L positions masked, k uniform on 1..L)
+    bernoulli form:   l(t, y_p) = (1/p)   * sum_i 1[y_p^i = M] log p(y^i | y_p, x),  p = (1 - 1e-3) t + 1e-3
+                      (SDAR's training noise: every token masked iid with probability p, >= 1 mask)
 
 and B = (1/n_t) sum_j l_j estimates a lower bound on log pi(y|x). Dividing l by L
 (``normalize="token"``) turns it into a mean per-token log-likelihood, which keeps the BGPO
@@ -26,10 +28,16 @@ from typing import Literal
 import torch
 
 MaskScheme = Literal["iid", "stratified", "antithetic"]
-TimeForm = Literal["discrete", "continuous"]
+TimeForm = Literal["discrete", "continuous", "bernoulli"]
 Normalize = Literal["token", "sequence"]
 
 _MASK64 = (1 << 64) - 1
+
+BERNOULLI_EPS = 1e-3
+"""SDAR's floor on the mask probability, p = (1 - eps) t + eps (JetAstra/SDAR@c2041a8:
+training/model/SDAR-4B-Chat/modeling_sdar.py, `forward_add_noise_packed`, 155-283)."""
+BERNOULLI_TRIES = 10
+"""Draws at one p before a mask with no masked token is forced to mask one (SDAR's max_tries)."""
 
 
 def mix_seed(*values: int) -> int:
@@ -74,6 +82,13 @@ def mc_masks(
       positions the first kept (t, 1 - t), so every token is scored once per pair
       (coupled sampling as in VRPO / coupled-GRPO). An odd last sample is drawn iid.
     Positions are uniformly random given the count (discrete) or Bernoulli(t) (continuous).
+    "bernoulli" (the default of block-diffusion families, dlrl.batch.time_form_for) is SDAR's SFT
+    noise: p = (1 - 1e-3) t + 1e-3 from the level t, every token masked iid with probability p,
+    weight 1/p. SDAR redraws t and the positions up to 10 times when nothing is masked, then forces
+    one random position; here the positions are redrawn at the same p (so stratified levels stay
+    stratified) and then one is forced, so every sample scores >= 1 token. An antithetic pair's
+    complement (Bernoulli(1 - p), weight 1/(1 - p)) keeps >= 1 mask by unmasking one position of a
+    first mask that covers everything.
     Sample j of a given (seed, index) never depends on anything but (seed, index, scheme, form,
     n_mc, length), so any process can rebuild it.
     """
@@ -92,6 +107,15 @@ def mc_masks(
             m = torch.zeros(length, dtype=torch.bool)
             m[perm[:k]] = True
             return m, length / k
+        if form == "bernoulli":
+            p = (1.0 - BERNOULLI_EPS) * level + BERNOULLI_EPS
+            for _ in range(BERNOULLI_TRIES):
+                m = torch.rand(length, generator=gen, dtype=torch.float64) < p
+                if m.any():
+                    break
+            else:
+                m[torch.randint(length, (1,), generator=gen)] = True
+            return m, 1.0 / p
         t = max(level, 1e-3)  # t -> 0 would give an unbounded weight 1/t
         m = torch.rand(length, generator=gen, dtype=torch.float64) < t
         return m, 1.0 / t
@@ -107,6 +131,8 @@ def mc_masks(
             if form == "discrete" and int(m.sum()) == length:  # complement must mask >= 1 token
                 m[torch.randint(length, (1,), generator=gen)] = False
                 w = length / (length - 1)
+            elif form == "bernoulli" and bool(m.all()):  # as discrete; the weight stays 1/p
+                m[torch.randint(length, (1,), generator=gen)] = False
             c = ~m
             k_c = int(c.sum())
             w_c = length / k_c if form == "discrete" else 1.0 / max(1.0 - (1.0 / w), 1e-3)

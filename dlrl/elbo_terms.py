@@ -18,6 +18,7 @@ import torch
 
 from dlrl import diffusion
 from dlrl.batch import TrainBatch
+from dlrl.block_elbo import bd3_logits, block_size_of
 from dlrl.config import JobSpec, TrainSpec
 from dlrl.models.forward import diffusion_logits
 from dlrl.precision import autocast
@@ -86,7 +87,10 @@ def elbo_chunk(
     """ELBO terms l_ij for the batch's rows i and MC samples j in `js`: (m, c).
 
     The c masked copies of each row go through the model as one (m * c, T) forward, its matmuls
-    in `compute_dtype` (dlrl.precision); the ELBO itself is summed in float32 or wider.
+    in `compute_dtype` (dlrl.precision); the ELBO itself is summed in float32 or wider. A
+    block-diffusion model (its family block-causal) is scored as it was trained: each copy as
+    [noisy ; clean] (m * c, 2T) under the BD3-LM mask, the logits of the noisy half's response
+    only (dlrl.block_elbo), which gives the per-block ELBO summed over blocks.
     """
     P = batch.prompt_len
     m = batch.size
@@ -96,8 +100,13 @@ def elbo_chunk(
     noisy = diffusion.apply_mask(response[:, None].expand(-1, c, -1), masks, mask_id)  # (m, c, L)
     inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, c, -1), noisy], -1).flatten(0, 1)
     attention = batch.attention[:, None].expand(-1, c, -1).flatten(0, 1)
+    block = block_size_of(model)
     with autocast(inputs.device, compute_dtype):
-        logits = diffusion_logits(model, inputs, attention)[:, P:]  # (m * c, L, V)
+        if block is None:
+            logits = diffusion_logits(model, inputs, attention)[:, P:]  # (m * c, L, V)
+        else:
+            clean = batch.tokens.repeat_interleave(c, 0)
+            logits = bd3_logits(model, inputs, clean, attention, block, slice(P, batch.tokens.shape[1]))
     terms = diffusion.elbo_term(
         logits,
         response.repeat_interleave(c, 0),

@@ -20,10 +20,16 @@ stored T x T score matrix (flash / memory-efficient kernels). A MoE model (LLaDA
 trains every expert, so its weights, gradients, optimizer states and gathered blocks are sized by
 the total parameters, and its activations by what a token runs through (the routed experts it is
 sent to and the shared one: `moe_block_activation_bytes`).
+stored T x T score matrix (flash / memory-efficient kernels).
+
+A block-diffusion family (`ModelShape.bd3`) is scored on its training layout [x_t ; x_0]
+(dlrl.block_elbo): every forward carries 2T tokens, a dense (2T)^2 attention mask, and projects
+only the noisy half's L response positions onto the vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -74,6 +80,10 @@ class ModelShape:
     expert_ffn: int = 0
     dense_layers: int | None = None
     """Layers with a dense SwiGLU of width ffn (the first ones); None: every layer."""
+    bd3: bool = False
+    """The learner scores it on the BD3-LM layout [x_t ; x_0] (a block-causal family: 2T tokens per
+    forward under a dense (2T)^2 mask, logits of the L response positions only); set from the
+    family by `shape_from_config`."""
 
     @property
     def dim(self) -> int:
@@ -158,7 +168,9 @@ def shape_from_config(cfg: dict) -> ModelShape:
     # the rest of this module's arithmetic does not need, and each family module imports ModelShape.
     from dlrl.models.families import family_of
 
-    return family_of(cfg).shape(cfg)
+    family = family_of(cfg)
+    shape = family.shape(cfg)
+    return dataclasses.replace(shape, bd3=True) if family.attention == "block_causal" else shape
 
 
 def model_config(path: str) -> dict:
@@ -263,9 +275,26 @@ def logits_bytes(shape: ModelShape, rows: int, seq_len: int, resp_len: int, comp
 
     The head's output over all T positions (b T V per row), the masked positions' logits gathered
     and, in float32, kept by logsumexp (at most L of them, 4 L V) plus their gradient (4 L V), and
-    the head's gradient scattered back into a (L, V) block (b L V).
+    the head's gradient scattered back into a (L, V) block (b L V). On the BD3 layout the head
+    projects the L response positions only (`logits_to_keep`), so b L V in place of b T V.
     """
-    return rows * shape.vocab * (compute_bytes * seq_len + compute_bytes * resp_len + 8 * resp_len)
+    head = resp_len if shape.bd3 else seq_len
+    return rows * shape.vocab * (compute_bytes * head + compute_bytes * resp_len + 8 * resp_len)
+
+
+def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, compute_bytes: int, checkpointing: bool) -> int:
+    """The BD3 layout's attention mask: rows x (2T)^2 x (1 + b x blocks kept); 0 for other layouts.
+
+    The boolean (B, 1, 2T, 2T) mask (dlrl.models.block_mask.bd3_mask, one byte an entry, all rows
+    counted: left-padded rows each have their own), and the additive compute-dtype copy SDPA makes
+    of it in every block and saves for that block's backward (the memory-efficient kernel takes a
+    bias, not a boolean): n copies, or one with activation checkpointing (only the recomputed
+    block's is alive). A block-sparse kernel (flex attention) would need neither.
+    """
+    if not shape.bd3:
+        return 0
+    kept = 1 if checkpointing else shape.layers
+    return rows * (2 * seq_len) ** 2 * (1 + compute_bytes * kept)
 
 
 def learner_memory(
@@ -303,7 +332,8 @@ def learner_memory(
         grads=math.ceil(trainable * state_bytes / gpus),
         optimizer=math.ceil(2 * trainable * state_bytes / gpus),
         gathered=gathered,
-        activations=activation_bytes(shape, rows, seq_len, compute_bytes, checkpointing, lora_r is not None),
+        activations=activation_bytes(shape, rows, seq_len * (2 if shape.bd3 else 1), compute_bytes, checkpointing,
+                                     lora_r is not None) + bd3_mask_bytes(shape, rows, seq_len, compute_bytes, checkpointing),
         logits=logits_bytes(shape, rows, seq_len, resp_len, compute_bytes),
     )
 

@@ -37,6 +37,7 @@ import torch
 from dlrl.batch import collate_for
 from dlrl.config import JobSpec
 from dlrl.models import load_model, load_trainable, save_checkpoint, special_ids
+from dlrl.models.families import model_family
 from dlrl.queue import Delivery, TrajectoryQueue, open_queue
 from dlrl.queue.group_ids import batch_of
 from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
@@ -183,7 +184,7 @@ class Learner:
         stacks groups, then completions, in order). If a group lacks them, the learner's own terms
         stand in for the batch and `behaviour_elbo_missing` counts the groups without."""
         t = self.spec.train
-        batch = collate_for(groups, t, self.ids).to(self.device)
+        batch = collate_for(groups, t, self.ids, model_family(self.model)).to(self.device)
         old, behaviour = None, {}
         if behaviour_pass(self.spec) is not None:  # what the driver told the workers to ship
             shipped = [g.behaviour_elbo for g in groups]

@@ -30,6 +30,7 @@ from dlrl.batch import collate_for
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import ElboPass, elbo_terms, micro_batches
 from dlrl.models import SpecialIds
+from dlrl.models.families import model_family
 from dlrl.trajectory import TrajectoryGroup
 
 
@@ -47,7 +48,7 @@ def behaviour_terms(model: torch.nn.Module, groups: list[TrajectoryGroup], spec:
     for k, g in enumerate(groups):
         by_length[len(g.prompt_ids)].append(k)
     for members in by_length.values():
-        batch = collate_for([groups[k] for k in members], spec, ids).to(device)
+        batch = collate_for([groups[k] for k in members], spec, ids, model_family(model)).to(device)
         terms = elbo_terms(model, micro_batches(batch, p.micro_batch), p, ids.mask_id).double().cpu().numpy()
         start = 0
         for k in members:

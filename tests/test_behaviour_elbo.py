@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from dlrl.batch import collate, collate_for
+from dlrl.batch import collate, collate_for, time_form_for
 from dlrl.config import JobSpec, TrainSpec
 from dlrl.elbo_terms import ElboPass
 from dlrl.models import build_tiny, special_ids
+from dlrl.models.families import model_family
 from dlrl.trajectory import MAX_MC, TrajectoryGroup, WireError
 from learner.objectives import behaviour_pass
 from learner.step import old_policy_terms, train_step
@@ -63,7 +64,7 @@ def test_a_stale_groups_first_update_sees_and_clips_its_staleness():
     own.step(on_policy)
 
     # What d must be at the first update on the stale batch: version 1's terms minus version 0's.
-    batch = collate_for(stale, spec.train, shipped.ids)
+    batch = collate_for(stale, spec.train, shipped.ids, model_family(shipped.model))
     l_new = old_policy_terms(shipped.model, batch, spec.train, shipped.ids.mask_id)
     l_old = torch.from_numpy(np.concatenate([g.behaviour_elbo for g in stale])).float()
     expected = float((l_new - l_old).abs().mean())
@@ -111,7 +112,7 @@ def test_b_on_policy_worker_terms_equal_the_learners_across_prompt_lengths(coupl
     groups = _groups(len(tok), [7, 5, 7, 11])  # the worker batches by length: order must come back
     shipped = behaviour_terms(model, groups, spec, ElboPass.of(spec), ids, "cpu")
     assert [s.shape for s in shipped] == [(3, 6)] * 4 and all(s.dtype == np.float64 for s in shipped)
-    batch = collate_for(groups, spec, ids)  # padded to 11: rows of shorter prompts are left-padded
+    batch = collate_for(groups, spec, ids, model_family(model))  # padded to 11: rows of shorter prompts are left-padded
     learner = old_policy_terms(model, batch, spec, ids.mask_id)
     stacked = torch.from_numpy(np.concatenate(shipped)).to(learner.dtype)
     torch.testing.assert_close(stacked, learner, rtol=0, atol=1e-5)
@@ -136,7 +137,7 @@ def test_c_sync_and_diffu_grpo_ship_nothing_and_step_as_before(staleness, algori
     # Learner.step before the correction: collate with the job's settings, train_step without `old`.
     t = spec.train
     batch = collate(groups, pad_id=before.ids.pad_id, eos_ids=before.ids.eos_ids, n_mc=t.n_mc,
-                    mask_scheme=t.mask_scheme, time_form=t.time_form, mask_coupling=t.mask_coupling)
+                    mask_scheme=t.mask_scheme, time_form=time_form_for(t, model_family(before.model)), mask_coupling=t.mask_coupling)
     ref = train_step(before.model, before.optimizer, batch, t, before.ids.mask_id)
     assert (m["loss"], m["d_abs"], m["grad_norm"]) == (ref["loss"], ref["d_abs"], ref["grad_norm"])
     for (name, p), q in zip(learner.model.named_parameters(), before.model.parameters()):
@@ -166,7 +167,7 @@ def test_c_passing_the_learners_own_terms_is_bit_identical():
     model, tok = build_tiny(hidden=32, layers=2, heads=2)
     ids = special_ids(model, tok)
     spec = TrainSpec(n_mc=4, mc_chunk=2, micro_batch=5, lr=1e-3, updates_per_batch=2)
-    batch = collate_for(_groups(len(tok), [5, 6]), spec, ids)
+    batch = collate_for(_groups(len(tok), [5, 6]), spec, ids, model_family(model))
     twin, _ = build_tiny(hidden=32, layers=2, heads=2)
     a = train_step(model, torch.optim.AdamW(model.parameters(), lr=spec.lr), batch, spec, ids.mask_id)
     old = old_policy_terms(twin, batch, spec, ids.mask_id)

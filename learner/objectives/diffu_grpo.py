@@ -1,5 +1,6 @@
 """diffu-GRPO (d1, arXiv 2504.12216): a token-level clipped ratio on one-step log-probs, one
-forward per row per update with a fresh prompt mask each update. Its old terms are per-update
+forward per row per update with a fresh prompt mask each update (on a block-diffusion model, one
+forward of its [noisy ; clean] training layout: `one_step_logprobs`). Its old terms are per-update
 log-probs (updates, n, L) the learner measures itself (never shipped by a rollout worker), and it
 has no MC samples: its memory term is one copy. train.clip_eps = None means no clip."""
 
@@ -9,6 +10,7 @@ import torch
 
 from dlrl import diffusion
 from dlrl.batch import TrainBatch
+from dlrl.block_elbo import bd3_logits, block_size_of
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import Piece
 from dlrl.models.forward import diffusion_logits
@@ -30,15 +32,30 @@ def one_step_logprobs(
     model: torch.nn.Module, batch: TrainBatch, mask_id: int, p_mask_prompt: float, update: int,
     compute_dtype: str = "auto",
 ) -> torch.Tensor:
-    """diffu-GRPO per-token log-probs (m, L) from one forward of d1's one-step input."""
+    """diffu-GRPO per-token log-probs (m, L) from one forward of d1's one-step input.
+
+    On a block-diffusion model the one step is taken in its training layout (dlrl.block_elbo):
+    the noisy half is d1's input (the whole response masked, the prompt with its random masks),
+    the clean half the same noisy prompt followed by the clean response, under the BD3-LM mask.
+    Each response token of block b is then predicted from the prompt, the clean blocks before b
+    and a fully masked block b: the first denoising step of its block, given the blocks a sampler
+    has committed before it, which is what "one step" is for a block-causal model (a single fully
+    masked forward without the clean half would condition every block on masked blocks the model
+    never sees at that position in training or decoding).
+    """
     P = batch.prompt_len
     response = batch.tokens[:, P:]
     inputs = diffusion.one_step_input(
         batch.tokens[:, :P], batch.attention[:, :P].bool(), response, mask_id, p_mask_prompt,
         _prompt_noise(batch, update),
     )
+    block = block_size_of(model)
     with autocast(inputs.device, compute_dtype):
-        logits = diffusion_logits(model, inputs, batch.attention)[:, P:]
+        if block is None:
+            logits = diffusion_logits(model, inputs, batch.attention)[:, P:]
+        else:
+            clean = torch.cat([inputs[:, :P], response], dim=1)
+            logits = bd3_logits(model, inputs, clean, batch.attention, block, slice(P, inputs.shape[1]))
     return diffusion.token_logprobs(logits, response)
 
 
