@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlrl.config import JobSpec, LoraSpec
+from dlrl.decoding import PER_BLOCK_STEPS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_CONFIGS = ASSETS / "model-configs"
@@ -352,9 +353,15 @@ class RolloutMemory:
 
 
 def sampling_bytes(
-    shape: ModelShape, batch: int, seq_len: int, weight_bytes: int, cfg: bool, temperature: float
+    shape: ModelShape, batch: int, seq_len: int, weight_bytes: int, cfg: bool, temperature: float,
+    block: int | None = None,
 ) -> int:
     """The sampler's peak per denoising step: batch x T x V x (2 b + 32), b = the weights' bytes.
+
+    `block`: a block-diffusion engine's block size (rollout/engines/block.py): then only that
+    block's positions are scored per step, over an exact KV cache of the whole sequence, and the
+    peak per row is the cache, 2 x layers x kv x T x b, plus one block's logits and sampling
+    buffers, B x V x (2 b + 32) (`block_sampling_bytes`).
 
     Every step scores all T positions (rollout/sampler.py): the logits (b) and their
     mask-excluded copy (b), then Gumbel-max in float64 (LLaDA's reference form: the float64
@@ -363,27 +370,37 @@ def sampling_bytes(
     (2 b more). The blocks' own activations (no_grad, freed layer by layer) are small beside this.
     """
     per = 2 * weight_bytes + (32 if temperature > 0 else 8) + (2 * weight_bytes if cfg else 0)
+    if block is not None:
+        return batch * block_sampling_bytes(shape, seq_len, weight_bytes, block, per)
     return batch * seq_len * shape.vocab * per
+
+
+def block_sampling_bytes(shape: ModelShape, seq_len: int, weight_bytes: int, block: int, per_logit: int) -> int:
+    """One row of a block-diffusion sampler: its K/V cache over all seq_len positions (every layer,
+    K and V, kv width each, in the weights' dtype) plus one block's scores (`per_logit` bytes per
+    vocabulary entry, as `sampling_bytes` counts them). The prompt is prefilled in chunks without
+    logits, so the cache is what grows with the sequence."""
+    return 2 * shape.layers * shape.kv * seq_len * weight_bytes + block * shape.vocab * per_logit
 
 
 def rollout_memory(
     shape: ModelShape, *, batch: int, seq_len: int, weight_bytes: int, cfg: bool = False,
-    temperature: float = 0.6, bucket_bytes: int = 0,
+    temperature: float = 0.6, bucket_bytes: int = 0, block: int | None = None,
 ) -> RolloutMemory:
     """Per-GPU rollout worker memory: its weights (P x b) + the sampler's peak + a broadcast bucket."""
     return RolloutMemory(
         weights=shape.params() * weight_bytes,
-        sampling=sampling_bytes(shape, batch, seq_len, weight_bytes, cfg, temperature),
+        sampling=sampling_bytes(shape, batch, seq_len, weight_bytes, cfg, temperature, block),
         transfer=bucket_bytes,
     )
 
 
 def largest_batch(shape: ModelShape, budget: int, *, seq_len: int, weight_bytes: int, cfg: bool,
-                  temperature: float, bucket_bytes: int = 0) -> int:
+                  temperature: float, bucket_bytes: int = 0, block: int | None = None) -> int:
     """The largest rollout batch whose worker fits `budget` bytes (0 if not even one sequence)."""
     fixed = rollout_memory(shape, batch=0, seq_len=seq_len, weight_bytes=weight_bytes, cfg=cfg,
-                           temperature=temperature, bucket_bytes=bucket_bytes).total
-    per_seq = sampling_bytes(shape, 1, seq_len, weight_bytes, cfg, temperature)
+                           temperature=temperature, bucket_bytes=bucket_bytes, block=block).total
+    per_seq = sampling_bytes(shape, 1, seq_len, weight_bytes, cfg, temperature, block)
     return max(0, (budget - fixed) // per_seq)
 
 
@@ -498,7 +515,7 @@ def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256, 
     wbytes = BYTES[spec.model.dtype]
     bucket = int(spec.weights.bucket_mb * 2**20) if spec.weights.sync == "collective" else 0
     rollout_args = dict(seq_len=seq, weight_bytes=wbytes, cfg=r.cfg_scale > 0, temperature=r.temperature,
-                        bucket_bytes=bucket)
+                        bucket_bytes=bucket, block=r.block_length if r.engine in PER_BLOCK_STEPS else None)
     candidates: list[Plan] = []
     splits = [(1, 0)] if gpus == 1 else [(n, gpus - n) for n in range(1, gpus)]
     for checkpointing in (False, True):
