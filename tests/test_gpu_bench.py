@@ -53,3 +53,21 @@ def test_flops_and_peaks_by_hand():
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Some Future Card") is None
     assert len({name for name, _ in PEAK_BF16}) == len(PEAK_BF16)
+
+
+def test_block_dry_run_writes_the_full_report(tmp_path):
+    """bench/gpu_block.py (the block engine and the block learner step, for a lent GPU) runs the
+    same calls on a tiny SDAR model on the CPU and reports every row."""
+    out = tmp_path / "gpu_block.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_block.py"), "--dry-run", "--steps", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine batch" in proc.stdout and "learner n_t" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["dry_run"] is True and r["date"] and r["machine"]["device"] == "cpu"
+    assert [x["batch"] for x in r["engine"]] == [1, 2, 4]
+    for x in r["engine"]:
+        assert x["tokens_per_s"] > 0 and x["forwards"] > 0 and x["committed"] == x["batch"] * x["gen_len"]
+    assert [x["n_mc"] for x in r["learner"]] == [1, 4]
+    for x in r["learner"]:
+        assert x["finite"] and x["grad_norm"] > 0 and x["input_tokens_per_forward"] == 2 * (x["prompt_len"] + x["gen_len"])
