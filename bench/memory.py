@@ -14,7 +14,7 @@ The output file holds one entry per family under "families"; a run replaces only
 family's entry and keeps the others (an older single-family file becomes the "tiny" entry).
 
     python bench/memory.py                  # CPU, the built-in model, into bench/results/memory.json
-    python bench/memory.py --family sdar    # CPU, a same-sized SDAR model, its own entry in the same file
+    python bench/memory.py --family block   # CPU, a same-sized SDAR model, its own entry in the same file
     python bench/memory.py --device cuda --hidden 1024 --layers 8 --out bench/results/memory_cuda.json
 """
 
@@ -35,9 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlrl.batch import collate  # noqa: E402
+from dlrl.batch import collate, time_form_for  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models.bidirectional import BidirectionalConfig, BidirectionalModel  # noqa: E402
+from dlrl.models.families import model_family  # noqa: E402
 from dlrl.models.sdar import SDARConfig, SDARForCausalLM  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms  # noqa: E402
@@ -105,19 +106,19 @@ def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     sizes = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8)
-    if args.family == "sdar":
+    if args.family == "block":
         cfg = SDARConfig(**sizes, num_key_value_heads=args.heads, head_dim=args.hidden // args.heads, block_size=4,
                          mask_token_id=MASK_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None)
         model = SDARForCausalLM(cfg).to(device)
     else:
         model = BidirectionalModel(BidirectionalConfig(**sizes)).to(device)
-    time_form = "bernoulli" if args.family == "sdar" else "discrete"  # each family's "auto" (time_form_for)
     n_mc = args.n_mc
     algorithm = args.algorithm
     spec = TrainSpec(
         algorithm=algorithm, n_mc=n_mc, mc_chunk=1, micro_batch=args.batch,
         clip_eps=0.2, dual_clip=3.0,
     )
+    time_form = time_form_for(spec, model_family(model))  # the form each family was trained with
     groups = make_groups(max(args.batch // 4, 1), min(args.batch, 4), args.prompt_len, args.gen_len, args.vocab)
     batch = collate(groups, pad_id=PAD_ID, eos_ids=(EOS_ID,), n_mc=n_mc, time_form=time_form).to(device)
     old = old_policy_terms(model, batch, spec, MASK_ID)
@@ -144,8 +145,9 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--family", choices=("tiny", "sdar"), default="tiny",
-                   help="tiny: the built-in full-attention model; sdar: block diffusion on the BD3-LM layout")
+    p.add_argument("--family", choices=("tiny", "block"), default="tiny",
+                   help="tiny: the built-in full-attention model; block: a same-sized SDAR, block diffusion on "
+                        "the BD3-LM layout")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -182,7 +184,7 @@ def main() -> None:
     result = {
         "benchmark": "learner peak memory vs n_t (BGPO c=1 vs naive ELBO ratio)",
         "family": args.family,
-        "layout": "[noisy ; clean] 2T tokens, bd3_mask" if args.family == "sdar" else "T tokens, full attention",
+        "layout": "[noisy ; clean] 2T tokens, bd3_mask" if args.family == "block" else "T tokens, full attention",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "machine": {"device": args.device, "name": device_name, "cpus": __import__("os").cpu_count(),
