@@ -15,6 +15,8 @@ Run: .venv/bin/pytest tests/test_llada2.py -q
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from pathlib import Path
 
@@ -311,7 +313,8 @@ def test_published_config_gives_the_published_size_and_layout():
     assert active == 1_432_968_192 and round(active / 1e9, 1) == 1.4
     shape = family_of(published_config()).shape(published_config())
     assert (shape.params(), shape.active_params()) == (total, active)
-    assert fp.shape_from_config(fp.model_config("inclusionAI/LLaDA2.0-mini")) == shape
+    # the plan's shape is the family's, scored on the BD3-LM layout (set from the family's attention)
+    assert fp.shape_from_config(fp.model_config("inclusionAI/LLaDA2.0-mini")) == replace(shape, bd3=True)
 
 
 def test_family_record_holds_the_published_conventions():
@@ -431,7 +434,6 @@ def test_plan_sizes_llada2_weights_by_total_and_activations_by_active():
     """LLaDA2.0-mini: every expert is stored, trained and gathered (16.26 B), but a token runs 8 of
     256: four times the experts nearly quadruple the weights but change the activations by the router's 8 bytes
     per expert only."""
-    from dataclasses import replace
 
     shape = fp.shape_from_config(fp.model_config("inclusionAI/LLaDA2.0-mini"))
     wide = replace(shape, experts=4 * shape.experts)
@@ -439,7 +441,8 @@ def test_plan_sizes_llada2_weights_by_total_and_activations_by_active():
     mem, wide_mem = fp.learner_memory(shape, **kw), fp.learner_memory(wide, **kw)
     assert mem.weights == 4 * shape.params() and mem.optimizer == 8 * shape.params()
     assert 3.8 < wide_mem.weights / mem.weights < 4.0  # the experts are 93% of the weights
-    assert wide_mem.activations - mem.activations == 2 * 768 * 19 * 8 * 3 * shape.experts
+    assert shape.bd3  # a block-causal family: the learner's forward carries [x_t ; x_0], 2 x 768 tokens a row
+    assert wide_mem.activations - mem.activations == 2 * (2 * 768) * 19 * 8 * 3 * shape.experts
     assert fp.rollout_memory(shape, batch=1, seq_len=768, weight_bytes=2).weights == 2 * shape.params()
     four = fp.learner_memory(shape, **(kw | {"gpus": 4}))
     assert four.gathered == 2 * (2 * shape.moe_block_params() + shape.root_params())  # a MoE block is the largest
