@@ -60,6 +60,25 @@ class KVCache:
         cached_v[:, :, start:start + q] = v
         return cached_k, cached_v
 
+    def reserve(self, length: int) -> None:
+        """Extend every layer to `length` positions (zeros past the cached ones), so that later
+        writes anywhere in [0, length) are in place and `prefix` can hand out views of it."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and k.shape[2] < length:
+                pad = (*k.shape[:2], length - k.shape[2], k.shape[3])
+                self.keys[i] = torch.cat([k, k.new_zeros(pad)], dim=2)
+                self.values[i] = torch.cat([v, v.new_zeros((*pad[:3], v.shape[3]))], dim=2)
+
+    def prefix(self, length: int) -> KVCache:
+        """A cache of positions [0, length) that shares this one's storage (views, no copy): a
+        forward through it writes its positions in place here and attends to those `length`
+        positions only. A block-diffusion step uses it to see exactly the committed blocks and
+        its own block (rollout/engines/block.py)."""
+        view = KVCache()
+        view.keys = [None if k is None else k[:, :, :length] for k in self.keys]
+        view.values = [None if v is None else v[:, :, :length] for v in self.values]
+        return view
+
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only batch rows `rows` (1-D index or bool mask): finished rows leave the compute."""
         for i, (k, v) in enumerate(zip(self.keys, self.values)):

@@ -7,8 +7,11 @@ The rollout worker, the built-in evaluation and `dlrl eval` all come through her
 evaluations decode with the engine its spec (or its protocol) names.
 
 Engines: 'reference' (reference.py: LLaDA's sampler, rollout/sampler.py, one full forward per
-step; the default, and what every other engine is tested against) and 'cached' (cached.py:
-Fast-dLLM-style block KV cache, parallel commits by threshold or factor, end-of-text early stop).
+step; the default, and what the cached engine is tested against), 'cached' (cached.py:
+Fast-dLLM-style block KV cache, parallel commits by threshold or factor, end-of-text early stop)
+and 'block' (block.py: block-diffusion models, SDAR / TraDo and LLaDA2.x, decoded as their
+published samplers do, on the global block grid with an exact KV cache; tested against
+restatements of those samplers).
 
 What a new engine must provide (a class with the methods of `Engine`, one module here, one line
 in `ENGINES`; rollout/README.md says the same):
@@ -48,6 +51,7 @@ from torch import Tensor
 
 from dlrl.decoding import Decoding
 from dlrl.models import SpecialIds
+from rollout.engines.block import BlockEngine
 from rollout.engines.cached import CachedEngine
 from rollout.engines.reference import ReferenceEngine
 from rollout.rollout_stats import RolloutStats
@@ -81,6 +85,7 @@ class Engine(Protocol):
 ENGINES: dict[str, type[Engine]] = {
     "reference": ReferenceEngine,
     "cached": CachedEngine,
+    "block": BlockEngine,
 }
 """`decoding.engine` -> engine class: the one registry."""
 

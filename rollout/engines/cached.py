@@ -44,6 +44,7 @@ from dlrl.models import SpecialIds
 from dlrl.models.forward import cached_diffusion_logits
 from dlrl.models.kv_cache import KVCache
 from rollout.commit_policy import commit_factor, commit_scheduled, commit_threshold
+from rollout.engines.block import refuse_block_options
 from rollout.rollout_stats import RolloutStats, eos_positions
 from rollout.sampler import Sample, num_transfer_tokens, predict_x0
 
@@ -202,7 +203,7 @@ class CachedEngine:
 
     Options: `cache` ("prefix" or "dual"), at most one of `threshold` and `factor` (parallel
     commits; neither = the fixed `steps` schedule). No classifier-free guidance: the cached
-    forward has no unconditional pass."""
+    forward has no unconditional pass. Not the block engine's `top_k`, `top_p`, `block_remasking`."""
 
     def __init__(self, model: torch.nn.Module, ids: SpecialIds) -> None:
         self.model, self.ids = model, ids
@@ -214,6 +215,7 @@ class CachedEngine:
         if decoding.cfg_scale > 0:
             raise ValueError("engine = 'cached' does not do classifier-free guidance (cfg_scale > 0): "
                              "use engine = 'reference'")
+        refuse_block_options(decoding)
 
     def generate(self, prompt: Tensor, attention_mask: Tensor | None, decoding: Decoding,
                  generator: torch.Generator | None = None) -> tuple[Sample, RolloutStats]:

@@ -3,7 +3,8 @@
 `engine = "reference"` (the default) runs `rollout.sampler.generate_with_steps` exactly as
 before the engine seam existed: the same call, the same random stream, the same tokens. It takes
 classifier-free guidance (`cfg_scale`); the cached engine's options (`threshold`, `factor`) it
-refuses, and `cache` it has no use for. It records no confidence (it stays uninstrumented, and
+refuses, and `cache` it has no use for; the block engine's (`top_k`, `top_p`, `block_remasking`)
+too. It records no confidence (it stays uninstrumented, and
 so bit-identical): its stats are the schedule's.
 """
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from dlrl.decoding import Decoding
 from dlrl.models import SpecialIds
+from rollout.engines.block import refuse_block_options
 from rollout.rollout_stats import RolloutStats, reference_stats
 from rollout.sampler import Sample, generate_with_steps
 
@@ -31,6 +33,7 @@ class ReferenceEngine:
         if decoding.threshold is not None or decoding.factor is not None:
             raise ValueError(f"threshold / factor (parallel decoding) need engine = 'cached', "
                              f"not {decoding.engine!r}")
+        refuse_block_options(decoding)
 
     def generate(self, prompt: Tensor, attention_mask: Tensor | None, decoding: Decoding,
                  generator: torch.Generator | None = None) -> tuple[Sample, RolloutStats]:
