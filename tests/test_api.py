@@ -493,6 +493,29 @@ def test_metric_history_filters_and_keeps_json_finite(store: JobStore):
     assert got.step == 3 and got.policy_version == 3 and got.latest_eval["eval_reward"] == 0.25
 
 
+def test_a_resumed_jobs_history_keeps_what_its_metrics_file_keeps(store: JobStore, tmp_path):
+    """Resuming from the checkpoint of step 2 keeps the same records in Redis (JobStore.rewind_metrics)
+    as the resumed run keeps in metrics.jsonl (services.driver.driver.truncate_metrics): train steps
+    1..2 (a train record's step is the steps done) and the evaluation of step 0; the evaluation of
+    version 2 and everything after it are done again."""
+    from services.driver.driver import truncate_metrics
+    from services.driver.progress import read_metrics
+
+    spec = JobSpec(name="r")
+    job = store.create(spec, spec, "/tmp/r")[0]
+    records = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2},
+               {"kind": "eval", "step": 2}, {"kind": "train", "step": 3}, {"kind": "train", "step": 4},
+               {"kind": "eval", "step": 4}]
+    for r in records:
+        store.append_metric(job.id, dict(r))
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    store.rewind_metrics(job.id, 2)
+    truncate_metrics(path, 2)
+    kept = [(r["kind"], r["step"]) for r in store.metrics(job.id)]
+    assert kept == [(r["kind"], r["step"]) for r in read_metrics(path)] == [("eval", 0), ("train", 1), ("train", 2)]
+
+
 def test_metric_mirror_rides_out_a_redis_restart(tmp_path):
     server = RedisProcess().start()
     try:

@@ -235,7 +235,7 @@ class JobStore:
         """Move a STOPPED or FAILED job back to PENDING to resume it from the checkpoint of `step`
         (with `spec`, the effective spec admitted again): one script (`_REOPEN`), so only one of two
         concurrent resumes wins and the active-job limit holds. Its metric history is cut back to
-        the steps before `step`, as the resumed run cuts metrics.jsonl (they are done again).
+        what the checkpoint holds, as the resumed run cuts metrics.jsonl (the rest is done again).
         JobNotResumable or ActiveLimitReached otherwise."""
         now = time.time()
         new = job.model_copy(update=dict(state="PENDING", message=None, submission_id=None, stop_requested=False,
@@ -256,7 +256,10 @@ class JobStore:
         return self.get(job.id) or new
 
     def rewind_metrics(self, job_id: str, step: int) -> None:
-        """Keep only the metric records of steps before `step` (their order kept)."""
+        """Keep the metric records of what the checkpoint of `step` holds, as the resumed run keeps
+        its metrics.jsonl (services.driver.driver.truncate_metrics; the API does not import the
+        driver): the train records of steps 1 .. `step` (a train record's step is the number of
+        steps done) and the evaluations before `step`; their order kept."""
         key = self._metrics(job_id)
         kept = []
         for line in self.r.lrange(key, 0, -1):
@@ -264,7 +267,8 @@ class JobStore:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < step:
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and (
+                    rec["step"] < step or (rec.get("kind") == "train" and rec["step"] == step)):
                 kept.append(line)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(key)
