@@ -50,6 +50,7 @@ from build_tiny_sudoku import GEN_LENGTH, demonstration, encode_sft, row_fill  #
 
 from dlrl.decoding import Decoding  # noqa: E402
 from dlrl.models import build_tiny_sdar, save_checkpoint, special_ids  # noqa: E402
+from dlrl.models.families import model_family  # noqa: E402
 from dlrl.tasks import get_task  # noqa: E402
 from dlrl.tasks.sudoku import rows  # noqa: E402
 from learner.sft import sft_loss  # noqa: E402
@@ -123,7 +124,7 @@ def main() -> None:
         optimizer.step()
     record = {
         "recipe": {k: v for k, v in vars(args).items() if k != "out"},
-        "family": "sdar",
+        "family": model_family(model).name,
         "parameters": sum(p.numel() for p in model.parameters()),
         "loss": "SDAR block-diffusion SFT (BD3-LM [noisy; clean], Bernoulli(p) masks, CE/p); learner.sft",
         "teacher": {"held_out_reward": teacher_reward, "row_fill_held_out_reward": row_fill_reward},

@@ -159,7 +159,7 @@ def test_root_cause_peels_ray_and_the_drivers_wrappers():
 @pytest.mark.parametrize("overrides,expected", [
     (["model.path=/nonexistent/model"], "model.path: no model checkpoint at '/nonexistent/model': no such folder"),
     (["model.path=builtin:tiny-sudok"], "model.path: no built-in model 'builtin:tiny-sudok'; did you mean "
-                                        "'builtin:tiny-sudoku'?"),
+                                        "'builtin:tiny-sudoku' or 'builtin:tiny-sudoku-block'?"),
     (["task.name=sudok"], "task.name: unknown task 'sudok'; did you mean 'sudoku'?"),
     (["task.name=math", 'task.options={"path": "/nonexistent/problems.jsonl"}'],
      "task.options.path: no data file '/nonexistent/problems.jsonl'"),
