@@ -56,7 +56,7 @@ def test_group_run_trains_every_group_once_and_shards_its_resume_state(group_run
     assert "__0_0.distcp" in shards and "__1_0.distcp" in shards and ".metadata" in shards
     assert "optimizer" not in torch.load(ckpt / "trainer_state.pt", weights_only=True)  # it is in the shards
     records = [json.loads(x) for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(group_run.train.steps))
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, group_run.train.steps + 1))
 
 
 def test_killed_group_run_resumes_bit_identical(ray_cluster, redis_server, tmp_path, group_run):
@@ -92,7 +92,7 @@ def test_killed_learner_rank_is_rebuilt_with_its_group(ray_cluster, redis_server
     ids = trained_groups(spec)
     assert sorted(ids) == expected_group_ids(spec) and len(ids) == len(set(ids))
     records = [json.loads(x) for x in (tmp_path / "grp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(spec.train.steps))
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, spec.train.steps + 1))
     _same_weights(spec, group_run)
 
 
@@ -114,7 +114,7 @@ def test_lead_killed_inside_a_group_checkpoint_write_is_rebuilt_with_its_group(r
     monkeypatch.setenv("DLRL_REDIS_URL", redis_server.url)
     spec = group_spec(tmp_path, ray_cluster)
     report = run_with_faults(spec, ray_cluster, redis_server, [Fault(2, "save")], timeout_s=DEADLINE_S * 2)
-    assert report["steps_logged"] == list(range(spec.train.steps))
+    assert report["steps_logged"] == list(range(1, spec.train.steps + 1))
     assert report["trained_groups"] == report["distinct_trained_groups"] == report["expected_groups"]
     assert [f["target"] for f in report["faults"]] == ["save"] and report["temporary_folders_left"] == []
     assert report["drops_in_metrics"] == report["drops_in_checkpoint"]

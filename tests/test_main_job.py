@@ -65,7 +65,7 @@ def test_dlrl_train_runs_the_tiny_block_job(tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in train] == [0, 1]
+    assert [r["step"] for r in train] == [1, 2]  # a train record's step is the steps done
     assert [r["step"] for r in evals] == [0, 2]
     for r in records:
         numbers = [v for v in r.values() if isinstance(v, (int, float))]
