@@ -303,7 +303,10 @@ class Run:
             if step % spec.eval.every == 0:
                 plot_rewards(self.run_dir, f"{spec.name}: {spec.train.algorithm} on {spec.task.name}")
         self._log_evals(evals, upto=total)
-        self.log.eval(total, get(self.evaluator.start(total, handle), "the final evaluation"))
+        evals[total] = self.evaluator.start(total, handle)
+        final = get(evals[total], "the final evaluation")
+        del evals[total]
+        self.log.eval(total, final)
         self.learners.run("save", str(self.checkpoint), self.evaluator.kept(total), what="the final checkpoint")
         self.evaluator.update_best()
 
@@ -317,7 +320,8 @@ class Run:
 
     def _log_evals(self, evals: dict[int, ray.ObjectRef], upto: int) -> None:
         for s in sorted(k for k in evals if k <= upto):
-            result = get(evals.pop(s), f"the evaluation at step {s}")
+            result = get(evals[s], f"the evaluation at step {s}")
+            del evals[s]  # only once it has returned: a stop meanwhile cancels it (Run.stop)
             self.log.eval(s, result)
             self.telemetry.record(result)
             self.evaluator.update_best()
