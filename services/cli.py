@@ -436,6 +436,10 @@ def _train(spec: JobSpec, args: argparse.Namespace) -> int:
         where = write_traceback(exc, Path(spec.runtime.out_dir) / spec.name)
         cause = one_line(exc)
         _record_failure(store, args.job_id, cause)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # no actor output streamed after the root cause: it stays the last line
         print(f"dlrl: the run failed{f' (full traceback: {where})' if where else ''}:", file=sys.stderr)
         print(f"dlrl: {cause}", file=sys.stderr, flush=True)
         return 1
