@@ -16,10 +16,17 @@ copies of it in one node's RAM (32 GB of float32 per rank for LLaDA-8B). Instead
    (`safe_open(...).get_slice`, a row range of a row-major tensor is one contiguous byte range of
    the file), strictly by name as `load_model` does.
 
-So each rank reads and holds 1/N of the checkpoint and the node about one checkpoint in all,
-whatever N; no collective is needed. (PyTorch's other route, `set_model_state_dict(...,
+So each rank reads and holds 1/N of the checkpoint and the node about one copy of the weights in
+all, whatever N; no collective is needed. (PyTorch's other route, `set_model_state_dict(...,
 broadcast_from_rank0=True)`, has rank 0 read everything and scatter it: one whole copy on rank 0
-plus every rank's shards, and the checkpoint's bytes on the wire.) bench/load_rss.py measures it.
+plus every rank's shards, and the checkpoint's bytes on the wire.)
+
+Where the whole load cost N copies: transformers maps the safetensors and, when the checkpoint's
+dtype is the model's, its parameters are views of the mapped file (page cache, shared by a node's
+ranks), so on the CPU only the rows FSDP2 copies into each shard are ever read. But a load that
+converts -- the published LLaDA-8B is bfloat16 and the learner's masters float32 -- or moves the
+model to a GPU makes each rank a private copy of the whole model first. bench/load_rss.py measures
+both cases (bench/results/load_rss.json).
 """
 
 from __future__ import annotations
