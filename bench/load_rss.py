@@ -204,7 +204,7 @@ def main() -> None:
         "commit": commit,
         "machine": {"device": "cpu", "name": platform.processor() or platform.machine(), "cpus": mp.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version()},
-        "model": {"family": "llada", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+        "model": {"family": LLaDAConfig.model_type, "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                   "masters": "float32"},
         "ranks": args.ranks,
         "cases": cases,
