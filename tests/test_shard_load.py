@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from dlrl.config import LoraSpec
-from dlrl.models import build_char_tokenizer, diffusion_logits, load_empty_model, load_model
+from dlrl.models import build_char_tokenizer, diffusion_logits, load_empty_model, load_model, save_checkpoint
 from learner import sharding
 from learner.sharding import Rank
 from tests.test_families import CASES, build
@@ -131,6 +131,28 @@ def test_empty_model_holds_no_parameter_storage_and_real_buffers(tmp_path):
     buffers = [b for n, b in model.named_buffers() if n.endswith("expert_bias")]
     assert buffers and all(not b.is_meta and not b.any() for b in buffers)
     assert tokenizer.padding_side == "left" and set(deferred.slots) == set(load_model(path)[0].state_dict())
+
+
+def test_an_adapter_checkpoint_loads_over_its_empty_base(tmp_path):
+    """model.path may be an adapter-only checkpoint (a LoRA run's): its trained adapters load over
+    the empty base as `load_model` loads them, and the base's tensors are read later as any."""
+    base = _checkpoint(tmp_path, "sdar", 0)
+    model, tokenizer = load_model(base, lora=LoraSpec(r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))  # "trained": not the init
+    save_checkpoint(model, tokenizer, tmp_path / "adapter")
+    whole, _ = load_model(tmp_path / "adapter")
+    empty, _, deferred = load_empty_model(tmp_path / "adapter")
+    assert any(p.is_meta for p in empty.parameters())
+    deferred.load(empty, torch.device("cpu"))
+    expected = whole.state_dict()
+    assert empty.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in empty.state_dict().items())
+    trainable = {n for n, p in empty.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in whole.named_parameters() if p.requires_grad} and trainable
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in expected.items() if "lora_" in k)
 
 
 def test_a_renamed_or_missing_tensor_is_the_whole_loads_error(tmp_path):
