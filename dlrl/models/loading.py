@@ -246,7 +246,7 @@ def load_empty_model(
     (dlrl.models.shard_load). Everything else `load_model` does is the same: the tokenizer, eval
     mode, `lora`, an adapter-only checkpoint over its base. A family without native code (remote
     code, or a plain transformers class) runs its own `__init__` and loading, which this cannot
-    see into: it is loaded whole, as by `load_model`, and `deferred` is None.
+    see into: it is loaded whole onto `device`, as by `load_model`, and `deferred` is None.
     """
     name = resolve_model_path(str(name_or_path))
     if _looks_local(name):
@@ -307,6 +307,6 @@ def _empty_native(name: str, directory: str, family: Family,
             model = family.model_class(config)
     finally:
         torch.set_default_dtype(default)
-    model.config.dtype = dtype
+    model.config.dtype = dtype  # as from_pretrained records it (a checkpoint saved later says so)
     model.eval()
     return model, DeferredWeights.of(model, directory, family.optional_tensors)
