@@ -20,10 +20,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dlrl.config import LoraSpec
 from dlrl.models import build_char_tokenizer, diffusion_logits, load_empty_model, load_model, save_checkpoint
+from dlrl.models.shard_load import DeferredWeights, parameters_on_meta
 from learner import sharding
 from learner.sharding import Rank
 from tests.test_families import CASES, build
@@ -131,6 +133,29 @@ def test_empty_model_holds_no_parameter_storage_and_real_buffers(tmp_path):
     buffers = [b for n, b in model.named_buffers() if n.endswith("expert_bias")]
     assert buffers and all(not b.is_meta and not b.any() for b in buffers)
     assert tokenizer.padding_side == "left" and set(deferred.slots) == set(load_model(path)[0].state_dict())
+
+
+class Rotary(nn.Module):
+    """A layer with a buffer no checkpoint holds (none of the native families has one: they compute
+    RoPE per forward), as remote-code and Llama-style models keep `inv_freq`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8), persistent=False)
+
+
+def test_a_buffer_the_checkpoint_lacks_keeps_its_init_value(tmp_path):
+    whole = Rotary()
+    save_file(whole.state_dict(), tmp_path / "model.safetensors")
+    with parameters_on_meta():
+        empty = Rotary()
+    assert empty.proj.weight.is_meta and not empty.inv_freq.is_meta
+    deferred = DeferredWeights.of(empty, tmp_path)
+    assert set(deferred.slots) == {"proj.weight", "proj.bias"}
+    deferred.load(empty, torch.device("cpu"))
+    assert torch.equal(empty.inv_freq, whole.inv_freq)
+    assert torch.equal(empty.proj.weight, whole.proj.weight) and torch.equal(empty.proj.bias, whole.proj.bias)
 
 
 def test_an_adapter_checkpoint_loads_over_its_empty_base(tmp_path):
