@@ -7,6 +7,10 @@ all-gathers one transformer block's full weights just before that block runs (fr
 so at most a block or two of full weights exist at a time (dlrl.models.blocks says which modules
 are blocks).
 
+No rank loads the whole model: each builds it empty (parameters on the meta device), shards it,
+and reads only its own rows of every tensor from the checkpoint (dlrl.models.shard_load), so a
+node holds about one copy of the weights whatever N (bench/load_rss.py).
+
 Mixed precision here is FSDP's `MixedPrecisionPolicy`: the sharded masters stay float32 and are
 cast to bf16 once per all-gather (half the bytes on the wire), gradients are reduce-scattered in
 float32 (`reduce_dtype`) into the float32 shards. Autocast (dlrl.precision) still runs around

@@ -36,8 +36,9 @@ import torch
 
 from dlrl.batch import collate_for
 from dlrl.config import JobSpec
-from dlrl.models import load_model, load_trainable, save_checkpoint, special_ids
+from dlrl.models import load_empty_model, load_model, load_trainable, save_checkpoint, special_ids
 from dlrl.models.families import model_family
+from dlrl.models.shard_load import DeferredWeights
 from dlrl.queue import Delivery, TrajectoryQueue, open_queue
 from dlrl.queue.group_ids import batch_of
 from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
@@ -114,9 +115,11 @@ def read_state(checkpoint: str | Path) -> dict | None:
 class Learner:
     """One learner process; with `world` > 1, one rank of a learner group (learner.sharding).
 
-    A single learner is ready when constructed. A group's ranks are constructed first (each loads
-    the model), then `join_group` is called on all of them at once with the lead's
-    `group_address()`: that forms the process group, shards the model and restores the checkpoint.
+    A single learner is ready when constructed. A group's ranks are constructed first (each builds
+    the model empty, dlrl.models.shard_load), then `join_group` is called on all of them at once
+    with the lead's `group_address()`: that forms the process group, shards the model, reads each
+    rank's shards of the weights and restores the checkpoint. A single learner loads the model
+    whole, as before: its one copy is the one it trains.
     """
 
     def __init__(self, spec: JobSpec, run_id: str | None = None, resume_from: str | None = None,
@@ -127,10 +130,13 @@ class Learner:
         self.run_id = run_id or spec.name
         self.rank = Rank(rank, world)
         self.device = pick_device(spec.runtime.device)
-        self.model, self.tokenizer = load_model(
-            spec.model.path, dtype=spec.model.dtype, device=self.device,
-            trust_remote_code=spec.model.trust_remote_code, lora=spec.model.lora,
-        )
+        load = dict(dtype=spec.model.dtype, device=self.device, trust_remote_code=spec.model.trust_remote_code,
+                    lora=spec.model.lora)
+        self._deferred: DeferredWeights | None = None
+        if self.rank.sharded:  # empty until join_group has sharded it: no rank holds the whole checkpoint
+            self.model, self.tokenizer, self._deferred = load_empty_model(spec.model.path, **load)
+        else:
+            self.model, self.tokenizer = load_model(spec.model.path, **load)
         self.spec = spec = prepare_memory(self.model, spec, self.device)  # checkpointing; mc_chunk "auto" -> a number
         self.ids = special_ids(self.model, self.tokenizer)
         self.version = 0
@@ -159,6 +165,9 @@ class Learner:
         if chunk != self.spec.train.mc_chunk:
             self.spec = self.spec.model_copy(update={"train": self.spec.train.model_copy(update={"mc_chunk": chunk})})
         sharding.shard(self.model, self.spec.train.compute_dtype, self.device)
+        if self._deferred is not None:
+            self._deferred.load(self.model, self.device)  # this rank's shards only
+            self._deferred = None
         self._setup()
         return self.version
 

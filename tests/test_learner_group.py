@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from dlrl.batch import collate
 from dlrl.config import LoraSpec, TrainSpec
-from dlrl.models import build_tiny
+from dlrl.models import build_tiny, load_empty_model, load_model, save_checkpoint
 from dlrl.models.lora import apply_lora
 from dlrl.trajectory import TrajectoryGroup
 from learner import sharding
@@ -57,13 +57,29 @@ def _model(dtype: torch.dtype, lora: bool):
     return model, tok
 
 
+def _loaded(rank: Rank, spec: TrainSpec, checkpoint: str, dtype: str, lora: bool):
+    """The model as the Learner gets it: a single process loads it whole, a group's ranks build it
+    empty, shard it and read their own shards (dlrl.models.shard_load)."""
+    torch.manual_seed(0)
+    adapters = LoraSpec(r=4, alpha=8.0) if lora else None
+    if not rank.sharded:
+        return load_model(checkpoint, dtype=getattr(torch, dtype), lora=adapters)
+    model, tok, deferred = load_empty_model(checkpoint, dtype=getattr(torch, dtype), lora=adapters)
+    sharding.shard(model, spec.compute_dtype, torch.device("cpu"))
+    deferred.load(model, torch.device("cpu"))
+    return model, tok
+
+
 def _train(rank: Rank, spec: TrainSpec, shape: tuple[int, int], steps: int = STEPS, dtype: str = "float64",
-           lora: bool = False, length: int = 8) -> list[dict[str, torch.Tensor]]:
-    """`steps` steps from the same initial weights; the full weights at the start, after step 1
-    and after the last step."""
-    model, tok = _model(getattr(torch, dtype), lora)
-    if rank.sharded:
-        sharding.shard(model, spec.compute_dtype, torch.device("cpu"))
+           lora: bool = False, length: int = 8, checkpoint: str | None = None) -> list[dict[str, torch.Tensor]]:
+    """`steps` steps from the same initial weights (built here, or loaded from `checkpoint`); the
+    full weights at the start, after step 1 and after the last step."""
+    if checkpoint is not None:
+        model, tok = _loaded(rank, spec, checkpoint, dtype, lora)
+    else:
+        model, tok = _model(getattr(torch, dtype), lora)
+        if rank.sharded:
+            sharding.shard(model, spec.compute_dtype, torch.device("cpu"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
     snapshots = [{k: sharding.full(v).detach().clone() for k, v in model.state_dict().items()}]
     for step in range(steps):
@@ -135,6 +151,23 @@ def test_lora_trains_the_same_adapters_under_the_group():
     assert any(not torch.equal(two[k], start[k]) for k in adapters)
     worst = max(float((single[-1][k] - two[k]).abs().max()) for k in start)
     assert worst < 1e-12, worst
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_that_read_only_their_shards_train_what_one_process_trains(tmp_path, lora):
+    """The group's ranks load a saved checkpoint empty and read their own rows of it; one process
+    loads it whole (the single learner's path). Same start (LoRA adapters drawn alike), same steps."""
+    model, tok = _model(torch.float64, lora=False)
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    spec = TrainSpec(algorithm="bgpo", n_mc=2, mc_chunk=1, micro_batch=3, lr=1e-3, compute_dtype="float64")
+    torch.set_num_threads(1)
+    options = dict(steps=2, lora=lora, checkpoint=str(tmp_path / "ckpt"))
+    single, sharded = _train(Rank(), spec, (2, 3), **options), _two_ranks(spec, (2, 3), **options)
+    assert single[0].keys() == sharded[0].keys()
+    assert all(torch.equal(single[0][k], sharded[0][k]) for k in single[0])  # the loads agree exactly
+    moved = max(float((single[-1][k] - single[0][k]).abs().max()) for k in single[0])
+    worst = max(float((single[-1][k] - sharded[-1][k]).abs().max()) for k in single[0])
+    assert moved > 1e-4 and worst < 1e-12, (moved, worst)
 
 
 def test_bf16_compute_with_fp32_masters_learns_at_the_paper_lr_under_the_group():

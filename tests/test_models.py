@@ -30,6 +30,7 @@ from dlrl.models import (
     build_char_tokenizer,
     build_tiny,
     diffusion_logits,
+    load_empty_model,
     load_model,
     save_checkpoint,
     special_ids,
@@ -306,6 +307,14 @@ def test_remote_code_model_loads_offline_and_runs(remote, monkeypatch):
     garbage[mask == 0] = tokenizer.convert_tokens_to_ids("Q")
     real = mask.bool()
     torch.testing.assert_close(diffusion_logits(model, garbage, mask)[real], logits[real], rtol=0, atol=1e-6)
+
+
+def test_remote_code_model_is_loaded_whole_for_a_learner_group(remote):
+    """Its own `__init__` and loading are opaque to the sharded load (dlrl.models.shard_load): a
+    group rank gets it whole, as before, and no deferred weights."""
+    model, _, deferred = load_empty_model(remote[0], trust_remote_code=True)
+    assert deferred is None and not any(p.is_meta for p in model.parameters())
+    assert all(torch.equal(v, remote[1].state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_remote_code_is_opt_in(remote, monkeypatch):

@@ -15,7 +15,7 @@ from dlrl.models.families import FAMILIES, Family, family_of
 from dlrl.models.forward import diffusion_logits
 from dlrl.models.llada import LLaDAConfig, LLaDAModelLM
 from dlrl.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from dlrl.models.loading import CheckpointNotFoundError, load_model
+from dlrl.models.loading import CheckpointNotFoundError, load_empty_model, load_model
 from dlrl.models.sdar import SDARConfig, SDARForCausalLM
 from dlrl.models.lora import LoraSpec, default_target_modules
 from dlrl.models.special_ids import SpecialIds, special_ids
@@ -51,6 +51,7 @@ __all__ = [
     "default_target_modules",
     "diffusion_logits",
     "family_of",
+    "load_empty_model",
     "load_model",
     "load_trainable",
     "save_checkpoint",

@@ -36,6 +36,7 @@ from transformers import (
 from dlrl.models.families import Family, registered
 from dlrl.models.lora import LoraSpec, apply_lora
 from dlrl.models.published import check_checkpoint
+from dlrl.models.shard_load import DeferredWeights, parameters_on_meta, standing_in
 
 # Preferred Auto classes, best first. A masked-diffusion model is a masked LM; LLaDA's remote code
 # maps AutoModel and AutoModelForCausalLM to the same LM class and Dream maps only AutoModel (its
@@ -200,18 +201,112 @@ def _load_native(name: str, family: Family, dtype: torch.dtype | str) -> PreTrai
     return model
 
 
-def _load_adapter(
-    path: Path, *, dtype: torch.dtype | str, device: str | torch.device, trust_remote_code: bool,
-    lora: LoraSpec | None,
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+def _adapter_base(path: Path, lora: LoraSpec | None) -> str:
+    """The base model an adapter-only checkpoint names."""
     if lora is not None:
         raise ValueError(f"{path} already holds a LoRA adapter; load it without `lora=`")
     base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{path / ADAPTER_CONFIG} names no base_model_name_or_path")
-    model, tokenizer = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return base
+
+
+def _with_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+                  trust_remote_code: bool) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The adapter at `path` on `model`, trainable, and the tokenizer saved beside it if any."""
     model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _load_adapter(
+    path: Path, *, dtype: torch.dtype | str, device: str | torch.device, trust_remote_code: bool,
+    lora: LoraSpec | None,
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    base = _adapter_base(path, lora)
+    model, tokenizer = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return _with_adapter(model, tokenizer, path, trust_remote_code)
+
+
+def load_empty_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    lora: LoraSpec | None = None,
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, DeferredWeights | None]:
+    """`load_model` for a rank of a sharded learner group: (model, tokenizer, deferred weights).
+
+    The model of a native family comes back empty: its parameters on the meta device (buffers and
+    LoRA adapters real, on the CPU), checked against the checkpoint's tensor names as `load_model`
+    checks them. Shard it, then `deferred.load(model, device)` reads only this rank's shards
+    (dlrl.models.shard_load). Everything else `load_model` does is the same: the tokenizer, eval
+    mode, `lora`, an adapter-only checkpoint over its base. A family without native code (remote
+    code, or a plain transformers class) runs its own `__init__` and loading, which this cannot
+    see into: it is loaded whole onto `device`, as by `load_model`, and `deferred` is None.
+    """
+    name = resolve_model_path(str(name_or_path))
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise _not_found(name)
+        name = str(path.resolve())
+        if (path / ADAPTER_CONFIG).is_file():
+            base = _adapter_base(path.resolve(), lora)
+            model, tokenizer, deferred = load_empty_model(base, dtype=dtype, device=device,
+                                                          trust_remote_code=trust_remote_code)
+            with standing_in(model):
+                model, tokenizer = _with_adapter(model, tokenizer, path.resolve(), trust_remote_code)
+            return model, tokenizer, deferred
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name)  # JSON only: runs no code
+    except (OSError, HFValidationError) as exc:
+        raise _not_found(name, exc) from exc
+    family = native_family(config_dict)
+    if family is None:
+        model, tokenizer = load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                      lora=lora)
+        return model, tokenizer, None
+    directory = name if Path(name).is_dir() else _download(name)
+    model, deferred = _empty_native(name, directory, family, resolve_dtype(dtype))
+    tokenizer = _load_tokenizer(name, trust_remote_code, native=True)
+    tokenizer.padding_side = "left"
+    if lora is not None:
+        with standing_in(model):
+            model = apply_lora(model, lora)
+    return model, tokenizer, deferred
+
+
+def _download(repo_id: str) -> str:
+    """A hub checkpoint's config and safetensors in the local cache (what `from_pretrained` fetches
+    for a native model); the local folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+    except (OSError, HFValidationError) as exc:
+        raise _not_found(repo_id, exc) from exc
+
+
+def _empty_native(name: str, directory: str, family: Family,
+                  dtype: torch.dtype | str) -> tuple[PreTrainedModel, DeferredWeights]:
+    """A native family's model with meta parameters, as `_load_native` would build it (config,
+    dtype, name, eval mode), and where each of its tensors is in the checkpoint."""
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"loading a sharded model needs a concrete dtype, got {dtype!r}")
+    config = family.config_class.from_pretrained(directory)
+    check_checkpoint(directory, config)  # the explicit published name map, before any weight is read
+    config.name_or_path = name  # what a LoRA adapter saved later names as its base
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # buffers made in __init__ take it, as under from_pretrained
+    try:
+        with parameters_on_meta():
+            model = family.model_class(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.dtype = dtype  # as from_pretrained records it (a checkpoint saved later says so)
+    model.eval()
+    return model, DeferredWeights.of(model, directory, family.optional_tensors)

@@ -59,7 +59,8 @@ class LearnerGroup:
         return self.actors[0] if self.actors else None
 
     def start(self, resume_from: str | None) -> None:
-        """Create the ranks (each loads the model), then form the group: shard and restore."""
+        """Create the ranks (each builds the model empty), then form the group: shard, read each
+        rank's shards of the weights, restore."""
         self.actors = [
             ray.remote(Learner).options(
                 name=name, namespace=self.namespace, **actor_options(self.placement, self.pg, r),
