@@ -136,6 +136,14 @@ def test_bfloat16_load(tiny_dir):
     assert model(ids).logits.dtype == torch.bfloat16
 
 
+def test_every_model_dtype_a_spec_allows_loads(tiny_dir):
+    """JobSpec's model.dtype literals are exactly what load_model accepts (float64 was refused)."""
+    allowed = JobSpec.model_fields["model"].annotation.model_fields["dtype"].annotation.__args__
+    for name in allowed:
+        model, _ = load_model(tiny_dir, dtype=name)
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, name)}
+
+
 # --- special ids ----------------------------------------------------------------------------
 
 

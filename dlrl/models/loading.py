@@ -51,6 +51,7 @@ DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,  # JobSpec allows float64 master weights
 }
 
 ADAPTER_CONFIG = "adapter_config.json"
