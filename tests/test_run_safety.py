@@ -118,3 +118,47 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     assert "--overwrite: deleted the earlier run's" in fresh.stdout
     assert train_records(run) == [1] and not (run / "spec_history.jsonl").exists()
     assert json.loads((run / "spec.json").read_text())["train"]["steps"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does(ray_cluster, tmp_path):
+    """`ray job stop` (the API's stop) sends SIGTERM to the entrypoint's process group; `kill` and
+    `docker stop` to the driver. The run unwinds as after Ctrl-C -- its calls cancelled, its actors
+    ended in the cluster, the run folder released -- and ends with the same last lines, exiting
+    143 = 128 + SIGTERM. The run joins a separate Ray head, as a Ray Job does: a Ray started in the
+    driver's own process group would get the signal too."""
+    from ray.util.state import list_actors
+
+    train = ["train", "deploy/jobs/tiny-sudoku.toml", *SMALL, "--set", f"runtime.out_dir={tmp_path}",
+             "--set", "name=termed", "--set", "train.steps=30"]
+    run = tmp_path / "termed"
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *train], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**ray_cluster.env(), "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_cluster.address})
+    try:
+        deadline = time.monotonic() + 400
+        while not re.search(r"^step +3/30", log.read_text(), re.M):  # the checkpoint of step 2 is written
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out and "will be retried" not in out, out[-3000:]
+    saved = json.loads((run / "checkpoint/trainer_state.json").read_text())["step"]
+    tail = out.rstrip().splitlines()[-2:]
+    assert tail[0] == f"dlrl: stopped by SIGTERM; the last checkpoint is step {saved} of 30 " \
+                      f"({run / 'checkpoint'}). Resume with:", tail
+    assert shlex.split(tail[1].strip()) == ["dlrl", *train, "--resume"], tail
+    assert not (run / "run.lock").exists()
+    assert not [p.name for p in run.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+    rows = list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")],
+                       raise_on_missing_output=False)
+    assert not [row.name for row in rows if (row.name or "").startswith("dlrl:termed:")]

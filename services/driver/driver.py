@@ -48,9 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -73,6 +70,7 @@ from services.driver.placement import Placement, actor_options, plan_placement, 
 from services.driver.progress import RunLog, loss_moves, plot_rewards, read_metrics
 from services.driver.resources import check_capacity
 from services.driver.samples import truncate_samples
+from services.driver.sigterm import stop_on_sigterm
 from services.driver.tracker import open_tracker
 from services.driver.run_dir import (RunFolderError, RunLock, check_resume, clear_run, refuse_old_run,
                                      write_spec)
@@ -380,13 +378,6 @@ class Run:
         return step
 
 
-def stop_on_sigterm() -> None:
-    """`ray job stop` and `docker stop` send SIGTERM: exit through Python so the run's actors and
-    queue are cleaned up (`finally`) instead of dying with the process and leaking in the cluster."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def with_redis_url(spec: JobSpec) -> JobSpec:
     """The spec the actors get: the Redis URL resolved here, since Ray starts actor processes with
     the cluster's environment, not this process's (spec.json on disk keeps it unresolved)."""
@@ -477,6 +468,7 @@ def _run(spec: JobSpec, run_dir: Path, resume: bool, overwrite: bool,
             print(f"dlrl: --overwrite: deleted the earlier run's {', '.join(gone)} in {run_dir}", flush=True)
         write_spec(run_dir, spec)
     start_ray(spec)
+    stop_on_sigterm()  # after ray.init, which installs its own handler: from here SIGTERM unwinds as Ctrl-C does
     placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
     check_capacity(spec, placement)  # in seconds, when the cluster can never hold the actors
     actor_spec = with_redis_url(spec)
@@ -495,7 +487,6 @@ def _run(spec: JobSpec, run_dir: Path, resume: bool, overwrite: bool,
           f"{spec.rollout.num_workers} rollout worker(s), {spec.queue.backend} queue, "
           f"max_staleness {spec.runtime.max_staleness}, steps {start_step}->{spec.train.steps} -> {run_dir}",
           flush=True)
-    stop_on_sigterm()
     try:
         r.loop(r.start_learner())
     finally:
