@@ -53,7 +53,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util import remove_placement_group
 from ray.util.placement_group import PlacementGroup
 
@@ -136,7 +136,8 @@ class Run:
         self.shares = split(spec.rollout.prompts_per_step, n)
         self.evaluator = PeriodicEval(spec, run_dir, self.workers[0])
         self.telemetry = RunMetrics(run_id, spec.runtime.max_staleness)
-        self.publisher = WeightPublisher.from_spec(spec.weights)
+        # The driver's publisher only adopts the learner's versions: its timeout is that wait.
+        self.publisher = WeightPublisher.from_spec(spec.weights, timeout_s=spec.runtime.publish_timeout_s)
         self.learners = LearnerGroup(spec, run_id, NAMESPACE, placement, pg)
         self.rebuilds = 0  # learner rebuilds since the run last finished a step it had not finished before
         self.furthest = -1  # the furthest step finished
@@ -195,6 +196,11 @@ class Run:
             get(peers, f"the learner ranks' part in publishing version {version}")
         except RayActorError as e:
             raise LearnerDied(e) from e
+        except GetTimeoutError:
+            raise TimeoutError(
+                f"the learner did not hand over weights version {version} within runtime.publish_timeout_s = "
+                f"{self.publisher.timeout_s:g} s (a new learner's first version waits for its start: process, "
+                f"imports, model load): raise runtime.publish_timeout_s on a machine this slow") from None
         metrics = handle.stats.metrics()
         if self.broadcast and version > 0:
             sends = self.learners.call("send_weights")
