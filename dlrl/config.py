@@ -292,6 +292,13 @@ class RuntimeSpec(Section):
     placement_timeout_s: float = Field(600.0, gt=0, le=86_400)
     """How long the job waits for the cluster to grant its actors' resources (an autoscaler
     starting nodes included) before it fails with what it asked for."""
+    publish_timeout_s: float = Field(1800.0, gt=0, le=86_400)
+    """How long the driver waits for the learner to hand over a weights version. The first one of
+    a run, and the first after a learner restart, waits for the learner's start as well: its
+    process, imports, model load and checkpoint restore -- minutes for an 8B model, or for a tiny
+    one on a heavily loaded machine (a fixed 60 s once failed such a run); later ones, for the copy
+    of the weights into the object store. Past it the run fails, naming this setting. The default
+    is the driver's wait for any other learner call (a save, an evaluation)."""
     ray_address: str | None = Field(None, max_length=2048)
     """Existing Ray cluster to join (None: start Ray in-process)."""
     num_cpus: int | None = Field(None, ge=1, le=4096)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from dlrl.batch import TrainBatch
+from dlrl.block_elbo import block_size_of
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import Piece, micro_batches
 from dlrl.precision import low_precision_masters
@@ -108,6 +109,7 @@ def train_step(
             f"(train.compute_dtype = 'bfloat16'), or train a LoRA adapter (model.lora)"
         )
     objective = objective_for(spec)
+    scored_here = old is None  # the old-policy pass runs here (else a rollout worker ran it)
     if old is None:
         old = old_policy_terms(model, batch, spec, mask_id, rank)
     elif not objective.elbo_old or old.shape != (batch.size, spec.n_mc):
@@ -126,7 +128,14 @@ def train_step(
             first = {"d_abs_first": metrics["d_abs"], "clip_frac_first": metrics["clip_frac"]}
     metrics.update(first)
     seconds = time.perf_counter() - t0
-    passes = objective.passes(spec)
+    # Throughput in the batch's own tokens: each row's T tokens once per forward of it (n_mc per
+    # update for an ELBO objective, and the old-policy pass when it ran here), whatever layout the
+    # model forwards them in -- so the figure compares across families and with rollout tokens/s.
+    # A block-diffusion family forwards [x_t ; x_0], 2T positions per row (dlrl.block_elbo): the
+    # positions through the model, the figure for hardware throughput, are `forward_tokens`.
+    forwards = objective.passes(spec) * spec.updates_per_batch + (objective.old_passes(spec) if scored_here else 0)
+    tokens = batch.tokens.numel() * forwards
+    forward_tokens = tokens * (2 if block_size_of(model) is not None else 1)
     kept = objective.kept_old(old, batch.valid[rank.rows(batch.size)])
     total, count = float(kept.sum()), kept.numel()
     if rank.sharded:
@@ -134,6 +143,7 @@ def train_step(
     metrics.update(
         elbo_old=total / max(count, 1),
         learner_seconds=seconds,
-        learner_tokens_per_s=batch.tokens.numel() * passes * (1 + spec.updates_per_batch) / seconds,
+        learner_tokens_per_s=tokens / seconds,
+        learner_forward_tokens_per_s=forward_tokens / seconds,
     )
     return metrics

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from dlrl.config import JobSpec
 from dlrl.spec_toml import to_toml
 from dlrl.tasks import IMPORT_PATHS_ENV
 from services.api.cli_client import COMMANDS, progress_line, submit, wait  # noqa: F401  (re-exported)
+from services.driver import sigterm
 
 
 def _parse_value(text: str) -> Any:
@@ -211,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command != "train":
             raise
-        return _interrupted(args, argv)
+        return _interrupted(args, argv, signal.SIGINT)
+    except SystemExit:
+        if not sigterm.received():  # SIGTERM (kill, `ray job stop`: the API's stop) while a run goes
+            raise
+        return _interrupted(args, argv, signal.SIGTERM)
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -253,18 +259,20 @@ def _command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _interrupted(args: argparse.Namespace, argv: list[str]) -> int:
-    """Ctrl-C: the run's actors and queue are gone (the driver's `finally`) and its checkpoints
-    are whole (saved atomically); the last line says which step resumes and how."""
+def _interrupted(args: argparse.Namespace, argv: list[str], signum: signal.Signals) -> int:
+    """Ctrl-C or SIGTERM (services.driver.sigterm): the run's actors and queue are gone (the
+    driver's `finally`) and its checkpoints are whole (saved atomically); the last line says which
+    step resumes and how. Exits 128 + the signal's number, as a process the signal ended."""
     import shlex
 
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
     try:
         spec = _read_spec(args)
     except KeyboardInterrupt:
         spec = 2
     if isinstance(spec, int):
-        print("\ndlrl: interrupted", file=sys.stderr)
-        return 130
+        print(f"\ndlrl: {how}", file=sys.stderr)
+        return 128 + signum
     from services.driver.run_dir import last_checkpoint
 
     run_dir = os.path.join(spec.runtime.out_dir, spec.name)
@@ -274,12 +282,12 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         again = shlex.join(["dlrl", *[a for a in argv if a not in ("--overwrite", "--resume")], "--resume"])
     if step is None:
-        print(f"\ndlrl: interrupted before the run's first checkpoint: nothing to resume in {run_dir}; "
+        print(f"\ndlrl: {how} before the run's first checkpoint: nothing to resume in {run_dir}; "
               f"start it again with --overwrite", file=sys.stderr)
     else:
-        print(f"\ndlrl: interrupted; the last checkpoint is step {step} of {spec.train.steps} "
+        print(f"\ndlrl: {how}; the last checkpoint is step {step} of {spec.train.steps} "
               f"({os.path.join(run_dir, 'checkpoint')}). Resume with:\n  {again}", file=sys.stderr)
-    return 130
+    return 128 + signum
 
 
 def _engine_problem(spec: JobSpec) -> str | None:

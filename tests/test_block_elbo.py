@@ -189,6 +189,32 @@ def test_the_gradient_does_not_depend_on_the_chunk():
     assert g1.norm() > 1e-3 and (g1 - g4).norm() / g1.norm() <= RTOL
 
 
+@pytest.mark.parametrize("algorithm, shipped_old, forwards", [
+    ("bgpo", False, 3 * 2),  # n_mc 2 per update x 2 updates + the old-policy pass's n_mc 2
+    ("bgpo", True, 2 * 2),  # l_old shipped by the rollout worker: no old-policy pass here
+    ("diffu_grpo", False, 2 + 2),  # one forward per update + each update's old one-step pass
+])
+def test_learner_tokens_per_s_counts_the_trajectory_tokens_and_forward_tokens_the_doubled_layout(
+        algorithm, shipped_old, forwards):
+    """learner_tokens_per_s counts each row's T tokens once per forward of it, as for a
+    full-attention family; a block family forwards [x_t ; x_0], 2T positions, which
+    learner_forward_tokens_per_s counts."""
+    model, tok = block_model()
+    spec = TrainSpec(algorithm=algorithm, n_mc=2, mc_chunk=1, micro_batch=9, updates_per_batch=2, lr=1e-4)
+    batch = _batch(model, tok, spec)
+    old = old_policy_terms(model, batch, spec, tok.mask_token_id) if shipped_old else None
+    m = train_step(model, torch.optim.AdamW(model.parameters(), lr=spec.lr), batch, spec, tok.mask_token_id, old=old)
+    tokens = batch.tokens.numel() * forwards
+    assert m["learner_tokens_per_s"] * m["learner_seconds"] == pytest.approx(tokens, rel=1e-9)
+    assert m["learner_forward_tokens_per_s"] * m["learner_seconds"] == pytest.approx(2 * tokens, rel=1e-9)
+
+    full, ftok = build_tiny(hidden=32, layers=2, heads=2)  # full attention: the two figures agree
+    fspec = spec.model_copy(update={"updates_per_batch": 1})
+    fm = train_step(full, torch.optim.AdamW(full.parameters(), lr=spec.lr), _batch(full, ftok, fspec), fspec,
+                    ftok.mask_token_id)
+    assert fm["learner_forward_tokens_per_s"] == fm["learner_tokens_per_s"] > 0
+
+
 def test_diffu_grpos_one_step_is_each_blocks_first_step():
     """Block b fully masked (its prompt tokens kept), given the prompt and the clean blocks before it."""
     model, tok = block_model()

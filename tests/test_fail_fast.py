@@ -82,6 +82,19 @@ def test_cuda_job_on_a_cluster_without_gpus_fails_in_seconds(ray_cluster, tmp_pa
     assert time.monotonic() - t0 < 60  # the placement timeout is 600 s
 
 
+def test_a_weights_hand_over_past_its_timeout_names_the_setting(ray_cluster, tmp_path):
+    """The first weights version waits for the learner's start; past runtime.publish_timeout_s the
+    run fails with the setting's name and the remedy, not Ray's bare GetTimeoutError."""
+    from services.driver.driver import run
+
+    spec = tiny("runtime.publish_timeout_s=0.01", "name=slow-start", f"runtime.out_dir={tmp_path}")
+    with pytest.raises(TimeoutError, match=r"^the learner did not hand over weights version 0 within "
+                                           r"runtime\.publish_timeout_s = 0\.01 s \(a new learner's first version "
+                                           r"waits for its start.*raise runtime\.publish_timeout_s"):
+        run(spec)
+    assert JobSpec().runtime.publish_timeout_s == 1800  # the driver's wait for any learner call
+
+
 def _train(ray_cluster, tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
     """`dlrl train` as its own process, joining the test's Ray head (its console as a user sees it)."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}

@@ -34,6 +34,7 @@ from dlrl.models.padding import padding_positions
 from dlrl.models.published import check_checkpoint, published_names
 from dlrl.models.special_ids import special_ids
 from dlrl.models.tokenizer import build_char_tokenizer
+from tests.published_layout import write_published_layout
 from tests.reference_models.llada2_published import PublishedLLaDA2MoeModelLM, published_block_mask
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs"
@@ -339,29 +340,11 @@ def test_tiny_builder_reads_the_tokenizers_special_ids():
 
 
 def write_published_checkpoint(root: Path, *, shards: bool) -> tuple[Path, LLaDA2MoeModelLM]:
-    """A random-init checkpoint as the hub repository lays it out: the published config.json's
-    fields (auto_map included) with tiny sizes, a modeling file that must never run, weights under
-    the published names, single-file or sharded with an index."""
+    """A random-init checkpoint in the hub layout (`tests.published_layout`); `use_qk_norm`,
+    absent from the published config.json, is kept explicit for the tiny sizes."""
     native, _ = native_and_reference()
-    ckpt = root / f"llada2-{'sharded' if shards else 'single'}"
-    ckpt.mkdir()
-    config = published_config()
-    config.update({k: v for k, v in native.config.to_dict().items() if k in config and k != "auto_map"})
-    config["use_qk_norm"] = True  # absent from the published file; kept explicit for the tiny sizes
-    (ckpt / "config.json").write_text(json.dumps(config))
-    (ckpt / "modeling_llada2_moe.py").write_text("raise RuntimeError('remote code ran')\n")
-    state = {k: v.contiguous() for k, v in native.state_dict().items()}
-    if shards:
-        names = sorted(state)
-        weight_map = {}
-        for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-            fname = f"model-{i + 1:05d}-of-00002.safetensors"
-            save_file({k: state[k] for k in part}, ckpt / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
-    build_char_tokenizer().save_pretrained(ckpt)
+    ckpt = write_published_layout(root / f"llada2-{'sharded' if shards else 'single'}", published_config(), native,
+                                  "modeling_llada2_moe.py", build_char_tokenizer(), shards=shards, use_qk_norm=True)
     return ckpt, native
 
 

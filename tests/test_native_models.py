@@ -27,6 +27,7 @@ from dlrl.models.forward import cached_diffusion_logits, padding_positions, padd
 from dlrl.models.kv_cache import KVCache
 from dlrl.models.published import check_checkpoint, published_names
 from tests.chat_tokenizers import llada_tokenizer
+from tests.published_layout import write_published_layout
 from tests.reference_models.dream_published import PublishedDreamModel, published_shift
 from tests.reference_models.llada_published import PublishedLLaDAModelLM
 
@@ -268,30 +269,13 @@ def test_published_configs_give_published_shapes():
 
 
 def write_published_checkpoint(root: Path, family: str, *, shards: bool) -> tuple[Path, torch.nn.Module]:
-    """A random-init checkpoint as the hub repository lays it out: published config.json fields
-    (auto_map included) and a modeling file that must never run, weights under published names."""
+    """A random-init LLaDA or Dream checkpoint in the hub layout (`tests.published_layout`)."""
     native, _ = native_and_reference(family)
-    ckpt = root / f"{family}-{'sharded' if shards else 'single'}"
-    ckpt.mkdir()
     published = "llada-8b-instruct-config.json" if family == "llada" else "dream-v0-instruct-7b-config.json"
-    config = json.loads((CONFIGS / published).read_text())
-    config.update({k: v for k, v in native.config.to_dict().items() if k in config and k != "auto_map"})
-    (ckpt / "config.json").write_text(json.dumps(config))
     modeling = "modeling_llada.py" if family == "llada" else "modeling_dream.py"
-    (ckpt / modeling).write_text("raise RuntimeError('remote code ran')\n")
-    state = {k: v.contiguous() for k, v in native.state_dict().items()}
-    if shards:
-        names = sorted(state)
-        parts = [names[: len(names) // 2], names[len(names) // 2:]]
-        weight_map = {}
-        for i, part in enumerate(parts):
-            fname = f"model-{i + 1:05d}-of-00002.safetensors"
-            save_file({k: state[k] for k in part}, ckpt / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
-    llada_tokenizer().save_pretrained(ckpt)
+    ckpt = write_published_layout(root / f"{family}-{'sharded' if shards else 'single'}",
+                                  json.loads((CONFIGS / published).read_text()), native, modeling, llada_tokenizer(),
+                                  shards=shards)
     return ckpt, native
 
 

@@ -9,6 +9,7 @@ starts over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,29 @@ def train_records(run: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
+@contextlib.contextmanager
+def running(args: list[str], log: Path, env: dict[str, str] | None = None,
+            line: str = r"^step +3/30") -> Iterator[subprocess.Popen]:
+    """`dlrl ARGS` in its own process session (as a terminal's foreground group), its output in
+    `log`, yielded once it printed `line` (default: step 3, so the checkpoint of step 2 is
+    written); SIGKILLed with its group if it still runs at the end."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**(env or os.environ), "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 400
+        while not re.search(line, log.read_text(), re.M):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.slow
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_is_guarded(tmp_path):
     train = ["train", "deploy/jobs/tiny-sudoku.toml", *SMALL, "--set", f"runtime.out_dir={tmp_path}",
@@ -45,26 +70,13 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     run = tmp_path / "guarded"
     log = tmp_path / "first.log"
     first = [*train, "--set", "train.steps=30"]  # long enough to be running for the second process
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *first], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + 400
-        while not re.search(r"^step +3/30", log.read_text(), re.M):  # the checkpoint of step 2 is written
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    with running(first, log) as proc:
         # A second process with the same run folder is refused, naming the one that holds it.
         second = dlrl(*train, "--overwrite", timeout=240)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         assert f"in use by another run: pid {proc.pid}" in second.stderr and str(run / "run.lock") in second.stderr
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
         proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     out = log.read_text()
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out and "will be retried" not in out, out[-3000:]
@@ -118,3 +130,34 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     assert "--overwrite: deleted the earlier run's" in fresh.stdout
     assert train_records(run) == [1] and not (run / "spec_history.jsonl").exists()
     assert json.loads((run / "spec.json").read_text())["train"]["steps"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does(ray_cluster, tmp_path):
+    """`ray job stop` (the API's stop) sends SIGTERM to the entrypoint's process group; `kill` and
+    `docker stop` to the driver. The run unwinds as after Ctrl-C -- its calls cancelled, its actors
+    ended in the cluster, the run folder released -- and ends with the same last lines, exiting
+    143 = 128 + SIGTERM. The run joins a separate Ray head, as a Ray Job does: a Ray started in the
+    driver's own process group would get the signal too."""
+    from ray.util.state import list_actors
+
+    train = ["train", "deploy/jobs/tiny-sudoku.toml", *SMALL, "--set", f"runtime.out_dir={tmp_path}",
+             "--set", "name=termed", "--set", "train.steps=30"]
+    run = tmp_path / "termed"
+    log = tmp_path / "run.log"
+    with running(train, log, env={**ray_cluster.env(), "RAY_ADDRESS": ray_cluster.address}) as proc:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(120)
+    out = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out and "will be retried" not in out, out[-3000:]
+    saved = json.loads((run / "checkpoint/trainer_state.json").read_text())["step"]
+    tail = out.rstrip().splitlines()[-2:]
+    assert tail[0] == f"dlrl: stopped by SIGTERM; the last checkpoint is step {saved} of 30 " \
+                      f"({run / 'checkpoint'}). Resume with:", tail
+    assert shlex.split(tail[1].strip()) == ["dlrl", *train, "--resume"], tail
+    assert not (run / "run.lock").exists()
+    assert not [p.name for p in run.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+    rows = list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")],
+                       raise_on_missing_output=False)
+    assert not [row.name for row in rows if (row.name or "").startswith("dlrl:termed:")]

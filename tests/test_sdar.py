@@ -28,6 +28,7 @@ from dlrl.models.kv_cache import KVCache
 from dlrl.models.padding import padding_positions
 from dlrl.models.published import check_checkpoint, published_names
 from tests.chat_tokenizers import llada_tokenizer
+from tests.published_layout import write_published_layout
 from tests.reference_models.sdar_published import (
     PublishedCache,
     PublishedSDARForCausalLM,
@@ -326,29 +327,12 @@ def test_plan_knows_the_published_sdar_sizes(tmp_path):
 
 
 def write_published_checkpoint(root: Path, *, shards: bool, config: str = "sdar-1.7b-chat-training-config.json"):
-    """A random-init checkpoint as the hub repository lays it out: published config.json fields
-    (auto_map included) and a modeling file that must never run, weights under published names."""
+    """A random-init checkpoint in the hub layout (`tests.published_layout`), with the training
+    config's block_size and mask_token_id at the tiny vocab."""
     native, _ = pair()
-    ckpt = root / f"sdar-{'sharded' if shards else 'single'}"
-    ckpt.mkdir()
     published = json.loads((CONFIGS / config).read_text())
-    published.update({k: v for k, v in native.config.to_dict().items() if k in published and k != "auto_map"})
-    published.update(block_size=4, mask_token_id=99)  # the training config's keys, at the tiny vocab
-    (ckpt / "config.json").write_text(json.dumps(published))
-    (ckpt / "modeling_sdar.py").write_text("raise RuntimeError('remote code ran')\n")
-    state = {k: v.contiguous() for k, v in native.state_dict().items()}
-    if shards:
-        names = sorted(state)
-        parts = [names[: len(names) // 2], names[len(names) // 2:]]
-        weight_map = {}
-        for i, part in enumerate(parts):
-            fname = f"model-{i + 1:05d}-of-00002.safetensors"
-            save_file({k: state[k] for k in part}, ckpt / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
-    llada_tokenizer().save_pretrained(ckpt)
+    ckpt = write_published_layout(root / f"sdar-{'sharded' if shards else 'single'}", published, native,
+                                  "modeling_sdar.py", llada_tokenizer(), shards=shards, block_size=4, mask_token_id=99)
     return ckpt, native
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers import PretrainedConfig
 
-from dlrl.models.attention import apply_rope, attend, default_positions, keep_logits, rope_cos_sin, sdpa_mask
+from dlrl.models.attention import apply_rope, attend
 from dlrl.models.kv_cache import KVCache
+from dlrl.models.native_lm import NativeLM
 
 
 class DreamConfig(PretrainedConfig):
@@ -146,61 +146,18 @@ class DreamBaseModel(nn.Module):
         self.norm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class DreamModel(PreTrainedModel):
-    """Dream LM: `model(input_ids, attention_mask, position_ids).logits` is (B, T, V), RAW.
-
-    logits[:, i] predicts token i + 1 (use `dlrl.models.forward.diffusion_logits` for aligned
-    logits). attention_mask: (B, 1, q, T) bool (Dream's convention) / additive, or (B, T) padding.
+class DreamModel(NativeLM):
+    """Dream LM (`NativeLM`): logits[:, i] predicts token i + 1 (use
+    `dlrl.models.forward.diffusion_logits` for aligned logits). attention_mask: (B, 1, q, T) bool
+    (Dream's convention) / additive, or (B, T) padding.
     """
 
     config_class = DreamConfig
-    base_model_prefix = "model"
-    _supports_sdpa = True
+    body_class = DreamBaseModel
+    norm_class = DreamRMSNorm
+    _input_embed_layer = "embed_tokens"
     _no_split_modules = ["DreamDecoderLayer"]
 
-    def __init__(self, config: DreamConfig) -> None:
-        super().__init__(config)
-        self.model = DreamBaseModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, DreamRMSNorm):
-            nn.init.ones_(module.weight)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear | None:
-        return self.lm_head
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        cache_start: int = 0,
-        logits_to_keep: int | slice | Tensor = 0,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        m = self.model
-        if position_ids is None:
-            position_ids = default_positions(input_ids, cache_start)
-        cfg = self.config
-        cos, sin = rope_cos_sin(position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta)
-        x = m.embed_tokens(input_ids)
-        mask = sdpa_mask(attention_mask, x.dtype)
-        for layer in m.layers:
-            x = layer(x, cos, sin, mask, kv_cache, cache_start)
-        x = m.norm(keep_logits(x, logits_to_keep))
-        logits = F.linear(x, m.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
-        return MaskedLMOutput(logits=logits)
+    @property
+    def rope_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads

@@ -39,18 +39,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers import PretrainedConfig
 
-from dlrl.models.attention import (
-    apply_partial_rope,
-    attend,
-    default_positions,
-    keep_logits,
-    rope_cos_sin,
-    sdpa_mask,
-)
+from dlrl.models.attention import apply_partial_rope, attend
+from dlrl.models.dream import DreamRMSNorm
 from dlrl.models.kv_cache import KVCache
+from dlrl.models.native_lm import NativeLM
 
 
 class LLaDA2MoeConfig(PretrainedConfig):
@@ -153,18 +147,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
         return self.num_experts is not None and layer >= self.first_k_dense_replace
 
 
-class LLaDA2MoeRMSNorm(nn.Module):
-    """RMSNorm in float32, cast back, then scaled (T5LayerNorm, as published)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+# The published LLaDA2 RMSNorm (T5LayerNorm: normalise in float32, cast back, then scale) is Qwen2's.
+LLaDA2MoeRMSNorm = DreamRMSNorm
 
 
 class LLaDA2MoeAttention(nn.Module):
@@ -303,72 +287,21 @@ class LLaDA2MoeModel(nn.Module):
         self.norm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LLaDA2MoeModelLM(PreTrainedModel):
-    """LLaDA2.x LM: `model(input_ids, attention_mask, position_ids).logits` is (B, T, V), RAW, each
-    token's logits at its own position.
-
-    attention_mask: (B, 1, q, T) bool (True = may attend) or additive float — block-causal
-    attention is this mask (dlrl.models.block_mask), the model adds none of its own — or (B, T)
-    key padding, or None (every token sees every token).
-    """
+class LLaDA2MoeModelLM(NativeLM):
+    """LLaDA2.x LM (`NativeLM`): each token's logits at its own position."""
 
     config_class = LLaDA2MoeConfig
-    base_model_prefix = "model"
-    _supports_sdpa = True
+    body_class = LLaDA2MoeModel
+    norm_class = LLaDA2MoeRMSNorm
+    _input_embed_layer = "word_embeddings"
     _no_split_modules = ["LLaDA2MoeDecoderLayer"]
 
-    def __init__(self, config: LLaDA2MoeConfig) -> None:
-        super().__init__(config)
-        self.model = LLaDA2MoeModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    @property
+    def rope_dim(self) -> int:
+        return self.config.rope_dim
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, LLaDA2MoeRMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, LLaDA2MoeGate):
-            nn.init.normal_(module.weight, std=std)
+        super()._init_weights(module)
+        if isinstance(module, LLaDA2MoeGate):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
             nn.init.zeros_(module.expert_bias)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.word_embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear | None:
-        return self.lm_head
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        cache_start: int = 0,
-        logits_to_keep: int | slice | Tensor = 0,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        m, cfg = self.model, self.config
-        if position_ids is None:
-            position_ids = default_positions(input_ids, cache_start)
-        cos, sin = rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta)
-        x = m.word_embeddings(input_ids)
-        mask = sdpa_mask(attention_mask, x.dtype)
-        for layer in m.layers:
-            x = layer(x, cos, sin, mask, kv_cache, cache_start)
-        x = m.norm(keep_logits(x, logits_to_keep))
-        logits = F.linear(x, m.word_embeddings.weight) if self.lm_head is None else self.lm_head(x)
-        return MaskedLMOutput(logits=logits)
-

@@ -70,6 +70,9 @@ class DiffuGrpo(Objective):
     def passes(self, spec: TrainSpec) -> int:
         return 1
 
+    def old_passes(self, spec: TrainSpec) -> int:
+        return spec.updates_per_batch  # each update's prompt mask, scored before any update
+
     @torch.no_grad()
     def old_terms(self, model: torch.nn.Module, pieces: list[Piece], spec: TrainSpec,
                   mask_id: int) -> torch.Tensor:

@@ -54,6 +54,10 @@ class Objective(ABC):
         """Forwards of each row per update (the learner's tokens/s counts them)."""
 
     @abstractmethod
+    def old_passes(self, spec: TrainSpec) -> int:
+        """Forwards of each row in `old_terms`, once per batch (counted when the learner runs them)."""
+
+    @abstractmethod
     def old_terms(self, model: torch.nn.Module, pieces: list[Piece], spec: TrainSpec,
                   mask_id: int) -> torch.Tensor:
         """The old policy's terms of the pieces' rows, before any update (no graph)."""
@@ -79,6 +83,9 @@ class ElboObjective(Objective, ABC):
 
     def passes(self, spec: TrainSpec) -> int:
         return spec.n_mc
+
+    def old_passes(self, spec: TrainSpec) -> int:
+        return spec.n_mc  # the same n_mc masks, scored once by the weights before the update
 
     def graph_copies(self, n_mc: int, mc_chunk: int) -> int:
         """One chunk's MC copies when each chunk is backwarded alone, else all n_mc at once."""

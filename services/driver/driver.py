@@ -48,15 +48,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util import remove_placement_group
 from ray.util.placement_group import PlacementGroup
 
@@ -73,6 +70,7 @@ from services.driver.placement import Placement, actor_options, plan_placement, 
 from services.driver.progress import RunLog, loss_moves, plot_rewards, read_metrics
 from services.driver.resources import check_capacity
 from services.driver.samples import truncate_samples
+from services.driver.sigterm import stop_on_sigterm
 from services.driver.tracker import open_tracker
 from services.driver.run_dir import (RunFolderError, RunLock, check_resume, clear_run, refuse_old_run,
                                      write_spec)
@@ -138,7 +136,8 @@ class Run:
         self.shares = split(spec.rollout.prompts_per_step, n)
         self.evaluator = PeriodicEval(spec, run_dir, self.workers[0])
         self.telemetry = RunMetrics(run_id, spec.runtime.max_staleness)
-        self.publisher = WeightPublisher.from_spec(spec.weights)
+        # The driver's publisher only adopts the learner's versions: its timeout is that wait.
+        self.publisher = WeightPublisher.from_spec(spec.weights, timeout_s=spec.runtime.publish_timeout_s)
         self.learners = LearnerGroup(spec, run_id, NAMESPACE, placement, pg)
         self.rebuilds = 0  # learner rebuilds since the run last finished a step it had not finished before
         self.furthest = -1  # the furthest step finished
@@ -197,6 +196,11 @@ class Run:
             get(peers, f"the learner ranks' part in publishing version {version}")
         except RayActorError as e:
             raise LearnerDied(e) from e
+        except GetTimeoutError:
+            raise TimeoutError(
+                f"the learner did not hand over weights version {version} within runtime.publish_timeout_s = "
+                f"{self.publisher.timeout_s:g} s (a new learner's first version waits for its start: process, "
+                f"imports, model load): raise runtime.publish_timeout_s on a machine this slow") from None
         metrics = handle.stats.metrics()
         if self.broadcast and version > 0:
             sends = self.learners.call("send_weights")
@@ -380,13 +384,6 @@ class Run:
         return step
 
 
-def stop_on_sigterm() -> None:
-    """`ray job stop` and `docker stop` send SIGTERM: exit through Python so the run's actors and
-    queue are cleaned up (`finally`) instead of dying with the process and leaking in the cluster."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def with_redis_url(spec: JobSpec) -> JobSpec:
     """The spec the actors get: the Redis URL resolved here, since Ray starts actor processes with
     the cluster's environment, not this process's (spec.json on disk keeps it unresolved)."""
@@ -477,6 +474,7 @@ def _run(spec: JobSpec, run_dir: Path, resume: bool, overwrite: bool,
             print(f"dlrl: --overwrite: deleted the earlier run's {', '.join(gone)} in {run_dir}", flush=True)
         write_spec(run_dir, spec)
     start_ray(spec)
+    stop_on_sigterm()  # after ray.init, which installs its own handler: from here SIGTERM unwinds as Ctrl-C does
     placement = plan_placement(spec, ray.cluster_resources().get("GPU", 0))
     check_capacity(spec, placement)  # in seconds, when the cluster can never hold the actors
     actor_spec = with_redis_url(spec)
@@ -495,7 +493,6 @@ def _run(spec: JobSpec, run_dir: Path, resume: bool, overwrite: bool,
           f"{spec.rollout.num_workers} rollout worker(s), {spec.queue.backend} queue, "
           f"max_staleness {spec.runtime.max_staleness}, steps {start_step}->{spec.train.steps} -> {run_dir}",
           flush=True)
-    stop_on_sigterm()
     try:
         r.loop(r.start_learner())
     finally:

@@ -61,6 +61,7 @@ RESUMABLE: dict[str, str] = {
     "runtime.learner_gpus": "GPUs each learner rank asks for",
     "runtime.worker_gpus": "GPUs each rollout worker asks for",
     "runtime.placement_timeout_s": "how long placement may wait",
+    "runtime.publish_timeout_s": "how long a weights hand-over may take",
     "runtime.max_restarts": "how many crashes are ridden out",
     "queue.backend": "the queue's transport (a resumed run regenerates every batch after its checkpoint)",
     "queue.redis_url": "the queue's transport",

@@ -16,7 +16,10 @@ GAUGES = {
     "eval_reward": "Greedy held-out reward",
     "loss": "BGPO loss of the step",
     "rollout_tokens_per_s": "Generated tokens per second, all rollout workers",
-    "learner_tokens_per_s": "Tokens per second through the learner's forward+backward",
+    "learner_tokens_per_s": "Trajectory tokens per second the learner scores (each row's tokens once per forward of "
+                            "it: its n_mc ELBO samples per update and the old-policy pass), whatever the family",
+    "learner_forward_tokens_per_s": "Token positions per second through the learner's model: learner_tokens_per_s, "
+                                    "x2 for a block-diffusion family ([x_t ; x_0])",
     "queue_depth": "Trajectory groups queued or delivered but not yet acknowledged",
     "weight_sync_seconds": "Seconds to publish and deliver one weights version",
     "weight_sync_bytes": "Bytes of one weights version",
