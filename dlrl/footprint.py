@@ -501,8 +501,9 @@ def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256, 
          graph_copies: GraphCopies) -> Plan:
     """The split that fits with the fewest learner GPUs (most left to rollout), without
     activation checkpointing if possible. One GPU: learner and rollout worker share it (sync mode
-    takes turns, but both keep their weights). Rollout workers (model.dtype weights, as
-    rollout/worker.py loads them) run rollout.batch_size sequences, or the largest batch that fits.
+    takes turns, but both keep their weights). Rollout workers (weights in the rollout dtype,
+    `rollout_dtype_on`, as rollout/worker.py loads them) run rollout.batch_size sequences, or the
+    largest batch that fits.
     train.mc_chunk = "auto" is sized per layout: the largest chunk whose learner fits the budget
     (a colocated rollout worker's weights and one sequence of sampling taken out first).
     `graph_copies` is the job's objective's memory term. Returns the best failing layout when
@@ -512,7 +513,7 @@ def plan(spec: JobSpec, gpus: int, gpu_memory_gb: float, prompt_len: int = 256, 
     gpu_bytes = int(gpu_memory_gb * GB)
     budget = int(gpu_bytes * USABLE)
     seq = prompt_len + r.gen_length
-    wbytes = BYTES[spec.model.dtype]
+    wbytes = BYTES[rollout_dtype_on(spec, "cpu" if spec.runtime.device == "cpu" else "cuda")]
     bucket = int(spec.weights.bucket_mb * 2**20) if spec.weights.sync == "collective" else 0
     rollout_args = dict(seq_len=seq, weight_bytes=wbytes, cfg=r.cfg_scale > 0, temperature=r.temperature,
                         bucket_bytes=bucket, block=r.block_length if r.engine in PER_BLOCK_STEPS else None)
@@ -574,6 +575,20 @@ def compute_dtype_on(spec: JobSpec, device_type: str) -> str:
     return "bfloat16" if device_type == "cuda" else spec.model.dtype
 
 
+def rollout_dtype_on(spec: JobSpec, device_type: str) -> str:
+    """The dtype rollout workers hold the weights in on `device_type` (dlrl.precision.rollout_dtype):
+    the learner's resolved compute dtype, which the config makes equal to model.dtype whenever
+    it is not a low-precision autocast dtype (and float64 masters, which autocast leaves alone)."""
+    return spec.model.dtype if spec.model.dtype == "float64" else compute_dtype_on(spec, device_type)
+
+
+def sync_bytes(spec: JobSpec, shape: ModelShape, device_type: str) -> int:
+    """Bytes of one weights version on the wire (dlrl.weights): every weight, or a LoRA run's
+    adapter tensors only, cast once by the learner to the rollout dtype."""
+    params = shape.lora_params(spec.model.lora.r) if spec.model.lora is not None else shape.params()
+    return params * BYTES[rollout_dtype_on(spec, device_type)]
+
+
 def describe(p: Plan, spec: JobSpec, host: bool = False) -> str:
     """The plan as the text `dlrl plan` prints; `host`: a CPU job, sized on this host's memory
     (one "GPU" of p.gpu_bytes that the learner and a rollout worker share)."""
@@ -581,7 +596,8 @@ def describe(p: Plan, spec: JobSpec, host: bool = False) -> str:
     per = "" if host else " per GPU"
     what = f"LoRA r={spec.model.lora.r}" if spec.model.lora else f"full fine-tune, {spec.model.dtype} masters"
     compute = spec.train.compute_dtype
-    resolved = compute_dtype_on(spec, "cpu" if host else "cuda")
+    device = "cpu" if host else "cuda"
+    resolved = compute_dtype_on(spec, device)
     compute_text = f"compute {resolved}" + (f" (auto, on {'the CPU' if host else 'CUDA'})" if compute == "auto" else "")
     batch = f"batch {p.rollout_batch}" if p.rollout_batch >= 1 else "batch 0: not even one sequence fits"
     shape = job_shape(spec)
@@ -604,10 +620,12 @@ def describe(p: Plan, spec: JobSpec, host: bool = False) -> str:
         f"  logits     {_gb(lm.logits)}",
         f"  total      {_gb(lm.total)}{per}",
         f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), {batch}"
-        f" (spec: {spec.rollout.batch_size})",
+        f" (spec: {spec.rollout.batch_size}), weights in {rollout_dtype_on(spec, device)}",
         f"  weights    {_gb(rm.weights)}",
         f"  sampling   {_gb(rm.sampling)}",
         f"  total      {_gb(rm.total)}{per}",
+        f"weight sync  {_gb(sync_bytes(spec, shape, device)).strip()} per version, per worker "
+        f"({'LoRA adapters' if spec.model.lora else 'every weight'} in {rollout_dtype_on(spec, device)})",
     ]
     if p.fits and p.rollout_batch < spec.rollout.batch_size:
         lines.append(f"set rollout.batch_size = {p.rollout_batch} (the spec's {spec.rollout.batch_size} "

@@ -1,4 +1,5 @@
-"""Mixed precision for the learner: float32 master weights and optimizer state, bf16 compute.
+"""Mixed precision: float32 master weights and optimizer state in the learner, bf16 compute, and
+rollout weights in the compute dtype.
 
 Why not train in bf16 outright: bf16 keeps 8 significant bits, so a weight w moves only if an
 update exceeds about |w| * 2^-9. AdamW's update is about lr per step (sign-like), so at the paper's
@@ -13,6 +14,13 @@ Spelled in the spec as `model.dtype` (the masters) and `train.compute_dtype` (wh
 computes in). Full fine-tuning with bf16/fp16 masters is refused when the spec is validated
 (dlrl.config); LoRA over a bf16 base is fine, since peft keeps the adapters (the only trainable,
 optimizer-updated weights) in float32 (`autocast_adapter_dtype=True`, its default).
+
+Rollout workers never update weights, so they need no masters: they hold (and sample, evaluate and
+measure behaviour terms with) the weights in the dtype the learner computes in, `rollout_dtype`:
+bf16 on GPUs, half the memory of float32 masters and bf16 tensor cores on the path that dominates
+an RL step, while the learner keeps float32 masters. Each weights version is cast once, on the
+learner's side, and travels in that dtype (dlrl.weights: half the bytes of float32). On the CPU
+"auto" computes in the masters' dtype, so CPU runs keep float32 workers, as before.
 
 In the core because the ELBO terms (dlrl.elbo_terms) run under this autocast in both places that
 measure them: the learner and a rollout worker's behaviour-policy pass.
@@ -51,6 +59,22 @@ def autocast(device: torch.device, compute_dtype: str = "auto") -> contextlib.Ab
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def rollout_dtype(model_dtype: str, compute_dtype: str, device_type: str) -> torch.dtype:
+    """The dtype rollout workers hold the policy's weights in on a `device_type` device: the dtype
+    the learner's matmuls run in there (`autocast_dtype`), or the masters' own dtype where it runs
+    none ("auto" on the CPU, "float32", "float64").
+
+    Both ends of weight sync derive it from the spec and their device, the learner to cast each
+    version before it travels, a worker to load the checkpoint, so their manifests agree (the
+    learner and the workers of a job share a device type, services.driver.placement).
+    `train.compute_dtype = "bfloat16"` asks for bf16 rollout weights on the CPU too.
+    """
+    low = autocast_dtype(compute_dtype, device_type)
+    if low is None or model_dtype == "float64":  # autocast leaves float64 weights alone
+        return getattr(torch, model_dtype)
+    return low
 
 
 def low_precision_masters(params: list[torch.nn.Parameter]) -> list[str]:

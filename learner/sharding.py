@@ -41,7 +41,7 @@ from torch import nn
 
 from dlrl.models.blocks import transformer_blocks
 from dlrl.precision import autocast_dtype
-from dlrl.weights.update import materialize
+from dlrl.weights.update import materialize, wire_tensor
 
 GROUP_TIMEOUT_S = 1800.0
 """Longest a collective waits for a peer (a dead rank fails the others after this at worst; the
@@ -146,13 +146,14 @@ full = materialize
 tensor itself when it is not sharded."""
 
 
-def follow_gather(state: dict[str, torch.Tensor], skip_empty: bool) -> None:
+def follow_gather(state: dict[str, torch.Tensor], skip_empty: bool, cast: torch.dtype | None = None) -> None:
     """What a non-lead rank runs while the lead gathers `state` tensor by tensor to publish it:
     the same all-gathers in manifest order (the object store's encode takes every tensor; the
-    broadcast's bucket plan skips empty ones: `skip_empty`)."""
+    broadcast's bucket plan skips empty ones: `skip_empty`), of shards cast to `cast` as the lead
+    casts them (dlrl.weights.update.wire_tensor), so every rank gathers the same dtype."""
     for value in state.values():
         if value.numel() or not skip_empty:
-            full(value)
+            wire_tensor(value, cast)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

@@ -50,9 +50,11 @@ def accumulate_gradients(
     mask_id: int,
     update: int = 0,
     rank: Rank = Rank(),
+    on_policy: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Backward this rank's part of the batch's loss in pieces; returns the loss value and ratio
-    statistics (summed over the learner group).
+    statistics (summed over the learner group), and behaviour_elbo_gap given `on_policy` (this
+    rank's rows made by the current weights, RatioStats) and at least one such row in the group.
 
     Each piece's loss is scaled by its share of the *global* batch (m / N), so the gradient
     accumulated over pieces (and summed over ranks by the reduce-scatter, learner.sharding) is the
@@ -60,21 +62,27 @@ def accumulate_gradients(
     `old` holds this rank's rows (old_policy_terms with the same rank).
     """
     objective = objective_for(spec)
-    stats = RatioStats()
+    stats = RatioStats(on_policy=on_policy)
     for mb, rows in _pieces(batch, spec.micro_batch, rank):
         if rows is None:  # padding pass: same collectives, no gradient
             objective.pad(model, mb, spec, mask_id, update)
         else:
             objective.backward(model, mb, rows, old, spec, mask_id, update, mb.size / batch.size, stats)
     loss_total, d_abs, clipped, count = stats.loss, stats.d_abs, stats.clipped, stats.count
+    gap_abs, gap_count = stats.gap_abs, stats.gap_count
     if rank.sharded:
-        loss_total, d_abs, clipped, count = sharding.all_sum([loss_total, d_abs, clipped, count],
-                                                             batch.tokens.device)
-    return {
+        sums = [loss_total, d_abs, clipped, count] + ([gap_abs, gap_count] if on_policy is not None else [])
+        loss_total, d_abs, clipped, count, *gap = sharding.all_sum(sums, batch.tokens.device)
+        if gap:
+            gap_abs, gap_count = gap
+    metrics = {
         "loss": loss_total,
         "d_abs": d_abs / max(count, 1),
         "clip_frac": clipped / max(count, 1),
     }
+    if gap_count:
+        metrics["behaviour_elbo_gap"] = gap_abs / gap_count
+    return metrics
 
 
 def train_step(
@@ -86,6 +94,7 @@ def train_step(
     rank: Rank = Rank(),
     *,
     old: torch.Tensor | None = None,
+    on_policy: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One rollout batch -> `spec.updates_per_batch` optimizer steps. Returns metrics.
 
@@ -98,6 +107,14 @@ def train_step(
     for objectives whose old terms are ELBO terms (Objective.elbo_old): diffu-GRPO's are per-update
     log-probs the learner always computes itself. d_abs_first / clip_frac_first are the first
     update's |d| and clip fraction.
+
+    `on_policy` (N,) bool, with `old`: the rows whose group the current weights generated. Before
+    the first optimizer step their d is the gap between the workers' behaviour terms (rollout-dtype
+    weights, bf16 on GPUs) and this model's, logged as behaviour_elbo_gap (mean |d| over their
+    terms; absent when the batch has none), the way AR RL systems log the train/inference log-prob
+    gap (verl's rollout_probs_diff). It is measured, not corrected: bench/rollout_dtype.py puts
+    it at about 1e-3 (max 7e-3) against clip_eps 0.2, the size of the gap between the learner's
+    own autocast and float32 terms.
     """
     t0 = time.perf_counter()
     model.train()
@@ -109,7 +126,7 @@ def train_step(
             f"(train.compute_dtype = 'bfloat16'), or train a LoRA adapter (model.lora)"
         )
     objective = objective_for(spec)
-    scored_here = old is None  # the old-policy pass runs here (else a rollout worker ran it)
+    old_shipped = old is not None  # else the old-policy pass runs here
     if old is None:
         old = old_policy_terms(model, batch, spec, mask_id, rank)
     elif not objective.elbo_old or old.shape != (batch.size, spec.n_mc):
@@ -117,15 +134,20 @@ def train_step(
                          f"({batch.size}, {spec.n_mc}) of an objective whose old terms are ELBO terms")
     else:
         old = old[rank.rows(batch.size)]  # this rank's rows, as old_policy_terms gives them
+        if on_policy is not None:
+            on_policy = on_policy[rank.rows(batch.size)]
     metrics: dict[str, float] = {}
     for update in range(spec.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(model, batch, old, spec, mask_id, update, rank)
+        metrics = accumulate_gradients(model, batch, old, spec, mask_id, update, rank,
+                                       on_policy if update == 0 and old_shipped else None)
         metrics["grad_norm"] = (sharding.clip_grad_norm(params, spec.grad_clip) if rank.sharded
                                 else float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)))
         optimizer.step()
         if update == 0:
             first = {"d_abs_first": metrics["d_abs"], "clip_frac_first": metrics["clip_frac"]}
+            if "behaviour_elbo_gap" in metrics:
+                first["behaviour_elbo_gap"] = metrics.pop("behaviour_elbo_gap")
     metrics.update(first)
     seconds = time.perf_counter() - t0
     # Throughput in the batch's own tokens: each row's T tokens once per forward of it (n_mc per
@@ -133,7 +155,7 @@ def train_step(
     # model forwards them in -- so the figure compares across families and with rollout tokens/s.
     # A block-diffusion family forwards [x_t ; x_0], 2T positions per row (dlrl.block_elbo): the
     # positions through the model, the figure for hardware throughput, are `forward_tokens`.
-    forwards = objective.passes(spec) * spec.updates_per_batch + (objective.old_passes(spec) if scored_here else 0)
+    forwards = objective.passes(spec) * spec.updates_per_batch + (0 if old_shipped else objective.old_passes(spec))
     tokens = batch.tokens.numel() * forwards
     forward_tokens = tokens * (2 if block_size_of(model) is not None else 1)
     kept = objective.kept_old(old, batch.valid[rank.rows(batch.size)])

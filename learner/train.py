@@ -43,7 +43,9 @@ from dlrl.queue import Delivery, TrajectoryQueue, open_queue
 from dlrl.queue.group_ids import batch_of
 from dlrl.runtime import peak_memory_bytes, pick_device, set_threads
 from dlrl.trajectory import TrajectoryGroup
+from dlrl.precision import rollout_dtype
 from dlrl.weights import GroupAddress, SyncStats, WeightPublisher, WeightUpdate, encode
+from dlrl.weights.update import wire_tensor
 from learner import sharded_state, sharding
 from learner.memory import prepare_memory
 from learner.objectives import behaviour_pass
@@ -146,6 +148,9 @@ class Learner:
         self.counts = {"duplicates_dropped": 0, "stale_dropped": 0, "future_dropped": 0}
         self.reported = dict(self.counts)  # the counts as of the last step's metrics
         self.publisher = WeightPublisher.from_spec(spec.weights)
+        # The workers hold the weights in the dtype this learner computes in (bf16 on GPUs): each
+        # version is cast once, here, and travels in it (dlrl.precision.rollout_dtype).
+        self.rollout_dtype = rollout_dtype(spec.model.dtype, spec.train.compute_dtype, self.device.type)
         self.queue: TrajectoryQueue | None = None  # opened by the lead's first step_from_queue
         self.ahead: dict[int, dict[str, Delivery]] = {}  # batch -> its groups read so far, not yet trained
         self._resume_from = resume_from
@@ -191,19 +196,25 @@ class Learner:
         Asynchronous runs (BGPO, naive ELBO) measure d against the behaviour policy: the l_old the
         workers shipped with the groups (rollout/behaviour.py), stacked in batch row order (collate
         stacks groups, then completions, in order). If a group lacks them, the learner's own terms
-        stand in for the batch and `behaviour_elbo_missing` counts the groups without."""
+        stand in for the batch and `behaviour_elbo_missing` counts the groups without. On the rows
+        these weights generated, d before the update is the rollout-dtype gap alone:
+        `behaviour_elbo_gap` (learner.step.train_step)."""
         t = self.spec.train
         batch = collate_for(groups, t, self.ids, model_family(self.model)).to(self.device)
-        old, behaviour = None, {}
+        old, on_policy, behaviour = None, None, {}
         if behaviour_pass(self.spec) is not None:  # what the driver told the workers to ship
             shipped = [g.behaviour_elbo for g in groups]
             missing = sum(e is None or e.shape != (g.size, t.n_mc) for g, e in zip(groups, shipped))
             if not missing:  # the dtype old_policy_terms gives: float32, float64 for a float64 model
                 old = torch.from_numpy(np.concatenate(shipped)).to(
                     self.device, torch.promote_types(torch.float32, self.model.dtype))
+                # rows made by these weights: their first d is the rollout-dtype gap (train_step)
+                on_policy = torch.from_numpy(np.repeat(
+                    [g.policy_version == self.version for g in groups], [g.size for g in groups])).to(self.device)
             behaviour = {"behaviour_elbo_missing": missing,
                          "behaviour_elbo_seconds": sum(g.timings.get("behaviour_elbo", 0.0) for g in groups)}
-        metrics = train_step(self.model, self.optimizer, batch, t, self.ids.mask_id, self.rank, old=old)
+        metrics = train_step(self.model, self.optimizer, batch, t, self.ids.mask_id, self.rank, old=old,
+                             on_policy=on_policy)
         metrics.update(behaviour)
         metrics["lr"] = self.schedule.get_last_lr()[0]
         self.schedule.step()
@@ -321,24 +332,26 @@ class Learner:
             state = {k: v for k, v in state.items() if "lora_" in k}
         return state
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Trainable weights on the CPU, whole (in a group: gathered, and every rank must call)."""
-        return {k: sharding.full(v).detach().to("cpu", copy=True) for k, v in self._published().items()}
+    def weights(self, cast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Trainable weights on the CPU, whole (in a group: gathered, and every rank must call);
+        floating-point tensors in `cast` if given (self.rollout_dtype: what the workers hold)."""
+        return {k: wire_tensor(v, cast).to("cpu", copy=True) for k, v in self._published().items()}
 
     def weight_payload(self) -> tuple[WeightUpdate | None, list[np.ndarray] | None]:
-        """This version's manifest and bytes; called with num_returns=2 so the driver owns both
-        (dlrl.weights.object_store.adopt) and the version outlives this actor.
+        """This version's manifest and bytes, in the rollout dtype; called with num_returns=2 so
+        the driver owns both (dlrl.weights.object_store.adopt) and the version outlives this actor.
 
-        In a learner group every rank calls it: the lead gathers the shards tensor by tensor
-        straight into the payload (the one host copy the object store needs; no full copy on any
-        device), the others join each all-gather and return (None, None)."""
+        In a learner group every rank calls it: the lead gathers the shards (cast first, so the
+        all-gather moves rollout-dtype bytes) tensor by tensor straight into the payload (the one
+        host copy the object store needs; no full copy on any device), the others join each
+        all-gather and return (None, None)."""
         if not self.rank.sharded:
-            return encode(self.version, self.weights())
+            return encode(self.version, self.weights(self.rollout_dtype))
         state = self._published()
         if not self.rank.lead:
-            sharding.follow_gather(state, skip_empty=False)
+            sharding.follow_gather(state, skip_empty=False, cast=self.rollout_dtype)
             return None, None
-        return encode(self.version, state)
+        return encode(self.version, state, cast=self.rollout_dtype)
 
     def open_weight_group(self, world_size: int, host: str = "127.0.0.1") -> GroupAddress:
         """Rank 0 of a broadcast group of this learner and world_size - 1 rollout workers."""
@@ -348,18 +361,19 @@ class Learner:
         return self.publisher.join_group()
 
     def send_weights(self) -> SyncStats | None:
-        """Broadcast the current version (every worker calls recv_weights at the same time).
+        """Broadcast the current version in the rollout dtype (every worker calls recv_weights at
+        the same time).
 
         In a learner group every rank calls it: the lead packs each bucket from tensors gathered
         as the bucket is filled (one bucket of full weights at a time), the others join the
         all-gathers and return None."""
         if not self.rank.sharded:
-            return self.publisher.send(self.version, self.weights())
+            return self.publisher.send(self.version, self.weights(self.rollout_dtype))
         state = self._published()
         if not self.rank.lead:
-            sharding.follow_gather(state, skip_empty=True)
+            sharding.follow_gather(state, skip_empty=True, cast=self.rollout_dtype)
             return None
-        return self.publisher.send(self.version, state)
+        return self.publisher.send(self.version, state, cast=self.rollout_dtype)
 
     def save(self, path: str | Path, keep: str | Path | None = None) -> str:
         """Atomically write an HF checkpoint plus the resume state to `path`, then acknowledge

@@ -9,7 +9,10 @@ actor redoes an unfinished batch with the same group ids (the learner drops the 
 a resumed run regenerates exactly what the uninterrupted run generated.
 
 Weights are swapped only between generation calls (`set_weights`), never inside one, and every
-group is stamped with the policy version that produced it.
+group is stamped with the policy version that produced it. The worker holds them in the rollout
+dtype (dlrl.precision.rollout_dtype: bf16 on GPUs, the masters' dtype on the CPU unless
+train.compute_dtype asks for bf16), and samples, evaluates (periodic evaluations, eval.protocol)
+and measures behaviour terms with them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dlrl.diffusion import mix_seed
 from dlrl.elbo_terms import ElboPass
 from dlrl.eval_protocol import EvalProtocol, load_examples
 from dlrl.models import load_model, special_ids
+from dlrl.precision import rollout_dtype
 from dlrl.queue import open_queue
 from dlrl.queue.group_ids import group_id
 from dlrl.runtime import pick_device, set_threads
@@ -58,11 +62,16 @@ class RolloutWorker:
         self.run_id = run_id or spec.name
         self.queue = None  # opened on first use: the queue client is per process, never shipped
         self.device = pick_device(spec.runtime.device)
+        # Weights in the learner's compute dtype (bf16 on GPUs), not its float32 masters: a worker
+        # updates no weight, and every version arrives cast to this dtype (dlrl.precision).
+        self.dtype = rollout_dtype(spec.model.dtype, spec.train.compute_dtype, self.device.type)
         self.model, self.tokenizer = load_model(
-            spec.model.path, dtype=spec.model.dtype, device=self.device,
+            spec.model.path, dtype=self.dtype, device=self.device,
             trust_remote_code=spec.model.trust_remote_code, lora=spec.model.lora,
         )
-        self.model.requires_grad_(False)
+        # peft keeps fresh adapters in float32 over a bf16 base (for training); here they are
+        # only applied, and they arrive in the rollout dtype like every other weight.
+        self.model.to(self.dtype).requires_grad_(False)
         self.ids = special_ids(self.model, self.tokenizer)
         self.task = get_task(spec.task.name, **spec.task.options)
         train = self.task.examples("train", spec.task.train_size, spec.train.seed)

@@ -159,6 +159,11 @@ def test_paper_spec_on_8_x_80_gb_fits(capsys):
     plan = fp.plan(spec, 8, 80, graph_copies=OBJECTIVES["bgpo"].graph_copies)
     assert plan.fits and plan.learner_gpus + plan.rollout_gpus == 8
     assert plan.rollout_batch == spec.rollout.batch_size  # the shipped batch fits as it is
+    # ... and is the largest that fits: bf16 rollout weights (half of fp32 masters) left room for 16
+    more = spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"batch_size": 1024})})
+    assert fp.plan(more, 8, 80, graph_copies=OBJECTIVES["bgpo"].graph_copies).rollout_batch == spec.rollout.batch_size
+    assert plan.rollout.weights == fp.job_shape(spec).params() * 2  # bf16 on the GPUs
+    assert "weights in bfloat16" in out and "weight sync  16.0 GB per version" in out
     assert f"{plan.learner.total / 1e9:.1f} GB per GPU" in out
 
 

@@ -4,6 +4,9 @@ Two transports behind one set of rules (endpoints.py): the Ray object store (`pu
 `receive`: always available, the default and the fallback) and a bucketed torch.distributed
 broadcast group (`CollectiveSender` / `CollectiveReceiver`: NCCL between GPUs, gloo on CPUs).
 LoRA runs publish the adapter tensors only (whatever state the learner hands over is what moves).
+The learner casts each version's floating-point tensors once to the workers' rollout dtype
+(`cast=`, dlrl.precision.rollout_dtype: bf16 on GPUs), so they travel at half the bytes of its
+float32 masters and the manifest names what the workers hold.
 Each sync reports `SyncStats` (seconds, bytes), which the driver logs as weight_sync_seconds /
 weight_sync_bytes.
 
@@ -12,7 +15,7 @@ learner actor publishes (`WeightPublisher.publish(v, state)` returns the handle;
 the object), or the driver does, owning the object so it outlives a learner crash:
 
     handle = publisher.adopt(*learner.weight_payload.options(num_returns=2).remote())
-    #   where Learner.weight_payload() returns dlrl.weights.encode(self.version, self.weights())
+    #   where Learner.weight_payload() returns dlrl.weights.encode(self.version, state, cast=rollout dtype)
     stats = ray.get([w.sync_weights.remote(handle) for w in workers])   # WeightReceiver.receive
 
 Collective (`"collective"`): once `address = WeightPublisher.open_group(n_workers + 1)`, then

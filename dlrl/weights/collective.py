@@ -47,8 +47,8 @@ from dlrl.weights.update import (
     WeightUpdate,
     check_manifest,
     check_version,
-    materialize,
     target_state,
+    wire_tensor,
 )
 
 Backend = Literal["gloo", "nccl"]
@@ -194,32 +194,36 @@ class CollectiveSender:
         """Form the group; returns when every receiver has joined (CollectiveError on timeout)."""
         self.group = _connect(self.address, 0, lambda: self._store, self.address.host)
 
-    def send(self, version: int, state: Mapping[str, torch.Tensor], generation: int = 0) -> SyncStats:
-        """Broadcast `state` as weights version `version` (every receiver must be in `recv_into`).
+    def send(self, version: int, state: Mapping[str, torch.Tensor], generation: int = 0,
+             cast: torch.dtype | None = None) -> SyncStats:
+        """Broadcast `state` as weights version `version` (every receiver must be in `recv_into`),
+        its floating-point tensors cast to `cast` if given, one bucket at a time as it is packed.
 
-        Tensors already on the group's device (CUDA for NCCL) are read in place; others are copied
-        there one bucket at a time.
+        Tensors already on the group's device (CUDA for NCCL) in the travelling dtype are read in
+        place; others are cast and copied there one bucket at a time.
         """
         if self.group is None:
             raise CollectiveError(f"weight group {self.address.name} is not joined or was closed")
         t0 = time.perf_counter()
-        update = WeightUpdate.of(version, state, "collective", generation)
+        update = WeightUpdate.of(version, state, "collective", generation, cast)
         tensors = list(state.values())
         group = self.group
         try:
             group.broadcast_header(_encode_header(update, self.bucket_bytes))
             for bucket in plan_buckets(update.manifest, self.bucket_bytes):
-                group.broadcast(self._bucket_bytes(bucket, tensors))
+                group.broadcast(self._bucket_bytes(bucket, tensors, cast))
         except (RuntimeError, dist.DistBackendError) as exc:
             self.close()
             raise CollectiveError(f"broadcast of weights version {version} failed: {exc}") from exc
         return SyncStats(version, "collective", time.perf_counter() - t0, update.nbytes, generation=generation)
 
-    def _bucket_bytes(self, bucket: Bucket, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The bucket's bytes on the group's device. Each tensor is materialized once, here (a
-        learner group's shards are all-gathered as their bucket is filled, in manifest order)."""
+    def _bucket_bytes(self, bucket: Bucket, tensors: Sequence[torch.Tensor],
+                      cast: torch.dtype | None) -> torch.Tensor:
+        """The bucket's bytes on the group's device. Each tensor is cast and materialized once,
+        here (a learner group's shards are all-gathered as their bucket is filled, in manifest
+        order)."""
         device = self.group.device
-        full = {slot.index: materialize(tensors[slot.index]).detach() for slot in bucket.slots}
+        full = {slot.index: wire_tensor(tensors[slot.index], cast) for slot in bucket.slots}
         if len(bucket.slots) == 1:
             t = full[bucket.slots[0].index]
             if t.device == device and t.is_contiguous():

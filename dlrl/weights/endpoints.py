@@ -64,10 +64,12 @@ class WeightPublisher:
             return True
         return check_version(version, self.latest.version, self.generation, self.latest.generation)
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> WeightHandle:
-        """The object-store handle of `version` (put once; the latest is kept for catch-ups)."""
+    def publish(self, version: int, state: Mapping[str, torch.Tensor],
+                cast: torch.dtype | None = None) -> WeightHandle:
+        """The object-store handle of `version` (put once; the latest is kept for catch-ups),
+        floating-point tensors in `cast` (the workers' rollout dtype) if given."""
         if self._check_order(version):
-            self.latest = publish(version, state, self.generation)
+            self.latest = publish(version, state, self.generation, cast)
         return self.latest
 
     def adopt(self, update_ref: ray.ObjectRef, payload_ref: ray.ObjectRef) -> WeightHandle:
@@ -98,14 +100,15 @@ class WeightPublisher:
             self.close_group()
             return False
 
-    def send(self, version: int, state: Mapping[str, torch.Tensor]) -> SyncStats:
+    def send(self, version: int, state: Mapping[str, torch.Tensor], cast: torch.dtype | None = None) -> SyncStats:
         """Broadcast `version` to the group (the workers call `WeightReceiver.recv` at the same
-        time). On failure the stats carry the error and the group is closed: publish instead."""
+        time), floating-point tensors in `cast` if given. On failure the stats carry the error and
+        the group is closed: publish instead."""
         if self.sender is None or self.sender.group is None:
             return SyncStats(version, "none", 0.0, 0, error="no weight group", generation=self.generation)
         t0 = time.perf_counter()
         try:
-            return self.sender.send(version, state, self.generation)
+            return self.sender.send(version, state, self.generation, cast)
         except CollectiveError as exc:
             log.warning("weight broadcast failed, falling back to the object store: %s", exc)
             self.close_group()

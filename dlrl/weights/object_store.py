@@ -29,7 +29,7 @@ import ray
 import torch
 
 from dlrl.weights.buckets import byte_view
-from dlrl.weights.update import SyncStats, WeightUpdate, dtype_of, materialize
+from dlrl.weights.update import SyncStats, WeightUpdate, dtype_of, wire_tensor
 
 
 @dataclass(frozen=True)
@@ -55,27 +55,31 @@ class WeightHandle:
                          generation=self.generation)
 
 
-def encode(version: int, state: Mapping[str, torch.Tensor],
-           generation: int = 0) -> tuple[WeightUpdate, list[np.ndarray]]:
-    """The manifest and the payload (raw bytes of each tensor, manifest order) of a state.
+def encode(version: int, state: Mapping[str, torch.Tensor], generation: int = 0,
+           cast: torch.dtype | None = None) -> tuple[WeightUpdate, list[np.ndarray]]:
+    """The manifest and the payload (raw bytes of each tensor, manifest order) of a state, its
+    floating-point tensors cast to `cast` if given (update.wire_tensor: on their device, before
+    they are gathered or copied to the host, so both move the cast bytes).
 
     The arrays view CPU tensors without copying (tensors on a GPU are copied to the host first).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"weights must be a name -> tensor mapping, got {type(state).__name__}: publish "
                         "in the process that holds the weights (the learner actor), not a reference to them")
-    update = WeightUpdate.of(version, state, "object_store", generation)
-    return update, [byte_view(materialize(t).detach().to("cpu").contiguous()).numpy() for t in state.values()]
+    update = WeightUpdate.of(version, state, "object_store", generation, cast)
+    return update, [byte_view(wire_tensor(t, cast).to("cpu").contiguous()).numpy() for t in state.values()]
 
 
-def publish(version: int, state: Mapping[str, torch.Tensor], generation: int = 0) -> WeightHandle:
-    """Put `state` (any device) into the object store as weights version `version`.
+def publish(version: int, state: Mapping[str, torch.Tensor], generation: int = 0,
+            cast: torch.dtype | None = None) -> WeightHandle:
+    """Put `state` (any device) into the object store as weights version `version` (floating-point
+    tensors in `cast` if given).
 
     The object is owned by the calling process (the learner actor) and lives while that process
     and a handle to it do: keep the latest handle so a restarted worker can catch up.
     """
     t0 = time.perf_counter()
-    update, payload = encode(version, state, generation)
+    update, payload = encode(version, state, generation, cast)
     ref = ray.put(payload)  # the one copy: into shared memory
     return WeightHandle(update, [ref], time.perf_counter() - t0)
 

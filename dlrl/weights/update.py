@@ -12,6 +12,11 @@ driver that restarts a crashed learner from an earlier checkpoint publishes lowe
 again, under a higher generation, and only that lets a worker go back.
 
 `SyncStats` is what each side measures and the driver logs (weight_sync_seconds/bytes).
+
+The sender may cast a version's floating-point tensors to another dtype on their way out
+(`wire_tensor`: the learner's float32 masters travel in the workers' rollout dtype, bf16 on GPUs,
+dlrl.precision.rollout_dtype). The manifest then names the dtype that travels, which is the one
+the receiver holds, so the receiver's check is the same strict one.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ class TensorSpec:
         return numel(self.shape) * dtype_of(self.dtype).itemsize
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> "TensorSpec":
-        return cls(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    def of(cls, name: str, tensor: torch.Tensor, cast: torch.dtype | None = None) -> "TensorSpec":
+        """The tensor's spec, as it travels when cast to `cast` (see `wire_dtype`)."""
+        return cls(name, tuple(tensor.shape), str(wire_dtype(tensor, cast)).removeprefix("torch."))
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,11 @@ class WeightUpdate:
 
     @classmethod
     def of(cls, version: int, state: Mapping[str, torch.Tensor], transport: Transport,
-           generation: int = 0) -> "WeightUpdate":
+           generation: int = 0, cast: torch.dtype | None = None) -> "WeightUpdate":
+        """The update of `state` as it travels: floating-point tensors in `cast` if given."""
         if version < 0 or generation < 0:
             raise ValueError(f"weight versions and generations start at 0, got {version}, {generation}")
-        return cls(version, tuple(TensorSpec.of(k, v) for k, v in state.items()), transport, generation)
+        return cls(version, tuple(TensorSpec.of(k, v, cast) for k, v in state.items()), transport, generation)
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,24 @@ def check_version(incoming: int, held: int, incoming_generation: int = 0, held_g
         raise StaleVersionError(f"weights version {incoming} (generation {incoming_generation}) is older than "
                                 f"the held version {held} (generation {held_generation})")
     return (incoming_generation, incoming) > (held_generation, held)
+
+
+def wire_dtype(tensor: torch.Tensor, cast: torch.dtype | None) -> torch.dtype:
+    """The dtype `tensor` travels in: `cast` for a floating-point tensor (weights), its own for
+    anything else (integer buffers, None: no cast)."""
+    return cast if cast is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def wire_tensor(tensor: torch.Tensor, cast: torch.dtype | None = None) -> torch.Tensor:
+    """The whole tensor as it travels (detached): cast to `wire_dtype` where it differs, then
+    materialized. A learner group's shard is cast before it is gathered, so the all-gather moves
+    the travelling bytes too; each tensor is cast once, as its turn to be sent comes, so no second
+    copy of the model exists at once."""
+    tensor = tensor.detach()
+    dtype = wire_dtype(tensor, cast)
+    if tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return materialize(tensor).detach()
 
 
 def materialize(tensor: torch.Tensor) -> torch.Tensor:

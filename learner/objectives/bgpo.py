@@ -30,11 +30,10 @@ class Bgpo(ElboObjective):
             loss.backward()  # this chunk's graph is freed here
             stats.loss += loss.item()
             d = (terms.detach() - old_j)
-            stats.d_abs += d.abs().sum().item()
+            stats.add_d(d, rows)
             if spec.clip_eps is not None:
                 ratio = torch.where(adv[:, None] >= 0, 1 + d, d.exp())
                 stats.clipped += ((ratio - 1).abs() > spec.clip_eps).sum().item()
-            stats.count += d.numel()
 
     def pad(self, model: torch.nn.Module, piece: TrainBatch, spec: TrainSpec, mask_id: int, update: int) -> None:
         for js in ElboPass.of(spec).chunks():  # chunk by chunk, as its real pieces run

@@ -25,8 +25,7 @@ class NaiveElbo(ElboObjective):
         loss = naive_elbo_ratio_loss(terms, old[rows], adv) * share
         loss.backward()
         stats.loss += loss.item()
-        stats.d_abs += (terms.detach() - old[rows]).abs().sum().item()
-        stats.count += terms.numel()
+        stats.add_d(terms.detach() - old[rows], rows)
 
 
 OBJECTIVE = NaiveElbo()

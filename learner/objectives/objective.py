@@ -23,12 +23,30 @@ from dlrl.elbo_terms import ElboPass, Piece, elbo_terms, piece_terms
 @dataclass
 class RatioStats:
     """A rank's running sums over the pieces it backwarded: the loss, |d| = |l_new - l_old| and
-    the ratios past the clip, over `count` d's. Summed chunk by chunk, in the order they ran."""
+    the ratios past the clip, over `count` d's. Summed chunk by chunk, in the order they ran.
+
+    `on_policy` (this rank's rows, bool; given at the first update of a batch whose l_old the
+    workers shipped): the rows made by the learner's current weights. Their d before any update
+    is not staleness but the precision gap between the workers' rollout-dtype weights and the
+    learner's float32 masters (dlrl.precision.rollout_dtype), summed in `gap_abs` over
+    `gap_count` d's: the behaviour_elbo_gap metric (bench/rollout_dtype.py measures its size)."""
 
     loss: float = 0.0
     d_abs: float = 0.0
     clipped: float = 0.0
     count: int = 0
+    on_policy: torch.Tensor | None = None
+    gap_abs: float = 0.0
+    gap_count: int = 0
+
+    def add_d(self, d: torch.Tensor, rows: slice) -> None:
+        """Count d (m, c) of this rank's rows `rows`: |d| always, the gap on on-policy rows."""
+        self.d_abs += d.abs().sum().item()
+        self.count += d.numel()
+        if self.on_policy is not None:
+            fresh = self.on_policy[rows]  # (m,)
+            self.gap_abs += d[fresh].abs().sum().item()
+            self.gap_count += int(fresh.sum()) * d.shape[1]
 
 
 def pad_backward(out: torch.Tensor) -> None:
