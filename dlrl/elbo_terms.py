@@ -18,9 +18,10 @@ import torch
 
 from dlrl import diffusion
 from dlrl.batch import TrainBatch
-from dlrl.block_elbo import bd3_logits, block_size_of
+from dlrl.block_elbo import bd3_hidden, block_size_of
 from dlrl.config import JobSpec, TrainSpec
-from dlrl.models.forward import diffusion_logits
+from dlrl.models.forward import diffusion_hidden
+from dlrl.models.output_head import head_logprobs
 from dlrl.precision import autocast
 
 Piece = tuple[TrainBatch, slice | None]
@@ -91,6 +92,10 @@ def elbo_chunk(
     block-diffusion model (its family block-causal) is scored as it was trained: each copy as
     [noisy ; clean] (m * c, 2T) under the BD3-LM mask, the logits of the noisy half's response
     only (dlrl.block_elbo), which gives the per-block ELBO summed over blocks.
+
+    Only the masked response positions, the ones the term sums over, are projected onto the
+    vocabulary, in chunks (dlrl.models.output_head): the forward returns hidden states, never
+    (m * c, T, V) logits.
     """
     P = batch.prompt_len
     m = batch.size
@@ -101,19 +106,16 @@ def elbo_chunk(
     inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, c, -1), noisy], -1).flatten(0, 1)
     attention = batch.attention[:, None].expand(-1, c, -1).flatten(0, 1)
     block = block_size_of(model)
+    flat = masks.flatten(0, 1)  # (m * c, L)
+    targets = response.repeat_interleave(c, 0)[flat]  # (K,) the masked positions' clean tokens
     with autocast(inputs.device, compute_dtype):
         if block is None:
-            logits = diffusion_logits(model, inputs, attention)[:, P:]  # (m * c, L, V)
+            hidden = diffusion_hidden(model, inputs, attention)[:, P:]  # (m * c, L, d)
         else:
             clean = batch.tokens.repeat_interleave(c, 0)
-            logits = bd3_logits(model, inputs, clean, attention, block, slice(P, batch.tokens.shape[1]))
-    terms = diffusion.elbo_term(
-        logits,
-        response.repeat_interleave(c, 0),
-        masks.flatten(0, 1),
-        batch.weights[:, js].flatten(),
-        normalize,
-    )
+            hidden = bd3_hidden(model, inputs, clean, attention, block, slice(P, batch.tokens.shape[1]))
+        logp = head_logprobs(model, hidden[flat], targets)  # (K,) float32, projected in chunks
+    terms = diffusion.masked_elbo_term(logp, flat, batch.weights[:, js].flatten(), normalize)
     return terms.view(m, c)
 
 

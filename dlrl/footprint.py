@@ -46,6 +46,16 @@ MODEL_CONFIGS = ASSETS / "model-configs"
 BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GB = 1e9
 
+LOGIT_CHUNK = 2**25
+"""Most logits the learner's ELBO head holds at once (dlrl.models.output_head): it projects the
+rows it sums over in chunks of LOGIT_CHUNK // V rows (265 at LLaDA's 126,464-token vocabulary:
+128 MB of float32 logits, and a head matmul of 2 x 265 x 4096 x 126,464 FLOP per chunk at 8B)."""
+
+
+def logit_chunk_rows(vocab: int) -> int:
+    """Rows per chunk of the ELBO head's projection: at most LOGIT_CHUNK logits, at least one row."""
+    return max(1, LOGIT_CHUNK // vocab)
+
 
 @dataclass(frozen=True)
 class ModelShape:
