@@ -23,8 +23,9 @@ sent to and the shared one: `moe_block_activation_bytes`).
 stored T x T score matrix (flash / memory-efficient kernels).
 
 A block-diffusion family (`ModelShape.bd3`) is scored on its training layout [x_t ; x_0]
-(dlrl.block_elbo): every forward carries 2T tokens, a dense (2T)^2 attention mask, and projects
-only the noisy half's L response positions onto the vocabulary.
+(dlrl.block_elbo): every forward carries 2T tokens and a dense (2T)^2 attention mask. Every
+family's ELBO pass projects only the masked response positions onto the vocabulary, in chunks of
+at most LOGIT_CHUNK logits (dlrl.models.output_head, `logits_bytes`).
 """
 
 from __future__ import annotations
@@ -281,16 +282,21 @@ def activation_bytes(
     return tokens * (shape.dense_count * per_block + shape.moe_layers * per_moe)
 
 
-def logits_bytes(shape: ModelShape, rows: int, seq_len: int, resp_len: int, compute_bytes: int) -> int:
-    """The ELBO head's peak: rows x V x (b T + b L + 8 L).
+def logits_bytes(shape: ModelShape, rows: int, resp_len: int, compute_bytes: int) -> int:
+    """The ELBO head's peak: c V (2b + 16) for one chunk of logits, plus 8 K h for the rows it projects.
 
-    The head's output over all T positions (b T V per row), the masked positions' logits gathered
-    and, in float32, kept by logsumexp (at most L of them, 4 L V) plus their gradient (4 L V), and
-    the head's gradient scattered back into a (L, V) block (b L V). On the BD3 layout the head
-    projects the L response positions only (`logits_to_keep`), so b L V in place of b T V.
+    The head projects only the K <= rows x L masked response positions (all L for diffu-GRPO's
+    one step), c = min(K, LOGIT_CHUNK // V) rows at a time, each chunk's logits recomputed in the
+    backward (dlrl.models.output_head). The chunk's peak is its backward: the head's output (b),
+    its float32 copy (4, none when b = 4 — counted anyway), logsumexp's exp and the gradient through it
+    (4 + 4), the gather's scattered gradient and their sum (4 + 4), and that gradient in the compute
+    dtype for the head's matmuls (b). The gathered hidden rows are float32 (the residual stream's
+    dtype through the final norm): kept for the backward, and their gradient scattered back (4 + 4
+    per element of K x h). Counted with K = rows x L, the most that can be masked.
     """
-    head = resp_len if shape.bd3 else seq_len
-    return rows * shape.vocab * (compute_bytes * head + compute_bytes * resp_len + 8 * resp_len)
+    k = rows * resp_len
+    chunk = min(k, logit_chunk_rows(shape.vocab))
+    return chunk * shape.vocab * (2 * compute_bytes + 16) + 8 * k * shape.hidden
 
 
 def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, compute_bytes: int, checkpointing: bool) -> int:
@@ -345,7 +351,7 @@ def learner_memory(
         gathered=gathered,
         activations=activation_bytes(shape, rows, seq_len * (2 if shape.bd3 else 1), compute_bytes, checkpointing,
                                      lora_r is not None) + bd3_mask_bytes(shape, rows, seq_len, compute_bytes, checkpointing),
-        logits=logits_bytes(shape, rows, seq_len, resp_len, compute_bytes),
+        logits=logits_bytes(shape, rows, resp_len, compute_bytes),
     )
 
 

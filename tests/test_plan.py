@@ -191,14 +191,16 @@ def test_plan_reports_what_auto_picks(capsys):
 
 def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
     """The naive ratio keeps all n_mc MC graphs alive until its one backward, whatever mc_chunk:
-    its plan holds n_mc copies' activations and logits, 16x BGPO's at chunk 1 in the paper spec."""
+    its plan holds n_mc copies' activations and projected rows, 16x BGPO's at chunk 1 in the paper spec
+    (the head's one chunk of logits is the same for both: dlrl.models.output_head)."""
     paper = JobSpec.from_toml(PAPER)
     naive = paper.model_copy(update={"train": paper.train.model_copy(update={"algorithm": "naive_elbo"})})
     shape = fp.job_shape(paper)
     kw = {"gpus": 4, "checkpointing": True, "prompt_len": 256, "mc_chunk": 1}
     b = fp.job_learner_memory(paper, shape, graph_copies=OBJECTIVES["bgpo"].graph_copies, **kw)
     n = fp.job_learner_memory(naive, shape, graph_copies=OBJECTIVES["naive_elbo"].graph_copies, **kw)
-    assert (n.activations, n.logits) == (16 * b.activations, 16 * b.logits)
+    head = fp.logit_chunk_rows(shape.vocab) * shape.vocab * (2 * 2 + 16)  # one chunk of bf16 logits, shared
+    assert (n.activations, n.logits - head) == (16 * b.activations, 16 * (b.logits - head))
     assert (n.weights, n.grads, n.optimizer) == (b.weights, b.grads, b.optimizer)
     # The command reads the objective: on 8 x 80 GB BGPO needs no activation checkpointing (the
     # layout a plan sized as BGPO gave the naive ratio before), the naive ratio does.
