@@ -62,9 +62,10 @@ def rollout_pass(spec: JobSpec) -> ElboPass:
     mc_chunk = "auto" the largest chunk whose forwards hold at most rollout.batch_size rows.
 
     The worker's pass has no backward, so its chunk only sets how many rows one forward takes: a
-    no-grad forward's peak per row (its logits, b T V, and the float32 log-softmax over L
-    positions) is below the sampler's own per row (dlrl.footprint.sampling_bytes, at least
-    (2 b + 8) T V), which the worker already holds for rollout.batch_size rows. The learner's
+    no-grad forward's peak per row (its hidden states, and logits only of its masked response
+    rows, one chunk of LOGIT_CHUNK at a time: dlrl.models.output_head) is below the sampler's own
+    per row (dlrl.footprint.sampling_bytes, at least (2 b + 8) T V), which the worker already
+    holds for rollout.batch_size rows. The learner's
     "auto" is sized for its backward and its own device (learner.memory), so it is not this one;
     a numeric mc_chunk is used as it is, as the learner uses it.
     """

@@ -617,7 +617,8 @@ def describe(p: Plan, spec: JobSpec, host: bool = False) -> str:
         f"  gathered   {_gb(lm.gathered)}   (compute-dtype copies)",
         f"  activations{_gb(lm.activations)}   (micro_batch x {p.graph_copies} MC copies alive per row, "
         f"mc_chunk {p.mc_chunk}{' picked by auto' if spec.train.mc_chunk == 'auto' else ''})",
-        f"  logits     {_gb(lm.logits)}",
+        f"  logits     {_gb(lm.logits)}   (masked response rows only, {logit_chunk_rows(shape.vocab)} rows "
+        f"of the vocabulary at a time)",
         f"  total      {_gb(lm.total)}{per}",
         f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), {batch}"
         f" (spec: {spec.rollout.batch_size})",

@@ -209,3 +209,17 @@ def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
     out = capsys.readouterr().out
     assert "micro_batch x 16 MC copies alive per row" in out and "set train.activation_checkpointing = true" in out
     assert not fp.plan(paper, 8, 80, graph_copies=OBJECTIVES["bgpo"].graph_copies).checkpointing
+
+
+def test_the_elbo_head_is_sized_by_one_chunk_of_logits_and_the_masked_rows():
+    """The learner's ELBO head projects only masked response rows, LOGIT_CHUNK logits at a time
+    (dlrl.models.output_head): its term is one chunk of logits however many rows, plus 8 bytes per
+    element of the projected hidden rows; never rows x T x V."""
+    llada = fp.job_shape(JobSpec.from_toml(PAPER))
+    assert llada.vocab == 126_464 and fp.logit_chunk_rows(llada.vocab) == 265
+    chunk = 265 * 126_464 * (2 * 2 + 16)
+    assert fp.logits_bytes(llada, rows=1, resp_len=100, compute_bytes=2) == 100 * 126_464 * 20 + 8 * 100 * 4096
+    for rows in (4, 64):
+        assert fp.logits_bytes(llada, rows=rows, resp_len=256, compute_bytes=2) == chunk + 8 * rows * 256 * 4096
+    # 64 rows of 512 tokens: 1.2 GB, where all positions' bf16 logits alone were 8.3 GB
+    assert fp.logits_bytes(llada, rows=64, resp_len=256, compute_bytes=2) < 64 * 512 * 126_464 * 2 / 6
