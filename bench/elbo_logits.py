@@ -93,12 +93,11 @@ def measure(model, batch, spec: TrainSpec, path: str, repeats: int) -> tuple[dic
              else contextlib.nullcontext())
     with torch.no_grad():
         old = old_policy_terms(model, batch, spec, MASK_ID) - 0.05  # ratios away from 1
+    for q in model.parameters():  # gradients exist before the measured step, as in a training run
+        q.grad = torch.zeros_like(q)
     with patch:
-        model.zero_grad(set_to_none=False)
-        accumulate_gradients(model, batch, old, spec, MASK_ID)  # gradients exist before the measured step
-        model.zero_grad(set_to_none=False)
         peak = peak_tensor_bytes(lambda: accumulate_gradients(model, batch, old, spec, MASK_ID))
-        grads = [p.grad.clone() for p in model.parameters()]
+        grads = [q.grad.clone() for q in model.parameters()]
         seconds = []
         for _ in range(repeats):
             model.zero_grad(set_to_none=False)
@@ -113,10 +112,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--rows", type=int, default=2, help="completions in the micro-batch")
+    p.add_argument("--rows", type=int, default=2, help="completions in the micro-batch at n_mc 1 (half as many "
+                   "at the chunked n_mc 4, mc_chunk 2: the same rows per forward)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per path (the median is reported)")
     p.add_argument("--out", default=str(ROOT / "bench/results/elbo_logits.json"))
     args = p.parse_args()
     torch.manual_seed(0)
@@ -127,28 +127,34 @@ def main() -> None:
     shape = fp.shape_from_config(cfg.to_dict())
     load_before = os.getloadavg()
     rows = []
-    for n_mc, mc_chunk in ((1, 1), (4, 2)):
-        spec = TrainSpec(n_mc=n_mc, mc_chunk=mc_chunk, micro_batch=args.rows)
-        batch = _batch(args.rows, args.prompt_len, args.gen_len, n_mc)
+    out = Path(args.out)
+    for n_mc, mc_chunk, m in ((1, 1, args.rows), (4, 2, max(1, args.rows // 2))):
+        spec = TrainSpec(n_mc=n_mc, mc_chunk=mc_chunk, micro_batch=m)
+        batch = _batch(m, args.prompt_len, args.gen_len, n_mc)
         before, g_before = measure(model, batch, spec, "before", args.repeats)
         after, g_after = measure(model, batch, spec, "after", args.repeats)
         diff = max(float((a - b).abs().max()) for a, b in zip(g_before, g_after))
         scale = max(float(a.abs().max()) for a in g_before)
-        masked = int(batch.masks[:, :mc_chunk].sum())
         row = {
-            "n_mc": n_mc, "mc_chunk": mc_chunk, "rows": args.rows, "forward_rows": args.rows * mc_chunk,
-            "masked_positions_per_chunk_0": masked,
+            "n_mc": n_mc, "mc_chunk": mc_chunk, "rows": m, "forward_rows": m * mc_chunk,
+            "masked_positions": int(batch.masks.sum()), "response_positions": m * n_mc * args.gen_len,
             "before": before, "after": after,
             "peak_ratio_after_over_before": after["peak_step_tensor_bytes"] / before["peak_step_tensor_bytes"],
             "time_ratio_after_over_before": after["step_seconds_median"] / before["step_seconds_median"],
             "grad_max_abs_diff": diff, "grad_max_abs": scale,
-            "footprint_logits_bytes_after": fp.logits_bytes(shape, args.rows * mc_chunk, args.gen_len, 4),
+            "footprint_logits_bytes_after": fp.logits_bytes(shape, m * mc_chunk, args.gen_len, 4),
         }
         rows.append(row)
-        print(f"n_mc {n_mc} mc_chunk {mc_chunk}: peak {before['peak_step_tensor_bytes'] / 2**20:8.1f} MiB -> "
+        print(f"n_mc {n_mc} mc_chunk {mc_chunk} rows {m}: peak {before['peak_step_tensor_bytes'] / 2**20:8.1f} MiB -> "
               f"{after['peak_step_tensor_bytes'] / 2**20:8.1f} MiB (x{row['peak_ratio_after_over_before']:.3f}), "
               f"time {before['step_seconds_median']:.2f} s -> {after['step_seconds_median']:.2f} s "
               f"(x{row['time_ratio_after_over_before']:.3f}), grad diff {diff:.2e} of {scale:.2e}", flush=True)
+        write(out, args, model, load_before, rows)
+    print(f"wrote {out}")
+
+
+def write(out: Path, args, model, load_before, rows: list[dict]) -> None:
+    """The result so far (rewritten after each configuration)."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "bench": "elbo_logits",
@@ -167,9 +173,8 @@ def main() -> None:
                   "the CPU allocator's events in torch's profiler during the step; time = median of plain runs",
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
