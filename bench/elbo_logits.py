@@ -45,6 +45,7 @@ from dlrl.batch import TrainBatch, collate  # noqa: E402
 from dlrl.block_elbo import bd3_logits, block_size_of  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from dlrl.models.families import model_family  # noqa: E402
 from dlrl.models.forward import diffusion_logits  # noqa: E402
 from dlrl.precision import autocast  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
@@ -165,7 +166,7 @@ def write(out: Path, args, model, load_before, rows: list[dict]) -> None:
                     "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg(),
                     "note": "shared machine: 2 cores used by several concurrent jobs; times are noisy, "
                             "peak bytes are not"},
-        "model": {"family": "llada", "hidden": args.hidden, "layers": args.layers, "vocab": VOCAB,
+        "model": {"family": model_family(model).name, "hidden": args.hidden, "layers": args.layers, "vocab": VOCAB,
                   "params": sum(q.numel() for q in model.parameters()), "dtype": "float32",
                   "prompt_len": args.prompt_len, "gen_len": args.gen_len},
         "logit_chunk_rows": fp.logit_chunk_rows(VOCAB),
