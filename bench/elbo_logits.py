@@ -113,8 +113,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--rows", type=int, default=2, help="completions in the micro-batch at n_mc 1 (half as many "
-                   "at the chunked n_mc 4, mc_chunk 2: the same rows per forward)")
+    p.add_argument("--rows", type=int, default=2, help="completions in the micro-batch (>= 2: one completion's "
+                   "group-normalised advantage is 0, and so its gradient)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per path (the median is reported)")
@@ -129,7 +129,7 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     out = Path(args.out)
-    for n_mc, mc_chunk, m in ((1, 1, args.rows), (4, 2, max(1, args.rows // 2))):
+    for n_mc, mc_chunk, m in ((1, 1, args.rows), (4, 2, args.rows)):
         spec = TrainSpec(n_mc=n_mc, mc_chunk=mc_chunk, micro_batch=m)
         batch = _batch(m, args.prompt_len, args.gen_len, n_mc)
         before, g_before = measure(model, batch, spec, "before", args.repeats)
@@ -164,8 +164,8 @@ def write(out: Path, args, model, load_before, rows: list[dict]) -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg(),
-                    "note": "shared machine: 2 cores used by several concurrent jobs; times are noisy, "
-                            "peak bytes are not"},
+                    "note": "shared machine: 2 cores used by several concurrent jobs (a tiny training ran "
+                            "beside this); times are noisy, peak bytes are not"},
         "model": {"family": model_family(model).name, "hidden": args.hidden, "layers": args.layers, "vocab": VOCAB,
                   "params": sum(q.numel() for q in model.parameters()), "dtype": "float32",
                   "prompt_len": args.prompt_len, "gen_len": args.gen_len},
@@ -173,6 +173,8 @@ def write(out: Path, args, model, load_before, rows: list[dict]) -> None:
         "method": "learner.step.accumulate_gradients (BGPO), one micro-batch; peak = largest running sum of "
                   "the CPU allocator's events in torch's profiler during the step; time = median of plain runs",
         "rows": rows,
+        "peak_note": "both peaks include what any path allocates in the step: the embedding's and the head's "
+                     "(V, d) float32 gradient temporaries before they are added to .grad (2 x 129.5 MB here)",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
