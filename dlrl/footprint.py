@@ -283,20 +283,24 @@ def activation_bytes(
 
 
 def logits_bytes(shape: ModelShape, rows: int, resp_len: int, compute_bytes: int) -> int:
-    """The ELBO head's peak: c V (2b + 16) for one chunk of logits, plus 8 K h for the rows it projects.
+    """The ELBO head's peak: c V (b + 8) + V h (4 + b') + 8 K h.
 
     The head projects only the K <= rows x L masked response positions (all L for diffu-GRPO's
     one step), c = min(K, LOGIT_CHUNK // V) rows at a time, each chunk's logits recomputed in the
-    backward (dlrl.models.output_head). The chunk's peak is its backward: the head's output (b),
-    its float32 copy (4, none when b = 4 — counted anyway), logsumexp's exp and the gradient through it
-    (4 + 4), the gather's scattered gradient and their sum (4 + 4), and that gradient in the compute
-    dtype for the head's matmuls (b). The gathered hidden rows are float32 (the residual stream's
-    dtype through the final norm): kept for the backward, and their gradient scattered back (4 + 4
-    per element of K x h). Counted with K = rows x L, the most that can be masked.
+    backward (dlrl.models.output_head). Its peak is a chunk's backward: the head's output (b) and,
+    in float32, logsumexp's exponentials and the gradient through the gather (4 + 4), beside the
+    head weight's gradient of that chunk before it is added to .grad (V h x 4, plus b' = b for the
+    compute-dtype copy's own gradient when b < 4). The gathered hidden rows are float32 (the
+    residual stream's dtype through the final norm): kept for the backward, and their gradient
+    scattered back (4 + 4 per element of K x h). Counted with K = rows x L, the most that can be
+    masked. Measured on the CPU at LLaDA's vocabulary (hidden 256, 512 rows): 12.2 (float32) and
+    14.1 (bfloat16 autocast) bytes per chunk logit with the weight's gradient, against 12 and 11.9
+    here (tests/test_plan.py checks the whole step to 25%).
     """
     k = rows * resp_len
     chunk = min(k, logit_chunk_rows(shape.vocab))
-    return chunk * shape.vocab * (2 * compute_bytes + 16) + 8 * k * shape.hidden
+    weight_grad = shape.vocab * shape.hidden * (4 + (compute_bytes if compute_bytes < 4 else 0))
+    return chunk * shape.vocab * (compute_bytes + 8) + weight_grad + 8 * k * shape.hidden
 
 
 def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, compute_bytes: int, checkpointing: bool) -> int:

@@ -199,7 +199,8 @@ def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
     kw = {"gpus": 4, "checkpointing": True, "prompt_len": 256, "mc_chunk": 1}
     b = fp.job_learner_memory(paper, shape, graph_copies=OBJECTIVES["bgpo"].graph_copies, **kw)
     n = fp.job_learner_memory(naive, shape, graph_copies=OBJECTIVES["naive_elbo"].graph_copies, **kw)
-    head = fp.logit_chunk_rows(shape.vocab) * shape.vocab * (2 * 2 + 16)  # one chunk of bf16 logits, shared
+    head = fp.logits_bytes(shape, rows=1, resp_len=shape.vocab, compute_bytes=2) - 8 * shape.vocab * shape.hidden
+    # ^ one chunk of bf16 logits and the head's weight gradient: the same for both
     assert (n.activations, n.logits - head) == (16 * b.activations, 16 * (b.logits - head))
     assert (n.weights, n.grads, n.optimizer) == (b.weights, b.grads, b.optimizer)
     # The command reads the objective: on 8 x 80 GB BGPO needs no activation checkpointing (the
@@ -213,13 +214,14 @@ def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
 
 def test_the_elbo_head_is_sized_by_one_chunk_of_logits_and_the_masked_rows():
     """The learner's ELBO head projects only masked response rows, LOGIT_CHUNK logits at a time
-    (dlrl.models.output_head): its term is one chunk of logits however many rows, plus 8 bytes per
-    element of the projected hidden rows; never rows x T x V."""
+    (dlrl.models.output_head): its term is one chunk of logits and the head's weight gradient
+    however many rows, plus 8 bytes per element of the projected hidden rows; never rows x T x V."""
     llada = fp.job_shape(JobSpec.from_toml(PAPER))
     assert llada.vocab == 126_464 and fp.logit_chunk_rows(llada.vocab) == 265
-    chunk = 265 * 126_464 * (2 * 2 + 16)
-    assert fp.logits_bytes(llada, rows=1, resp_len=100, compute_bytes=2) == 100 * 126_464 * 20 + 8 * 100 * 4096
+    head = 265 * 126_464 * (2 + 8) + 126_464 * 4096 * (4 + 2)  # one chunk of bf16 logits, the head's gradient
+    assert fp.logits_bytes(llada, rows=1, resp_len=100, compute_bytes=2) == (
+        100 * 126_464 * 10 + 126_464 * 4096 * 6 + 8 * 100 * 4096)
     for rows in (4, 64):
-        assert fp.logits_bytes(llada, rows=rows, resp_len=256, compute_bytes=2) == chunk + 8 * rows * 256 * 4096
-    # 64 rows of 512 tokens: 1.2 GB, where all positions' bf16 logits alone were 8.3 GB
-    assert fp.logits_bytes(llada, rows=64, resp_len=256, compute_bytes=2) < 64 * 512 * 126_464 * 2 / 6
+        assert fp.logits_bytes(llada, rows=rows, resp_len=256, compute_bytes=2) == head + 8 * rows * 256 * 4096
+    # 64 rows of 512 tokens: 4.0 GB, where all positions' bf16 logits alone were 8.3 GB
+    assert fp.logits_bytes(llada, rows=64, resp_len=256, compute_bytes=2) < 64 * 512 * 126_464 * 2 / 2
