@@ -95,7 +95,7 @@ def main() -> None:
             "peak_step_tensor_bytes": peak,
             "step_seconds_profiled": seconds,
             "footprint_activation_bytes": fp.activation_bytes(shape, args.rows, T, 4, checkpointing),
-            "footprint_logits_bytes": fp.logits_bytes(shape, args.rows, T, args.gen_len, 4),
+            "footprint_logits_bytes": fp.logits_bytes(shape, args.rows, args.gen_len, 4),
         })
         print(f"checkpointing {'on ' if checkpointing else 'off'}: step peak {peak / 2**20:8.1f} MiB "
               f"(footprint: activations {rows[-1]['footprint_activation_bytes'] / 2**20:7.1f} MiB + logits "

@@ -14,8 +14,9 @@ own noisy block (M_BD) and the clean blocks before it (M_OBC), and the clean hal
 block-causal prefix a sampler's KV cache holds (M_BC). With one mask level t shared by all blocks,
 the per-block ELBO is the sum over blocks of each block's ELBO at that t, which this sums in one
 pass ([analysis] in §2: the shared t correlates the blocks, it does not bias the sum).
-`dlrl.elbo_terms` and diffu-GRPO's one-step estimate call `bd3_logits` whenever the model's
-family is block-causal (`block_size_of`); full-attention families never reach this module.
+`dlrl.elbo_terms` and diffu-GRPO's one-step estimate call `bd3_hidden` (the same forward without
+the vocabulary head; they project only the rows they score) and SFT calls `bd3_logits` whenever
+the model's family is block-causal (`block_size_of`); full-attention families never reach this module.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from dlrl.models.block_mask import bd3_mask
 from dlrl.models.families import model_family
-from dlrl.models.forward import _accepts, _unwrapped
+from dlrl.models.forward import _accepts, _unwrapped, head_input
 from dlrl.models.padding import padding_positions
 
 
@@ -49,6 +50,34 @@ def bd3_logits(
     sliced before any log-softmax. Only families whose logits sit at their own position
     (`Family.logit_shift == 0`, SDAR and LLaDA2) are defined here.
     """
+    inputs, mask, positions = _bd3_inputs(model, noisy, clean, attention, block_size)
+    if _accepts(type(_unwrapped(model)).forward, "logits_to_keep"):
+        return model(inputs, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    return model(inputs, attention_mask=mask, position_ids=positions).logits[:, keep]
+
+
+def bd3_hidden(
+    model: torch.nn.Module, noisy: torch.Tensor, clean: torch.Tensor, attention: torch.Tensor,
+    block_size: int, keep: slice,
+) -> torch.Tensor:
+    """The last hidden states (B, |keep|, d) of the noisy half's positions `keep`, from the forward
+    `bd3_logits` runs, with no position projected onto the vocabulary: the head applied to row i
+    gives that forward's logits at keep's i-th position (the caller projects the rows it sums over:
+    dlrl.models.output_head). A model that takes `logits_to_keep` normalises only those positions."""
+    inputs, mask, positions = _bd3_inputs(model, noisy, clean, attention, block_size)
+    sliced = _accepts(type(_unwrapped(model)).forward, "logits_to_keep")
+    with head_input(model) as seen:
+        if sliced:
+            model(inputs, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+        else:
+            model(inputs, attention_mask=mask, position_ids=positions)
+    return seen[-1] if sliced else seen[-1][:, keep]
+
+
+def _bd3_inputs(
+    model: torch.nn.Module, noisy: torch.Tensor, clean: torch.Tensor, attention: torch.Tensor, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[noisy ; clean] (B, 2T), its BD3-LM mask and position ids (see `bd3_logits`)."""
     if model_family(model).logit_shift != 0:
         raise ValueError("the BD3-LM layout reads each token's logits at its own position: "
                          "a family with shifted logits has no block ELBO here")
@@ -60,10 +89,7 @@ def bd3_logits(
     # Unpadded rows share one (1, 1, 2T, 2T) mask, broadcast over the batch.
     mask = bd3_mask(attention if padded else None, t, block_size, device=noisy.device)
     positions = padding_positions(attention).repeat(1, 2)
-    inputs = torch.cat([noisy, clean], dim=1)
-    if _accepts(type(_unwrapped(model)).forward, "logits_to_keep"):
-        return model(inputs, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    return model(inputs, attention_mask=mask, position_ids=positions).logits[:, keep]
+    return torch.cat([noisy, clean], dim=1), mask, positions
 
 
-__all__ = ["bd3_logits", "block_size_of"]
+__all__ = ["bd3_hidden", "bd3_logits", "block_size_of"]

@@ -177,13 +177,25 @@ def elbo_term(
     weight:  (B,)      1/t or L/k of each row's mask
     Only masked positions are scored, so the (B, L, V) log-softmax is never materialised.
     """
+    return masked_elbo_term(token_logprobs(logits[mask], targets[mask]), mask, weight, normalize)
+
+
+def masked_elbo_term(
+    logp_masked: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, normalize: Normalize = "token",
+) -> torch.Tensor:
+    """`elbo_term` from the log-probs of the masked positions alone, shape (B,).
+
+    logp_masked: (K,) log p(y^i | y_t, x) of the K = mask.sum() masked positions, in the order of
+                 `mask`'s True entries (row-major), float32 or wider; the learner computes only
+                 these (dlrl.models.output_head)
+    mask:        (B, L) bool; weight: (B,) as in `elbo_term`
+    """
     if normalize not in ("token", "sequence"):
         raise ValueError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
-    logp_masked = token_logprobs(logits[mask], targets[mask])  # (K,)
     logp = logp_masked.new_zeros(mask.shape).masked_scatter(mask, logp_masked)  # (B, L)
     term = logp.sum(-1) * weight.to(logp.dtype)
     if normalize == "token":
-        term = term / targets.shape[-1]
+        term = term / mask.shape[-1]
     return term
 
 

@@ -18,9 +18,10 @@ import torch
 
 from dlrl import diffusion
 from dlrl.batch import TrainBatch
-from dlrl.block_elbo import bd3_logits, block_size_of
+from dlrl.block_elbo import bd3_hidden, block_size_of
 from dlrl.config import JobSpec, TrainSpec
-from dlrl.models.forward import diffusion_logits
+from dlrl.models.forward import diffusion_hidden
+from dlrl.models.output_head import head_logprobs
 from dlrl.precision import autocast
 
 Piece = tuple[TrainBatch, slice | None]
@@ -61,9 +62,10 @@ def rollout_pass(spec: JobSpec) -> ElboPass:
     mc_chunk = "auto" the largest chunk whose forwards hold at most rollout.batch_size rows.
 
     The worker's pass has no backward, so its chunk only sets how many rows one forward takes: a
-    no-grad forward's peak per row (its logits, b T V, and the float32 log-softmax over L
-    positions) is below the sampler's own per row (dlrl.footprint.sampling_bytes, at least
-    (2 b + 8) T V), which the worker already holds for rollout.batch_size rows. The learner's
+    no-grad forward's peak per row (its hidden states, and logits only of its masked response
+    rows, one chunk of LOGIT_CHUNK at a time: dlrl.models.output_head) is below the sampler's own
+    per row (dlrl.footprint.sampling_bytes, at least (2 b + 8) T V), which the worker already
+    holds for rollout.batch_size rows. The learner's
     "auto" is sized for its backward and its own device (learner.memory), so it is not this one;
     a numeric mc_chunk is used as it is, as the learner uses it.
     """
@@ -91,6 +93,10 @@ def elbo_chunk(
     block-diffusion model (its family block-causal) is scored as it was trained: each copy as
     [noisy ; clean] (m * c, 2T) under the BD3-LM mask, the logits of the noisy half's response
     only (dlrl.block_elbo), which gives the per-block ELBO summed over blocks.
+
+    Only the masked response positions, the ones the term sums over, are projected onto the
+    vocabulary, in chunks (dlrl.models.output_head): the forward returns hidden states, never
+    (m * c, T, V) logits.
     """
     P = batch.prompt_len
     m = batch.size
@@ -101,19 +107,16 @@ def elbo_chunk(
     inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, c, -1), noisy], -1).flatten(0, 1)
     attention = batch.attention[:, None].expand(-1, c, -1).flatten(0, 1)
     block = block_size_of(model)
+    flat = masks.flatten(0, 1)  # (m * c, L)
+    targets = response.repeat_interleave(c, 0)[flat]  # (K,) the masked positions' clean tokens
     with autocast(inputs.device, compute_dtype):
         if block is None:
-            logits = diffusion_logits(model, inputs, attention)[:, P:]  # (m * c, L, V)
+            hidden = diffusion_hidden(model, inputs, attention)[:, P:]  # (m * c, L, d)
         else:
             clean = batch.tokens.repeat_interleave(c, 0)
-            logits = bd3_logits(model, inputs, clean, attention, block, slice(P, batch.tokens.shape[1]))
-    terms = diffusion.elbo_term(
-        logits,
-        response.repeat_interleave(c, 0),
-        masks.flatten(0, 1),
-        batch.weights[:, js].flatten(),
-        normalize,
-    )
+            hidden = bd3_hidden(model, inputs, clean, attention, block, slice(P, batch.tokens.shape[1]))
+        logp = head_logprobs(model, hidden[flat], targets)  # (K,) float32, projected in chunks
+    terms = diffusion.masked_elbo_term(logp, flat, batch.weights[:, js].flatten(), normalize)
     return terms.view(m, c)
 
 

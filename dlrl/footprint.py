@@ -23,8 +23,9 @@ sent to and the shared one: `moe_block_activation_bytes`).
 stored T x T score matrix (flash / memory-efficient kernels).
 
 A block-diffusion family (`ModelShape.bd3`) is scored on its training layout [x_t ; x_0]
-(dlrl.block_elbo): every forward carries 2T tokens, a dense (2T)^2 attention mask, and projects
-only the noisy half's L response positions onto the vocabulary.
+(dlrl.block_elbo): every forward carries 2T tokens and a dense (2T)^2 attention mask. Every
+family's ELBO pass projects only the masked response positions onto the vocabulary, in chunks of
+at most LOGIT_CHUNK logits (dlrl.models.output_head, `logits_bytes`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ MODEL_CONFIGS = ASSETS / "model-configs"
 
 BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GB = 1e9
+
+LOGIT_CHUNK = 2**25
+"""Most logits the learner's ELBO head holds at once (dlrl.models.output_head): it projects the
+rows it sums over in chunks of LOGIT_CHUNK // V rows (265 at LLaDA's 126,464-token vocabulary:
+128 MB of float32 logits, and a head matmul of 2 x 265 x 4096 x 126,464 FLOP per chunk at 8B)."""
+
+
+def logit_chunk_rows(vocab: int) -> int:
+    """Rows per chunk of the ELBO head's projection: at most LOGIT_CHUNK logits, at least one row."""
+    return max(1, LOGIT_CHUNK // vocab)
 
 
 @dataclass(frozen=True)
@@ -271,16 +282,25 @@ def activation_bytes(
     return tokens * (shape.dense_count * per_block + shape.moe_layers * per_moe)
 
 
-def logits_bytes(shape: ModelShape, rows: int, seq_len: int, resp_len: int, compute_bytes: int) -> int:
-    """The ELBO head's peak: rows x V x (b T + b L + 8 L).
+def logits_bytes(shape: ModelShape, rows: int, resp_len: int, compute_bytes: int) -> int:
+    """The ELBO head's peak: c V (b + 8) + V h (4 + b') + 8 K h.
 
-    The head's output over all T positions (b T V per row), the masked positions' logits gathered
-    and, in float32, kept by logsumexp (at most L of them, 4 L V) plus their gradient (4 L V), and
-    the head's gradient scattered back into a (L, V) block (b L V). On the BD3 layout the head
-    projects the L response positions only (`logits_to_keep`), so b L V in place of b T V.
+    The head projects only the K <= rows x L masked response positions (all L for diffu-GRPO's
+    one step), c = min(K, LOGIT_CHUNK // V) rows at a time, each chunk's logits recomputed in the
+    backward (dlrl.models.output_head). Its peak is a chunk's backward: the head's output (b) and,
+    in float32, logsumexp's exponentials and the gradient through the gather (4 + 4), beside the
+    head weight's gradient of that chunk before it is added to .grad (V h x 4, plus b' = b for the
+    compute-dtype copy's own gradient when b < 4). The gathered hidden rows are float32 (the
+    residual stream's dtype through the final norm): kept for the backward, and their gradient
+    scattered back (4 + 4 per element of K x h). Counted with K = rows x L, the most that can be
+    masked. Measured on the CPU at LLaDA's vocabulary (hidden 256, 512 rows): 12.2 (float32) and
+    14.1 (bfloat16 autocast) bytes per chunk logit with the weight's gradient, against 12 and 11.9
+    here (tests/test_plan.py checks the whole step to 25%).
     """
-    head = resp_len if shape.bd3 else seq_len
-    return rows * shape.vocab * (compute_bytes * head + compute_bytes * resp_len + 8 * resp_len)
+    k = rows * resp_len
+    chunk = min(k, logit_chunk_rows(shape.vocab))
+    weight_grad = shape.vocab * shape.hidden * (4 + (compute_bytes if compute_bytes < 4 else 0))
+    return chunk * shape.vocab * (compute_bytes + 8) + weight_grad + 8 * k * shape.hidden
 
 
 def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, compute_bytes: int, checkpointing: bool) -> int:
@@ -335,7 +355,7 @@ def learner_memory(
         gathered=gathered,
         activations=activation_bytes(shape, rows, seq_len * (2 if shape.bd3 else 1), compute_bytes, checkpointing,
                                      lora_r is not None) + bd3_mask_bytes(shape, rows, seq_len, compute_bytes, checkpointing),
-        logits=logits_bytes(shape, rows, seq_len, resp_len, compute_bytes),
+        logits=logits_bytes(shape, rows, resp_len, compute_bytes),
     )
 
 
@@ -617,7 +637,8 @@ def describe(p: Plan, spec: JobSpec, host: bool = False) -> str:
         f"  gathered   {_gb(lm.gathered)}   (compute-dtype copies)",
         f"  activations{_gb(lm.activations)}   (micro_batch x {p.graph_copies} MC copies alive per row, "
         f"mc_chunk {p.mc_chunk}{' picked by auto' if spec.train.mc_chunk == 'auto' else ''})",
-        f"  logits     {_gb(lm.logits)}",
+        f"  logits     {_gb(lm.logits)}   (masked response rows only, {logit_chunk_rows(shape.vocab)} rows "
+        f"of the vocabulary at a time)",
         f"  total      {_gb(lm.total)}{per}",
         f"rollout: {p.rollout_gpus if not p.colocated else 1} worker(s), {batch}"
         f" (spec: {spec.rollout.batch_size}), weights in {rollout_dtype_on(spec, device)}",

@@ -91,9 +91,10 @@ def resolve_mc_chunk(
 
     Called after the weights are loaded, so `free_bytes` (default: measured on `device`) no
     longer includes them; what the step still allocates (gradients, AdamW's moments, autocast's
-    weight copies, and the activations and logits of the MC copies the objective keeps alive at
-    that chunk: footprint.learner_memory, Objective.graph_copies) must fit in FREE_FRACTION of it. `shape` defaults to the spec's model config; `gpus` is the learner
-    group's size (states sharded 1/gpus each).
+    weight copies, the activations and projected rows of the MC copies the objective keeps alive at
+    that chunk, and the ELBO head's one chunk of logits: footprint.learner_memory,
+    Objective.graph_copies) must fit in FREE_FRACTION of it. `shape` defaults to the spec's model
+    config; `gpus` is the learner group's size (states sharded 1/gpus each).
     """
     chunk = spec.train.mc_chunk
     if chunk != "auto":

@@ -256,7 +256,7 @@ def test_the_footprint_counts_the_doubled_input_and_auto_picks_a_smaller_chunk()
     p, b = learner_memory(plain, **kw), learner_memory(block, **kw)
     # twice the tokens' activations, plus the (2T)^2 mask: bool + a compute-dtype copy per block
     assert b.activations - 2 * p.activations == 4 * 600 ** 2 * (1 + 2 * 4)
-    assert b.logits < p.logits  # the head projects the L response positions only
+    assert b.logits == p.logits  # both project only the masked response positions (dlrl.models.output_head)
     model, _ = block_model()
     assert shape_from_config(model.config.to_dict()).bd3
     spec = JobSpec.model_validate({"train": {"n_mc": 16, "mc_chunk": "auto", "micro_batch": 4},

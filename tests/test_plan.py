@@ -196,14 +196,17 @@ def test_plan_reports_what_auto_picks(capsys):
 
 def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
     """The naive ratio keeps all n_mc MC graphs alive until its one backward, whatever mc_chunk:
-    its plan holds n_mc copies' activations and logits, 16x BGPO's at chunk 1 in the paper spec."""
+    its plan holds n_mc copies' activations and projected rows, 16x BGPO's at chunk 1 in the paper spec
+    (the head's one chunk of logits is the same for both: dlrl.models.output_head)."""
     paper = JobSpec.from_toml(PAPER)
     naive = paper.model_copy(update={"train": paper.train.model_copy(update={"algorithm": "naive_elbo"})})
     shape = fp.job_shape(paper)
     kw = {"gpus": 4, "checkpointing": True, "prompt_len": 256, "mc_chunk": 1}
     b = fp.job_learner_memory(paper, shape, graph_copies=OBJECTIVES["bgpo"].graph_copies, **kw)
     n = fp.job_learner_memory(naive, shape, graph_copies=OBJECTIVES["naive_elbo"].graph_copies, **kw)
-    assert (n.activations, n.logits) == (16 * b.activations, 16 * b.logits)
+    head = fp.logits_bytes(shape, rows=1, resp_len=shape.vocab, compute_bytes=2) - 8 * shape.vocab * shape.hidden
+    # ^ one chunk of bf16 logits and the head's weight gradient: the same for both
+    assert (n.activations, n.logits - head) == (16 * b.activations, 16 * (b.logits - head))
     assert (n.weights, n.grads, n.optimizer) == (b.weights, b.grads, b.optimizer)
     # The command reads the objective: on 8 x 80 GB BGPO needs no activation checkpointing (the
     # layout a plan sized as BGPO gave the naive ratio before), the naive ratio does.
@@ -212,3 +215,18 @@ def test_plan_sizes_the_naive_elbo_ratio_for_all_n_mc_graphs(capsys):
     out = capsys.readouterr().out
     assert "micro_batch x 16 MC copies alive per row" in out and "set train.activation_checkpointing = true" in out
     assert not fp.plan(paper, 8, 80, graph_copies=OBJECTIVES["bgpo"].graph_copies).checkpointing
+
+
+def test_the_elbo_head_is_sized_by_one_chunk_of_logits_and_the_masked_rows():
+    """The learner's ELBO head projects only masked response rows, LOGIT_CHUNK logits at a time
+    (dlrl.models.output_head): its term is one chunk of logits and the head's weight gradient
+    however many rows, plus 8 bytes per element of the projected hidden rows; never rows x T x V."""
+    llada = fp.job_shape(JobSpec.from_toml(PAPER))
+    assert llada.vocab == 126_464 and fp.logit_chunk_rows(llada.vocab) == 265
+    head = 265 * 126_464 * (2 + 8) + 126_464 * 4096 * (4 + 2)  # one chunk of bf16 logits, the head's gradient
+    assert fp.logits_bytes(llada, rows=1, resp_len=100, compute_bytes=2) == (
+        100 * 126_464 * 10 + 126_464 * 4096 * 6 + 8 * 100 * 4096)
+    for rows in (4, 64):
+        assert fp.logits_bytes(llada, rows=rows, resp_len=256, compute_bytes=2) == head + 8 * rows * 256 * 4096
+    # 64 rows of 512 tokens: 4.0 GB, where all positions' bf16 logits alone were 8.3 GB
+    assert fp.logits_bytes(llada, rows=64, resp_len=256, compute_bytes=2) < 64 * 512 * 126_464 * 2 / 2

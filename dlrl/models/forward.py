@@ -19,11 +19,17 @@ Logit alignment: a family whose raw logits lag the tokens they predict (Dream, l
 starts from, predicts token i from hidden state i - 1; `Family.logit_shift`) has them shifted right
 here, as its published generation code does (position 0 keeps its own). Models return their
 published raw logits; callers always get logits[:, i] for token i.
+
+`diffusion_hidden` runs the same forward without the vocabulary head and returns the aligned last
+hidden states, for a caller that projects only some rows (the learner's ELBO pass:
+dlrl.models.output_head).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -58,12 +64,50 @@ def diffusion_logits(
     shifted positions; RoPE scores depend only on position differences, so the logits agree up to
     rounding.
     """
+    return align_logits(_forward(model, input_ids, attention_mask).logits, model_family(model).logit_shift)
+
+
+def diffusion_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The last hidden states (B, T, d) of the forward `diffusion_logits` runs, aligned as its
+    logits are: the model's head (dlrl.models.output_head) applied to row i gives logits[:, i].
+    No position is projected onto the vocabulary (`head_input`): the caller projects the rows it
+    needs, e.g. the ELBO's masked response positions."""
+    with head_input(model) as seen:
+        _forward(model, input_ids, attention_mask)
+    return align_logits(seen[-1], model_family(model).logit_shift)
+
+
+@contextmanager
+def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within: a forward of `model` appends the hidden states its head would project, (B, T, d),
+    to the yielded list, and projects none of them (its head sees zero positions).
+
+    They are captured at the output of the family's final norm (`Family.final_norm`), inside the
+    model's own forward, so whatever wraps the forward (peft, FSDP2's root hooks, autocast,
+    activation checkpointing) runs as it always does."""
+    norm = _unwrapped(model).get_submodule(model_family(model).final_norm)
+    seen: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        seen.append(output)
+        return output[:, :0]
+
+    handle = norm.register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The model's output for `diffusion_logits`: the family's mask and position convention, raw logits."""
     family = model_family(model)
-    shift = family.logit_shift
     if family.attention == "block_causal":
-        return _block_causal_logits(model, family, input_ids, attention_mask)
+        return _block_causal_forward(model, family, input_ids, attention_mask)
     if attention_mask is None or bool(attention_mask.all()):
-        return align_logits(model(input_ids).logits, shift)
+        return model(input_ids)
     inner = _unwrapped(model)
     kwargs: dict = {}
     if _accepts(type(inner).forward, "position_ids"):
@@ -72,11 +116,11 @@ def diffusion_logits(
         kwargs["attention_mask"] = attention_mask
     else:
         kwargs["attention_mask"] = padding_to_4d(attention_mask)
-    return align_logits(model(input_ids, **kwargs).logits, shift)
+    return model(input_ids, **kwargs)
 
 
-def _block_causal_logits(model: torch.nn.Module, family: Family, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _block_causal_forward(model: torch.nn.Module, family: Family, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None):
     """One sequence scored as a block-diffusion model attends: bidirectional inside a block, causal
     across blocks, on the global grid of each row's own positions (dlrl.models.block_mask), with
     position ids from each row's first real token, so a padded row sees exactly what it sees alone."""
@@ -87,12 +131,12 @@ def _block_causal_logits(model: torch.nn.Module, family: Family, input_ids: torc
         positions = torch.arange(t, device=input_ids.device).expand(input_ids.shape[0], t)
     else:
         positions = padding_positions(attention_mask)
-    logits = model(input_ids, attention_mask=mask, position_ids=positions).logits
-    return align_logits(logits, family.logit_shift)
+    return model(input_ids, attention_mask=mask, position_ids=positions)
 
 
 def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
-    """Raw logits (B, T, V) -> logits[:, i] for token i: shift right by `shift`, the first kept."""
+    """Raw logits (B, T, V) -> logits[:, i] for token i: shift right by `shift`, the first kept.
+    The same for the hidden states (B, T, d) that the head projects to them."""
     if shift == 0:
         return logits
     return torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)

@@ -10,10 +10,11 @@ import torch
 
 from dlrl import diffusion
 from dlrl.batch import TrainBatch
-from dlrl.block_elbo import bd3_logits, block_size_of
+from dlrl.block_elbo import bd3_hidden, block_size_of
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import Piece
-from dlrl.models.forward import diffusion_logits
+from dlrl.models.forward import diffusion_hidden
+from dlrl.models.output_head import head_logprobs
 from dlrl.precision import autocast
 from learner.losses import diffu_grpo_loss
 from learner.objectives.objective import Objective, RatioStats, pad_backward
@@ -52,11 +53,13 @@ def one_step_logprobs(
     block = block_size_of(model)
     with autocast(inputs.device, compute_dtype):
         if block is None:
-            logits = diffusion_logits(model, inputs, batch.attention)[:, P:]
+            hidden = diffusion_hidden(model, inputs, batch.attention)[:, P:]  # (m, L, d)
         else:
             clean = torch.cat([inputs[:, :P], response], dim=1)
-            logits = bd3_logits(model, inputs, clean, batch.attention, block, slice(P, inputs.shape[1]))
-    return diffusion.token_logprobs(logits, response)
+            hidden = bd3_hidden(model, inputs, clean, batch.attention, block, slice(P, inputs.shape[1]))
+        # Every response position is masked, so every one is scored: (m * L) rows, in chunks.
+        logp = head_logprobs(model, hidden.flatten(0, 1), response.flatten())
+    return logp.view(response.shape)
 
 
 class DiffuGrpo(Objective):

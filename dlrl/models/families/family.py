@@ -64,6 +64,13 @@ class Family:
     families get "4d"."""
     logit_shift: int = 0
     """By how many positions the raw logits lag the token they predict (Dream, from Qwen2: 1)."""
+    final_norm: str = "model.norm"
+    """The module whose output the vocabulary head projects (the last hidden states), by its path
+    in the model: the learner's ELBO pass captures it there and projects only the rows it sums
+    over (dlrl.models.output_head). Hugging Face's Llama/Qwen layout names it `model.norm`."""
+    logit_scale: Callable[[PretrainedConfig], float] = field(default=lambda config: 1.0)
+    """config -> the factor the model's forward multiplies the head's output by (LLaDA's
+    `scale_logits`: d_model^-0.5); 1.0 for a plain head."""
     mask_token: str | None = None
     """The [MASK] token's string, for a checkpoint whose config and tokenizer do not declare its id.
     The config's `mask_token_id` wins, then the tokenizer's mask token, then this."""

@@ -45,6 +45,11 @@ def published_names(cfg: PretrainedConfig) -> dict[str, str]:
     return {name: name for name in names}
 
 
+def logit_scale(cfg: PretrainedConfig) -> float:
+    """modeling_llada.py multiplies the head's logits by d_model^-0.5 when `scale_logits` is set."""
+    return cfg.d_model ** -0.5 if cfg.scale_logits else 1.0
+
+
 def shape(cfg: dict) -> ModelShape:
     """configuration_llada.py names; mlp_hidden_size is the width of each of ff_proj and up_proj."""
     heads = cfg["n_heads"]
@@ -64,6 +69,8 @@ FAMILY = Family(
     model_class=LLaDAModelLM,
     published_names=published_names,
     padding_mask="2d",
+    final_norm="model.transformer.ln_f",
+    logit_scale=logit_scale,
     mask_token="<|mdm_mask|>",
     # The blocks' linear layers. LLaDA's LM head is *also* called `ff_out` (model.transformer.ff_out)
     # and peft matches a list entry against any name suffix, so a list would put an adapter on the

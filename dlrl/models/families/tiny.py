@@ -30,6 +30,7 @@ FAMILY = Family(
     model_class=BidirectionalModel,
     published_names=published_names,
     padding_mask="2d",
+    final_norm="norm",
     mask_token=SPECIALS["mask"],
     lora_targets=("qkv", "out", "gate_up", "down"),
     block_class=Block,
