@@ -349,6 +349,45 @@ def test_unknown_family_gets_a_4d_mask_and_position_ids(remote):
     assert seen[-1].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
+def test_unknown_family_elbo_scores_its_own_logits(remote):
+    """The learner's ELBO pass splits the vocabulary head off only where the family record names
+    the final norm; a remote model's layout is unknown (its norm is not `model.norm`, and its
+    forward may post-process logits), so the pass scores the model's own logits at the masked
+    positions: value and gradient equal the full-logit ELBO (dlrl.diffusion.elbo_term)."""
+    import numpy as np
+
+    from dlrl import diffusion
+    from dlrl.batch import collate
+    from dlrl.elbo_terms import elbo_chunk
+    from dlrl.trajectory import TrajectoryGroup
+
+    model, _ = load_model(remote[0], trust_remote_code=True)
+    mask_id = 7
+    rng = np.random.default_rng(0)
+    groups = [TrajectoryGroup(group_id=f"g{k}", task="t", prompt_id=str(k), prompt_ids=rng.integers(10, 90, 4 + k),
+                              completion_ids=rng.integers(10, 90, (2, 6)), rewards=np.array([1.0, 0.0]),
+                              policy_version=0, mask_seed=k) for k in range(2)]
+    batch = collate(groups, pad_id=0, eos_ids=(1,), n_mc=2)
+    P, js = batch.prompt_len, slice(0, 2)
+    response = batch.tokens[:, P:]
+    noisy = diffusion.apply_mask(response[:, None].expand(-1, 2, -1), batch.masks, mask_id)
+    inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, 2, -1), noisy], -1).flatten(0, 1)
+    attention = batch.attention[:, None].expand(-1, 2, -1).flatten(0, 1)
+
+    def grads(terms: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (terms * torch.linspace(-1, 2, terms.numel()).view_as(terms)).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want = diffusion.elbo_term(diffusion_logits(model, inputs, attention)[:, P:], response.repeat_interleave(2, 0),
+                               batch.masks.flatten(0, 1), batch.weights.flatten(), "token").view(-1, 2)
+    want_grads = grads(want)
+    got = elbo_chunk(model, batch, js, mask_id, "token")
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads(got), want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def record_position_ids(model: torch.nn.Module) -> list[torch.Tensor]:
     """position_ids the (unwrapped) model's forward receives. RoPE is invariant to shifting all
     positions by a constant, so logits alone cannot show whether they were passed."""

@@ -73,7 +73,10 @@ def diffusion_hidden(
     """The last hidden states (B, T, d) of the forward `diffusion_logits` runs, aligned as its
     logits are: the model's head (dlrl.models.output_head) applied to row i gives logits[:, i].
     No position is projected onto the vocabulary (`head_input`): the caller projects the rows it
-    needs, e.g. the ELBO's masked response positions."""
+    needs, e.g. the ELBO's masked response positions. A family whose final norm is not known
+    (`Family.final_norm` None) returns its logits instead, and `output_head` is then the identity."""
+    if model_family(model).final_norm is None:  # layout unknown: its logits, through an identity head
+        return diffusion_logits(model, input_ids, attention_mask)
     with head_input(model) as seen:
         _forward(model, input_ids, attention_mask)
     return align_logits(seen[-1], model_family(model).logit_shift)

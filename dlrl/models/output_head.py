@@ -51,7 +51,10 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     forward), so the tensors read here are the ones the forward and the backward use."""
     get_base = getattr(model, "get_base_model", None)
     inner = get_base() if callable(get_base) else model
-    scale = model_family(model).logit_scale(inner.config)
+    family = model_family(model)
+    if family.final_norm is None:  # `diffusion_hidden` gave the model's own logits
+        return OutputHead(lambda x: x, (), inner.config.vocab_size)
+    scale = family.logit_scale(inner.config)
     head = inner.get_output_embeddings()
     if head is None:  # tied: a native model projects with its input embedding's weight
         weight = inner.get_input_embeddings().weight

@@ -64,10 +64,12 @@ class Family:
     families get "4d"."""
     logit_shift: int = 0
     """By how many positions the raw logits lag the token they predict (Dream, from Qwen2: 1)."""
-    final_norm: str = "model.norm"
+    final_norm: str | None = "model.norm"
     """The module whose output the vocabulary head projects (the last hidden states), by its path
     in the model: the learner's ELBO pass captures it there and projects only the rows it sums
-    over (dlrl.models.output_head). Hugging Face's Llama/Qwen layout names it `model.norm`."""
+    over (dlrl.models.output_head). Hugging Face's Llama/Qwen layout names it `model.norm`.
+    None: the layout is not known (a remote-code model), so the ELBO pass takes the model's own
+    logits, whatever its forward does after the head (soft-capping, scaling), and only gathers them."""
     logit_scale: Callable[[PretrainedConfig], float] = field(default=lambda config: 1.0)
     """config -> the factor the model's forward multiplies the head's output by (LLaDA's
     `scale_logits`: d_model^-0.5); 1.0 for a plain head."""
@@ -113,6 +115,6 @@ class Family:
         return self.model_class is not None
 
 
-REMOTE = Family(name="remote")
+REMOTE = Family(name="remote", final_norm=None)
 """Any checkpoint no registered family answers to: a 4-D padding mask, logits at their own
-position, LoRA on every linear layer, blocks from `_no_split_modules`, Hugging Face config names."""
+position and taken from its own forward (no head split off), LoRA on every linear layer, blocks from `_no_split_modules`, Hugging Face config names."""
