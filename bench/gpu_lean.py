@@ -6,7 +6,9 @@
    the full-logit pass restated in bench/elbo_logits.py (`full_logit_elbo_chunk`), patched in
    wherever the step calls the ELBO pass by name: dlrl.elbo_terms.elbo_chunk (the old-policy
    pass, through piece_terms) and learner.objectives.bgpo.elbo_chunk (BGPO's backward); no
-   other module imports elbo_chunk.
+   other module imports elbo_chunk. MFU is gpu_learner.py's: model FLOPs with the head applied to
+   every position, the same nominal work for both paths, so AFTER / BEFORE MFU is BEFORE / AFTER
+   time (AFTER's head really projects only the masked rows: the saving shows as time).
 2. rollout: the cached engine (dual cache; and with parallel decoding at threshold 0.9) against
    the reference engine, end to end through make_engine + sample_completions, the model in
    bf16, at batch 1 / 8 / 32 from the same prompts at temperature 0: tokens/s and agreement (the
@@ -125,7 +127,8 @@ def learner_part(args, device: torch.device, budget: Budget, peak: float | None)
             "setup": {"rows": args.rows, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "mc_chunk": 1,
                       "precision": "fp32 masters, bf16 autocast", "warmup_steps": args.warmup,
                       "timed_steps": args.steps, "before": "full-logit ELBO pass patched into " +
-                      ", ".join(ELBO_CALLERS)},
+                      ", ".join(ELBO_CALLERS),
+                      "mfu": "gpu_learner.step_flops (head over every position) for both paths"},
             "pairs": pairs}, model
 
 
@@ -168,6 +171,8 @@ def engine_rows(model, ids: SpecialIds, prompt_pool: list[list[int]], batches: l
 
 
 def rollout_part(args, device: torch.device, budget: Budget) -> dict:
+    if budget.spent():  # not even the 16 GB model is built
+        return {"skipped": budget.skipped()}
     dtype = torch.bfloat16
     rng = np.random.default_rng(0)
     # a random-init model of LLaDA-8B's shape, bf16, random prompts
@@ -200,7 +205,7 @@ def rollout_part(args, device: torch.device, budget: Budget) -> dict:
                                                              budget, "tiny-sudoku")}
         del model
         gl.release(device)
-    return {"dtype": "bfloat16", "learner_rollout_dtype_check": str(rollout_dtype("float32", "auto", "cuda")),
+    return {"dtype": "bfloat16", "gpu_job_rollout_dtype": str(rollout_dtype("float32", "auto", "cuda")),
             "shape": shape, "model": {"params": params, **dims}, "prompt_length": args.rollout_prompt_len,
             "method": "end to end: make_engine + sample_completions at temperature 0, steps = gen_length, after "
                       "one untimed warm-up decode; agreement = share of identical tokens with the reference "
@@ -268,8 +273,12 @@ def table(r: dict) -> str:
                      f"{mfu[0]:>7}->{mfu[1]:>6} {_f(gb[0], '7.1f')}->{_f(gb[1], '6.1f')} "
                      f"{p['time_ratio_after_over_before']:7.2f} {_f(p.get('peak_memory_ratio_after_over_before'), '6.2f')}")
     ro = r["rollout"]
-    lines.append(f"rollout, bf16, greedy, tokens/s (agreement with reference): {ro['shape']} "
-                 f"{ro['model']['params'] / 1e9:.2f} B random-init; tiny-sudoku trained")
+    if "skipped" in ro:
+        lines.append(f"rollout: skipped: {ro['skipped']}")
+        ro = {"rows": [], "tiny_sudoku": None}
+    else:
+        lines.append(f"rollout, bf16, greedy, tokens/s (agreement with reference): {ro['shape']} "
+                     f"{ro['model']['params'] / 1e9:.2f} B random-init; tiny-sudoku trained")
     names = list(ENGINES)
     lines.append(f"{'model':>11} {'batch':>5} " + " ".join(f"{n:>26}" for n in names))
     tiny_rows = (ro["tiny_sudoku"] or {}).get("rows", [])
@@ -283,13 +292,13 @@ def table(r: dict) -> str:
     if "skipped" in ws:
         lines.append(f"weight sync: skipped: {ws['skipped']}")
     else:
-        lines.append(f"{'weight sync per version':28s} {'fp32 GB':>8} {'s':>7} {'bf16 GB':>8} {'s':>7}")
+        lines.append(f"{'weight sync per version':28s} {'fp32 MB':>9} {'s':>7} {'bf16 MB':>9} {'s':>7} {'bytes x':>7}")
         for leg in ("device_to_host", "broadcast"):
             f, b = ws["fp32"].get(leg), ws["bf16"].get(leg)
             if f and b:
                 name = leg if leg == "device_to_host" else f"broadcast ({f['backend']})"
-                lines.append(f"{name:28s} {f['bytes'] / 1e9:8.3f} {f['seconds']:7.3f} {b['bytes'] / 1e9:8.3f} "
-                             f"{b['seconds']:7.3f}")
+                lines.append(f"{name:28s} {f['bytes'] / 1e6:9.1f} {f['seconds']:7.3f} {b['bytes'] / 1e6:9.1f} "
+                             f"{b['seconds']:7.3f} {b['bytes'] / f['bytes']:7.2f}")
             elif leg == "broadcast":
                 lines.append(f"broadcast: {ws['fp32'].get('broadcast_note')}")
     return "\n".join(lines)
