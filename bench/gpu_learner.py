@@ -47,12 +47,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.without_ray import allow_missing_ray  # noqa: E402
+
+allow_missing_ray()  # a lent GPU machine has no Ray; nothing here uses it (bench/without_ray.py)
+
 from dlrl import footprint as fp  # noqa: E402
 from dlrl.batch import collate  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.models import LLaDAConfig, LLaDAModelLM  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
-from dlrl.weights import CollectiveReceiver, CollectiveSender  # noqa: E402
+from dlrl.weights import CollectiveReceiver, CollectiveSender, WeightUpdate, encode  # noqa: E402
 from learner.memory import apply_activation_checkpointing  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms, train_step  # noqa: E402
 
@@ -166,21 +170,23 @@ def _receiver(address, manifest: list[tuple[str, list[int], str]], device: str, 
         out.put(f"{type(exc).__name__}: {exc}")
 
 
-def broadcast_gbps(state: dict[str, torch.Tensor], backend: str, receiver_device: str, repeats: int) -> dict:
-    """dlrl.weights' collective broadcast of `state` (rank 0, here) to one receiver process."""
+def broadcast_gbps(state: dict[str, torch.Tensor], backend: str, receiver_device: str, repeats: int,
+                   cast: torch.dtype | None = None) -> dict:
+    """dlrl.weights' collective broadcast of `state` (rank 0, here) to one receiver process, its
+    floating-point tensors cast to `cast` on the way (the receiver holds that dtype)."""
     ctx = mp.get_context("spawn")
     sender = CollectiveSender(2, backend=backend, timeout_s=120)
     out = ctx.Queue()
-    manifest = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
+    manifest = [(s.name, list(s.shape), s.dtype) for s in WeightUpdate.of(0, state, "collective", cast=cast).manifest]
     child = ctx.Process(target=_receiver, args=(sender.address, manifest, receiver_device, repeats + 1, out))
     child.start()
     try:
         sender.join()
-        sender.send(1, state)  # warm-up: NCCL's channels and buffers
+        sender.send(1, state, cast=cast)  # warm-up: NCCL's channels and buffers
         seconds = []
         for v in range(2, repeats + 2):
             t0 = time.perf_counter()
-            stats = sender.send(v, state)
+            stats = sender.send(v, state, cast=cast)
             if backend == "nccl":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - t0)
@@ -192,33 +198,43 @@ def broadcast_gbps(state: dict[str, torch.Tensor], backend: str, receiver_device
         raise RuntimeError(f"broadcast receiver failed: {status}")
     best = min(seconds)
     return {"backend": backend, "bytes": stats.bytes, "seconds": best, "gb_per_s": stats.bytes / best / 1e9,
-            "receiver": receiver_device, "repeats": repeats}
+            "receiver": receiver_device, "repeats": repeats, "wire_dtype": wire_name(cast)}
 
 
-def device_to_host_gbps(model, repeats: int) -> dict:
-    """The object-store path's first leg: every state tensor copied to host memory, as
-    Learner.weights does before dlrl.weights encodes and ray.put's it."""
+def wire_name(cast: torch.dtype | None) -> str:
+    return "as held (float32 masters)" if cast is None else str(cast).removeprefix("torch.")
+
+
+def device_to_host_gbps(model, repeats: int, cast: torch.dtype | None = None) -> dict:
+    """The object-store path's first leg: dlrl.weights.encode, which casts each floating-point
+    tensor to `cast` on its device and copies it to host memory, as the learner's weight payload
+    does before the object store takes it (ray.put, not timed: no Ray here)."""
     seconds, nbytes = [], 0
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        host = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        update, host = encode(0, state, cast=cast)
         seconds.append(time.perf_counter() - t0)
-        nbytes = sum(v.numel() * v.element_size() for v in host.values())
+        nbytes = sum(a.nbytes for a in host)
+        assert nbytes == update.nbytes, (nbytes, update.nbytes)
         del host
     best = min(seconds)
-    return {"bytes": nbytes, "seconds": best, "gb_per_s": nbytes / best / 1e9, "repeats": repeats}
+    return {"bytes": nbytes, "seconds": best, "gb_per_s": nbytes / best / 1e9, "repeats": repeats,
+            "wire_dtype": wire_name(cast)}
 
 
-def weight_transfer(model, device: torch.device, repeats: int) -> dict:
+def weight_transfer(model, device: torch.device, repeats: int, cast: torch.dtype | None = None) -> dict:
+    """One weights version leaving the learner, its floating-point tensors cast to `cast` (None:
+    as held): the object store's device-to-host leg, and the collective broadcast where it can run."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    out = {"state": "the full model state as the learner publishes it (float32 masters)",
-           "device_to_host": device_to_host_gbps(model, repeats)}
+    out = {"state": f"the full model state as the learner publishes it, in {wire_name(cast)}",
+           "device_to_host": device_to_host_gbps(model, repeats, cast)}
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if device.type == "cpu":
-        out["broadcast"] = broadcast_gbps(state, "gloo", "cpu", repeats)
+        out["broadcast"] = broadcast_gbps(state, "gloo", "cpu", repeats, cast)
         out["broadcast_note"] = "dry run: gloo between two CPU processes (the NCCL path's code, not its speed)"
     elif gpus >= 2:
-        out["broadcast"] = broadcast_gbps(state, "nccl", "cuda:1", repeats)
+        out["broadcast"] = broadcast_gbps(state, "nccl", "cuda:1", repeats, cast)
     else:
         out["broadcast"] = None
         out["broadcast_note"] = f"NCCL broadcast needs 2 GPUs; {gpus} visible: only the device-to-host copy was measured"

@@ -129,7 +129,9 @@ def tiny_sudoku(repeats: int, device: str) -> dict:
     }
 
 
-SHAPES = {  # LLaDA's architecture (RMSNorm, RoPE, SwiGLU, MHA, untied head) at two sizes
+SHAPES = {  # LLaDA's architecture (RMSNorm, RoPE, SwiGLU, MHA, untied head) at three sizes
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 192},  # for dry runs (bench/gpu_lean.py --dry-run)
     "mid": {"vocab_size": 16384, "hidden_size": 320, "num_hidden_layers": 8, "num_attention_heads": 5,
             "intermediate_size": 864},  # about 20M parameters, for the CPU
     "llada-8b": {"vocab_size": 126464, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.gpu_learner import LLADA_1B, PEAK_BF16, peak_flops, step_flops
 from dlrl import footprint as fp
 from dlrl.models import LLaDAConfig
@@ -71,3 +73,85 @@ def test_block_dry_run_writes_the_full_report(tmp_path):
     assert [x["n_mc"] for x in r["learner"]] == [1, 4]
     for x in r["learner"]:
         assert x["finite"] and x["grad_norm"] > 0 and x["input_tokens_per_forward"] == 2 * (x["prompt_len"] + x["gen_len"])
+
+
+HIDE_RAY = """
+import runpy, sys
+class HideRay:  # as on a lent GPU machine: Ray is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError("No module named 'ray' (hidden by the test)")
+sys.meta_path.insert(0, HideRay())
+"""
+
+
+def test_gpu_benchmarks_import_without_ray():
+    """A lent GPU machine has no Ray: the GPU benchmarks (and learner.step under them) import
+    without it, and anything that would really use Ray fails loudly rather than running."""
+    code = HIDE_RAY + """
+import bench.gpu_block, bench.gpu_learner, bench.gpu_lean, learner.step
+import ray
+try:
+    ray.put
+except ImportError as exc:
+    print("refused:", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: ray.put: Ray is not installed" in proc.stdout
+
+
+def test_lean_before_patches_every_elbo_caller():
+    """BEFORE replaces the ELBO pass under every name the learner reaches it by; no module beyond
+    those imports elbo_chunk (a new importer would escape the patch and make BEFORE a lie)."""
+    import importlib
+
+    from bench.elbo_logits import full_logit_elbo_chunk
+    from bench.gpu_lean import ELBO_CALLERS, elbo_path
+
+    importers = {f"{p.relative_to(ROOT).with_suffix('').as_posix().replace('/', '.')}.elbo_chunk"
+                 for pkg in ("dlrl", "learner", "rollout", "services") for p in (ROOT / pkg).rglob("*.py")
+                 if "elbo_chunk" in p.read_text()}
+    assert importers == set(ELBO_CALLERS)
+    modules = [importlib.import_module(t.rsplit(".", 1)[0]) for t in ELBO_CALLERS]
+    with elbo_path("before"):
+        assert all(m.elbo_chunk is full_logit_elbo_chunk for m in modules)
+    assert all(m.elbo_chunk is not full_logit_elbo_chunk for m in modules)
+
+
+@pytest.mark.slow
+def test_lean_dry_run_without_ray(tmp_path):
+    """bench/gpu_lean.py's dry run, with Ray hidden as on the GPU machine: every part reports, the
+    bf16 wire moves half the fp32 bytes, and the engines agree with the reference where they must."""
+    out = tmp_path / "gpu_lean.json"
+    code = HIDE_RAY + f"""
+sys.argv = ["bench/gpu_lean.py", "--dry-run", "--out", {str(out)!r}]
+runpy.run_path("bench/gpu_lean.py", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "learner step" in proc.stdout and "weight sync per version" in proc.stdout  # the table
+    r = json.loads(out.read_text())
+    assert r["dry_run"] is True and r["date"] and len(r["commit"]) == 40
+    assert {"card", "torch", "device"} <= r["machine"].keys() and r["machine"]["device"] == "cpu"
+    pairs = r["learner"]["pairs"]
+    assert [p["n_mc"] for p in pairs] == [1, 4]
+    for p in pairs:
+        for path in ("before", "after"):
+            x = p[path]
+            assert x["elbo_pass"] == path and x["finite"] and x["grad_norm"] > 0 and x["step_seconds"] > 0
+        assert p["time_ratio_after_over_before"] > 0 and p["loss_abs_diff"] < 1e-2
+    ro = r["rollout"]
+    for row in ro["rows"] + ro["tiny_sudoku"]["rows"]:
+        assert set(row["tokens_per_s"]) == {"reference", "cached_dual", "cached_dual_threshold0.9"}
+        assert all(v > 0 for v in row["tokens_per_s"].values())
+        assert row["agreement_with_reference"]["reference"] == 1.0
+        assert all(0.0 <= v <= 1.0 for v in row["agreement_with_reference"].values())
+    assert [row["batch"] for row in ro["rows"]] == [1, 2, 4]
+    w = r["weight_sync"]
+    params = r["learner"]["model"]["params"]
+    assert w["fp32"]["device_to_host"]["bytes"] == 4 * params and w["bf16"]["device_to_host"]["bytes"] == 2 * params
+    assert w["fp32"]["broadcast"]["bytes"] == 4 * params and w["bf16"]["broadcast"]["bytes"] == 2 * params
+    assert w["device_to_host_bytes_ratio_bf16_over_fp32"] == 0.5 and w["broadcast_bytes_ratio_bf16_over_fp32"] == 0.5
