@@ -34,9 +34,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.without_ray import allow_missing_ray  # noqa: E402
-
-allow_missing_ray()  # a lent GPU machine has no Ray; learner.step imports it, nothing here uses it
 
 from dlrl import footprint as fp  # noqa: E402
 from dlrl.batch import collate_for  # noqa: E402

@@ -2,7 +2,7 @@
 # Block-diffusion checks on a lent GPU (no downloads, under 8 minutes): the block engine's tokens/s
 # at batch 1 / 8 / 32 and the block learner step (BGPO on the BD3-LM layout) at n_t 1 / 16, on a
 # random-init SDAR-1.7B-shaped model (bench/gpu_block.py), plus the block tests on CUDA. Prints a table.
-# Needs no Ray (bench/gpu_block.py imports learner.step through bench/without_ray.py).
+# Needs no Ray (learner.step and dlrl.weights import Ray only where they use it).
 # Time budget (timeouts): tests 120 s + benchmark 300 s = 420 s, plus start-up.
 # Usage (repo root): bash bench/gpu_block.sh [OUT_DIR]
 set -uo pipefail

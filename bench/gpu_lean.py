@@ -21,7 +21,7 @@
    (gpu_learner.weight_transfer).
 
 Every part starts only while `--budget-s` lasts; later rows are recorded as skipped. Imports no
-Ray (bench/without_ray.py). Prints one table; writes one JSON.
+Ray (dlrl.weights imports Ray only where it uses it). Prints one table; writes one JSON.
 
     bash bench/gpu_lean.sh                   # a lent H100/H200, under 8 minutes
     python bench/gpu_lean.py --dry-run       # tiny shapes on the CPU, gloo broadcast, < 2 minutes
@@ -48,9 +48,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.without_ray import allow_missing_ray  # noqa: E402
-
-allow_missing_ray()  # before anything imports dlrl.weights
 
 from bench import gpu_learner as gl  # noqa: E402
 from bench.elbo_logits import full_logit_elbo_chunk  # noqa: E402
@@ -192,7 +189,7 @@ def rollout_part(args, device: torch.device, budget: Budget) -> dict:
         from dlrl.config import JobSpec
         from dlrl.tasks import get_task
         from rollout.completion import encode_prompt
-        from rollout.worker import EVAL_SEED
+        from rollout.completion import EVAL_SEED
         spec = JobSpec.from_toml(ROOT / "deploy/jobs/tiny-sudoku.toml")
         model, tokenizer = load_model(spec.model.path, device=device, dtype=dtype)
         model.eval()

@@ -6,8 +6,8 @@
 #      (random-init LLaDA-8B shape, and the trained tiny Sudoku start);
 #   3. weight sync bytes and seconds per version, fp32 vs bf16 (device-to-host; NCCL with >= 2 GPUs).
 # Prints one table and writes one JSON (gpu_lean.json in OUT_DIR).
-# Needs torch (CUDA), transformers, numpy, pydantic: no Ray (bench/without_ray.py lets the learner
-# and weight-sync modules import without it; nothing run here uses it), nothing to carry.
+# Needs torch (CUDA), transformers, numpy, pydantic: no Ray (the learner and weight-sync
+# modules import Ray only inside the functions that use it; nothing run here does), nothing to carry.
 # Time budget: timeout 450 s for the benchmark, whose --budget-s 330 skips (and records as skipped)
 # every row not started by then; plus start-up. Device call, e.g.:
 #   run(command="bash bench/gpu_lean.sh $OUT", timeout_s=540)

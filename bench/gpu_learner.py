@@ -47,9 +47,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.without_ray import allow_missing_ray  # noqa: E402
-
-allow_missing_ray()  # a lent GPU machine has no Ray; nothing here uses it (bench/without_ray.py)
 
 from dlrl import footprint as fp  # noqa: E402
 from dlrl.batch import collate  # noqa: E402

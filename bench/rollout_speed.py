@@ -54,7 +54,7 @@ from rollout.completion import decode_completion, encode_prompt, sample_completi
 from rollout.engines import make_engine  # noqa: E402
 from rollout.engines.cached import block_logits, predict_masked  # noqa: E402
 from rollout.sampler import guided_logits, predict_x0  # noqa: E402
-from rollout.worker import EVAL_SEED  # noqa: E402
+from rollout.completion import EVAL_SEED  # noqa: E402
 
 SPEC = ROOT / "deploy/jobs/tiny-sudoku.toml"
 ENGINES = {  # name -> rollout decoding overrides

@@ -108,6 +108,10 @@ def score(task: Task, text: str, ex: Example, errors: list[str] | None = None) -
         return 0.0
 
 
+EVAL_SEED = 1234
+"""Seed of the held-out evaluation set; the tiny checkpoints' SFT curves use the same set."""
+
+
 def evaluate(
     engine: Engine,
     tokenizer: PreTrainedTokenizerBase,

@@ -38,7 +38,7 @@ from dlrl.tasks import Example, get_task
 from dlrl.trajectory import TrajectoryGroup
 from dlrl.weights import GroupAddress, SyncStats, WeightHandle, WeightReceiver
 from rollout.behaviour import with_behaviour_elbo
-from rollout.completion import decode_completion, encode_prompt, evaluate, sample_completions, score
+from rollout.completion import EVAL_SEED, decode_completion, encode_prompt, evaluate, sample_completions, score
 from rollout.engines import check_decoding, make_engine
 from rollout.evaluation import evaluate_model, read_samples, resolve_task, run_metrics
 from rollout.rollout_stats import RolloutStats
@@ -46,9 +46,6 @@ from rollout.rollout_stats import RolloutStats
 PUT_TIMEOUT_S = 1800.0
 """Longest a worker waits for queue capacity for one group (then QueueFull fails the batch, and
 the driver fails the run with it: back-pressure that long means the learner is not consuming)."""
-
-EVAL_SEED = 1234
-"""Seed of the held-out evaluation set; the tiny checkpoint's SFT curve uses the same set."""
 
 
 class RolloutWorker:

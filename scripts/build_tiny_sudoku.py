@@ -46,7 +46,7 @@ from dlrl.tasks.task import Example  # noqa: E402
 from learner.sft import sft_loss  # noqa: E402
 from rollout.completion import encode_prompt, evaluate, left_pad  # noqa: E402
 from rollout.engines import make_engine  # noqa: E402
-from rollout.worker import EVAL_SEED  # noqa: E402
+from rollout.completion import EVAL_SEED  # noqa: E402
 
 GEN_LENGTH = 20  # 19 characters of solution + EOS
 

@@ -56,7 +56,7 @@ from dlrl.tasks.sudoku import rows  # noqa: E402
 from learner.sft import sft_loss  # noqa: E402
 from rollout.completion import evaluate  # noqa: E402
 from rollout.engines import make_engine  # noqa: E402
-from rollout.worker import EVAL_SEED  # noqa: E402
+from rollout.completion import EVAL_SEED  # noqa: E402
 
 
 def main() -> None:

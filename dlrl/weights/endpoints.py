@@ -23,9 +23,8 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import ray
 import torch
 from torch import nn
 
@@ -33,6 +32,9 @@ from dlrl.config import WeightsSpec
 from dlrl.weights.collective import CollectiveError, CollectiveReceiver, CollectiveSender, GroupAddress
 from dlrl.weights.object_store import WeightHandle, adopt, publish, receive
 from dlrl.weights.update import TORN, SyncStats, Transport, check_manifest, check_version, target_state
+
+if TYPE_CHECKING:  # Ray is imported where it is used: the learner step and benchmarks run without it
+    import ray
 
 log = logging.getLogger(__name__)
 

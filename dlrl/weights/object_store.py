@@ -23,13 +23,16 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import ray
 import torch
 
 from dlrl.weights.buckets import byte_view
 from dlrl.weights.update import SyncStats, WeightUpdate, dtype_of, wire_tensor
+
+if TYPE_CHECKING:  # imported where used, so code that only encodes (a GPU benchmark) needs no Ray
+    import ray
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ def publish(version: int, state: Mapping[str, torch.Tensor], generation: int = 0
     """
     t0 = time.perf_counter()
     update, payload = encode(version, state, generation, cast)
+    import ray
+
     ref = ray.put(payload)  # the one copy: into shared memory
     return WeightHandle(update, [ref], time.perf_counter() - t0)
 
@@ -93,6 +98,8 @@ def adopt(update_ref: ray.ObjectRef, payload_ref: ray.ObjectRef, timeout_s: floa
     payload stays in the zero-copy format. Only the small manifest is fetched here.
     """
     t0 = time.perf_counter()
+    import ray
+
     update = ray.get(update_ref, timeout=timeout_s)
     if not isinstance(update, WeightUpdate):
         raise TypeError(f"expected the WeightUpdate of encode(), got {type(update).__name__}")
@@ -106,6 +113,8 @@ def receive(handle: WeightHandle, timeout_s: float | None = 300.0) -> tuple[dict
     a model (`copy_`, `load_state_dict`), do not write to them.
     """
     t0 = time.perf_counter()
+    import ray
+
     payload = ray.get(handle.refs[0], timeout=timeout_s)
     manifest = handle.update.manifest
     if len(payload) != len(manifest):
