@@ -82,6 +82,43 @@ def encode_sft(tokenizer, task, examples, answers, ids):
     return tokens, attention, prompt_ids.shape[1]
 
 
+def train_sft(model, tokenizer, ids, task, pool, held_out, engine, decoding: Decoding, *, steps: int,
+              steps_after: int, lr: float, batch: int, eval_every: int, seed: int, teacher_accuracy: float,
+              out: Path, snapshots: Path | None = None) -> list[dict]:
+    """SFT `model` on the teacher's demonstrations of `pool` (AdamW, the family's `sft_loss`),
+    evaluating greedily on `held_out` every `eval_every` steps; saves the checkpoint at step `steps`
+    into `out` and keeps training to `steps_after` only to record the curve (returned). With
+    `snapshots`, each evaluated step is also saved as snapshots/step_N, with the curve so far in
+    snapshots/curve.json, so one long run can pick the saved step. Shared by the masked-diffusion
+    build (this script) and the block-diffusion one (build_tiny_sudoku_block.py)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    teacher = random.Random(f"teacher:{seed}")
+    curve, t0 = [], time.time()
+    for step in range(steps_after + 1):
+        if step % eval_every == 0:
+            ev = evaluate(engine, tokenizer, task, held_out, decoding, 128, "compact")
+            curve.append({"step": step, "eval_reward": ev["eval_reward"], "eval_solved": ev["eval_solved"]})
+            print(f"sft step {step:5d}  held-out reward {ev['eval_reward']:.3f}  solved {ev['eval_solved']:.2f}"
+                  f"  ({time.time() - t0:.0f}s)", flush=True)
+            if snapshots is not None:
+                save_checkpoint(model, tokenizer, snapshots / f"step_{step}")
+                (snapshots / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+        if step == steps:
+            shutil.rmtree(out, ignore_errors=True)
+            save_checkpoint(model, tokenizer, out)
+        if step == steps_after:
+            break
+        examples = [pool[i] for i in torch.randint(len(pool), (batch,), generator=gen).tolist()]
+        answers = [demonstration(ex, teacher_accuracy, teacher) for ex in examples]
+        tokens, attention, prompt_len = encode_sft(tokenizer, task, examples, answers, ids)
+        loss = sft_loss(model, tokens, attention, prompt_len, ids.mask_id, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return curve
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "dlrl/assets/tiny-sudoku"))
@@ -112,29 +149,9 @@ def main() -> None:
     print(f"teacher on the held-out puzzles: {teacher_reward:.3f} (row fill alone {row_fill_reward:.3f})")
     decoding = Decoding(gen_length=GEN_LENGTH, block_length=GEN_LENGTH, steps=GEN_LENGTH)
     engine = make_engine(decoding, model, ids)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed)
-    teacher = random.Random(f"teacher:{args.seed}")
-    curve, t0 = [], time.time()
-    for step in range(args.steps_after + 1):
-        if step % args.eval_every == 0:
-            ev = evaluate(engine, tokenizer, task, held_out, decoding, 128, "compact")
-            curve.append({"step": step, "eval_reward": ev["eval_reward"], "eval_solved": ev["eval_solved"]})
-            print(f"sft step {step:5d}  held-out reward {ev['eval_reward']:.3f}  solved {ev['eval_solved']:.2f}"
-                  f"  ({time.time() - t0:.0f}s)", flush=True)
-        if step == args.steps:
-            out = Path(args.out)
-            shutil.rmtree(out, ignore_errors=True)
-            save_checkpoint(model, tokenizer, out)
-        if step == args.steps_after:
-            break
-        batch = [pool[i] for i in torch.randint(len(pool), (args.batch,), generator=gen).tolist()]
-        answers = [demonstration(ex, args.teacher_accuracy, teacher) for ex in batch]
-        tokens, attention, prompt_len = encode_sft(tokenizer, task, batch, answers, ids)
-        loss = sft_loss(model, tokens, attention, prompt_len, ids.mask_id, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    curve = train_sft(model, tokenizer, ids, task, pool, held_out, engine, decoding, steps=args.steps,
+                      steps_after=args.steps_after, lr=args.lr, batch=args.batch, eval_every=args.eval_every,
+                      seed=args.seed, teacher_accuracy=args.teacher_accuracy, out=Path(args.out))
     record = {
         "recipe": {k: v for k, v in vars(args).items() if k != "out"},
         "teacher": {"held_out_reward": teacher_reward, "row_fill_held_out_reward": row_fill_reward},
