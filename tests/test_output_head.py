@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.elbo_logits import full_logit_elbo_chunk
 from dlrl import diffusion
 from dlrl import footprint as fp
 from dlrl.batch import collate
@@ -81,24 +82,10 @@ def _batch(vocab: int, mask_id: int, n_mc: int = N_MC):
 
 
 def _full_logit_terms(model, batch, js: slice, mask_id: int, normalize: str = "token") -> torch.Tensor:
-    """The computation the masked-row head replaced, restated: every position projected onto the
-    vocabulary, the response sliced, then the masked positions scored (dlrl.diffusion.elbo_term)."""
-    P, m = batch.prompt_len, batch.size
-    masks = batch.masks[:, js]
-    c = masks.shape[1]
-    response = batch.tokens[:, P:]
-    noisy = diffusion.apply_mask(response[:, None].expand(-1, c, -1), masks, mask_id)
-    inputs = torch.cat([batch.tokens[:, None, :P].expand(-1, c, -1), noisy], -1).flatten(0, 1)
-    attention = batch.attention[:, None].expand(-1, c, -1).flatten(0, 1)
-    block = block_size_of(model)
-    if block is None:
-        logits = diffusion_logits(model, inputs, attention)[:, P:]
-    else:
-        clean = batch.tokens.repeat_interleave(c, 0)
-        logits = bd3_logits(model, inputs, clean, attention, block, slice(P, batch.tokens.shape[1]))
-    terms = diffusion.elbo_term(logits, response.repeat_interleave(c, 0), masks.flatten(0, 1),
-                                batch.weights[:, js].flatten(), normalize)
-    return terms.view(m, c)
+    """The computation the masked-row head replaced: every position projected onto the vocabulary,
+    the response sliced, then the masked positions scored (dlrl/elbo_terms.py at 8f47b89, restated
+    once, in the benchmark that measures the two against each other)."""
+    return full_logit_elbo_chunk(model, batch, js, mask_id, normalize)
 
 
 def _value_and_grads(model, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
