@@ -265,6 +265,9 @@ def _interrupted(args: argparse.Namespace, argv: list[str], signum: signal.Signa
     step resumes and how. Exits 128 + the signal's number, as a process the signal ended."""
     import shlex
 
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # no actor output streamed in after the last lines (on a cluster it keeps coming)
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
     try:
         spec = _read_spec(args)

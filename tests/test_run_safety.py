@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "train.steps=4", "--set", "eval.every=2", "--set", "eval.steps=5", "--set", "task.eval_size=4",
          "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4", "--set", "rollout.steps=5",
          "--set", "train.n_mc=2", "--set", "runtime.num_cpus=2"]
+LONG = 200
+"""train.steps of a run that must still be running when the test signals it: at its pace (a few
+seconds a step) far longer than the second process the Ctrl-C test starts meanwhile, even on a
+loaded machine (at 30 steps a loaded CI machine once finished the run first)."""
 
 
 def dlrl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -42,7 +46,7 @@ def train_records(run: Path) -> list[int]:
 
 @contextlib.contextmanager
 def running(args: list[str], log: Path, env: dict[str, str] | None = None,
-            line: str = r"^step +3/30") -> Iterator[subprocess.Popen]:
+            line: str = rf"^step +3/{LONG}") -> Iterator[subprocess.Popen]:
     """`dlrl ARGS` in its own process session (as a terminal's foreground group), its output in
     `log`, yielded once it printed `line` (default: step 3, so the checkpoint of step 2 is
     written); SIGKILLed with its group if it still runs at the end."""
@@ -69,7 +73,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
              "--set", "name=guarded"]
     run = tmp_path / "guarded"
     log = tmp_path / "first.log"
-    first = [*train, "--set", "train.steps=30"]  # long enough to be running for the second process
+    first = [*train, "--set", f"train.steps={LONG}"]  # still running while the second process starts
     with running(first, log) as proc:
         # A second process with the same run folder is refused, naming the one that holds it.
         second = dlrl(*train, "--overwrite", timeout=240)
@@ -83,7 +87,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     saved = json.loads((run / "checkpoint/trainer_state.json").read_text())["step"]
     assert saved >= 2 and saved % 2 == 0  # checkpoints by default: every eval.every steps
     tail = out.rstrip().splitlines()[-2:]
-    assert tail[0] == f"dlrl: interrupted; the last checkpoint is step {saved} of 30 ({run / 'checkpoint'}). " \
+    assert tail[0] == f"dlrl: interrupted; the last checkpoint is step {saved} of {LONG} ({run / 'checkpoint'}). " \
                       f"Resume with:", tail
     command = shlex.split(tail[1].strip())
     assert command[0] == "dlrl" and command[1:] == [*first, "--resume"], tail
@@ -94,7 +98,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     resumed = dlrl(*command[1:], "--set", f"train.steps={max(saved, 4)}", timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"steps {saved}->{max(saved, 4)}" in resumed.stdout
-    assert f"train.steps 30 -> {max(saved, 4)}" in resumed.stdout
+    assert f"train.steps {LONG} -> {max(saved, 4)}" in resumed.stdout
     if saved > 4:
         pytest.skip(f"the machine was too slow: interrupted at step {saved}")
     assert train_records(run) == [1, 2, 3, 4]  # train records are numbered by the steps done
@@ -119,10 +123,10 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
     assert "dlrl: resumed with a changed spec: train.steps 4 -> 5" in longer.stdout
     assert train_records(run) == [1, 2, 3, 4, 5]
-    assert json.loads((run / "spec.json").read_text())["train"]["steps"] == 30  # the run's first spec
+    assert json.loads((run / "spec.json").read_text())["train"]["steps"] == LONG  # the run's first spec
     history = [json.loads(line) for line in (run / "spec_history.jsonl").read_text().splitlines()]
     assert [(h["resumed_at_step"], h["changes"]) for h in history] == [
-        (saved, {"train.steps": [30, 4]}), (4, {"train.steps": [4, 5]})]
+        (saved, {"train.steps": [LONG, 4]}), (4, {"train.steps": [4, 5]})]
 
     # --overwrite: the old run is deleted and a new one starts.
     fresh = dlrl(*train, "--set", "train.steps=1", "--overwrite", timeout=600)
@@ -142,7 +146,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(ray_cluster, tmp_path):
     from ray.util.state import list_actors
 
     train = ["train", "deploy/jobs/tiny-sudoku.toml", *SMALL, "--set", f"runtime.out_dir={tmp_path}",
-             "--set", "name=termed", "--set", "train.steps=30"]
+             "--set", "name=termed", "--set", f"train.steps={LONG}"]
     run = tmp_path / "termed"
     log = tmp_path / "run.log"
     with running(train, log, env={**ray_cluster.env(), "RAY_ADDRESS": ray_cluster.address}) as proc:
@@ -153,7 +157,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(ray_cluster, tmp_path):
     assert "Traceback" not in out and "will be retried" not in out, out[-3000:]
     saved = json.loads((run / "checkpoint/trainer_state.json").read_text())["step"]
     tail = out.rstrip().splitlines()[-2:]
-    assert tail[0] == f"dlrl: stopped by SIGTERM; the last checkpoint is step {saved} of 30 " \
+    assert tail[0] == f"dlrl: stopped by SIGTERM; the last checkpoint is step {saved} of {LONG} " \
                       f"({run / 'checkpoint'}). Resume with:", tail
     assert shlex.split(tail[1].strip()) == ["dlrl", *train, "--resume"], tail
     assert not (run / "run.lock").exists()
