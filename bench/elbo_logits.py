@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.activation_memory import peak_tensor_bytes  # noqa: E402
+from bench.gpu_learner import LLADA_1B  # noqa: E402
 from dlrl import diffusion  # noqa: E402
 from dlrl import footprint as fp  # noqa: E402
 from dlrl.batch import TrainBatch, collate  # noqa: E402
@@ -51,8 +52,11 @@ from dlrl.precision import autocast  # noqa: E402
 from dlrl.trajectory import TrajectoryGroup  # noqa: E402
 from learner.step import accumulate_gradients, old_policy_terms  # noqa: E402
 
-VOCAB = 126_464  # LLaDA-8B's embedding_size (and vocab_size)
-MASK_ID, PAD_ID, EOS_ID = 126_336, 126_081, 126_081  # LLaDA's mask and <|eot_id|>-as-pad ids
+# LLaDA-8B's vocabulary and special ids, as gpu_learner.py's LLaDA shape states them; the step reads
+# its ids back from the model's config.
+LLADA_VOCAB_AND_IDS = {k: LLADA_1B[k] for k in ("vocab_size", "embedding_size", "mask_token_id", "pad_token_id",
+                                                 "eos_token_id")}
+VOCAB = LLADA_1B["embedding_size"]
 
 
 def full_logit_elbo_chunk(model: torch.nn.Module, batch: TrainBatch, js: slice, mask_id: int, normalize: str,
@@ -78,13 +82,13 @@ def full_logit_elbo_chunk(model: torch.nn.Module, batch: TrainBatch, js: slice, 
     return terms.view(m, c)
 
 
-def _batch(rows: int, prompt_len: int, gen_len: int, n_mc: int) -> TrainBatch:
+def _batch(config, rows: int, prompt_len: int, gen_len: int, n_mc: int) -> TrainBatch:
     rng = np.random.default_rng(0)
     groups = [TrajectoryGroup(group_id="g0", task="t", prompt_id="0",
                               prompt_ids=rng.integers(0, 126_000, size=prompt_len),
                               completion_ids=rng.integers(0, 126_000, size=(rows, gen_len)),
                               rewards=np.linspace(0.0, 1.0, rows), policy_version=0, mask_seed=7)]
-    return collate(groups, pad_id=PAD_ID, eos_ids=(EOS_ID,), n_mc=n_mc)
+    return collate(groups, pad_id=config.pad_token_id, eos_ids=(config.eos_token_id,), n_mc=n_mc)
 
 
 def measure(model, batch, spec: TrainSpec, path: str, repeats: int) -> tuple[dict, list[torch.Tensor]]:
@@ -92,18 +96,19 @@ def measure(model, batch, spec: TrainSpec, path: str, repeats: int) -> tuple[dic
     # BGPO's backward calls the ELBO pass by its name in learner.objectives.bgpo.
     patch = (mock.patch("learner.objectives.bgpo.elbo_chunk", full_logit_elbo_chunk) if path == "before"
              else contextlib.nullcontext())
+    mask_id = model.config.mask_token_id
     with torch.no_grad():
-        old = old_policy_terms(model, batch, spec, MASK_ID) - 0.05  # ratios away from 1
+        old = old_policy_terms(model, batch, spec, mask_id) - 0.05  # ratios away from 1
     for q in model.parameters():  # gradients exist before the measured step, as in a training run
         q.grad = torch.zeros_like(q)
     with patch:
-        peak = peak_tensor_bytes(lambda: accumulate_gradients(model, batch, old, spec, MASK_ID))
+        peak = peak_tensor_bytes(lambda: accumulate_gradients(model, batch, old, spec, mask_id))
         grads = [q.grad.clone() for q in model.parameters()]
         seconds = []
         for _ in range(repeats):
             model.zero_grad(set_to_none=False)
             t0 = time.perf_counter()
-            accumulate_gradients(model, batch, old, spec, MASK_ID)
+            accumulate_gradients(model, batch, old, spec, mask_id)
             seconds.append(time.perf_counter() - t0)
     return {"peak_step_tensor_bytes": peak, "step_seconds_median": statistics.median(seconds),
             "step_seconds": seconds}, grads
@@ -122,8 +127,8 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = LLaDAConfig(d_model=args.hidden, n_heads=args.hidden // 64, n_kv_heads=args.hidden // 64,
-                      n_layers=args.layers, mlp_hidden_size=args.hidden * 8 // 3 // 8 * 8, vocab_size=VOCAB,
-                      embedding_size=VOCAB, mask_token_id=MASK_ID, weight_tying=False)
+                      n_layers=args.layers, mlp_hidden_size=args.hidden * 8 // 3 // 8 * 8, weight_tying=False,
+                      **LLADA_VOCAB_AND_IDS)
     model = LLaDAModelLM(cfg)
     shape = fp.shape_from_config(cfg.to_dict())
     load_before = os.getloadavg()
@@ -131,7 +136,7 @@ def main() -> None:
     out = Path(args.out)
     for n_mc, mc_chunk, m in ((1, 1, args.rows), (4, 2, args.rows)):
         spec = TrainSpec(n_mc=n_mc, mc_chunk=mc_chunk, micro_batch=m)
-        batch = _batch(m, args.prompt_len, args.gen_len, n_mc)
+        batch = _batch(cfg, m, args.prompt_len, args.gen_len, n_mc)
         before, g_before = measure(model, batch, spec, "before", args.repeats)
         after, g_after = measure(model, batch, spec, "after", args.repeats)
         diff = max(float((a - b).abs().max()) for a, b in zip(g_before, g_after))
