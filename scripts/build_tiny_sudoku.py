@@ -82,6 +82,40 @@ def encode_sft(tokenizer, task, examples, answers, ids):
     return tokens, attention, prompt_ids.shape[1]
 
 
+def add_sft_arguments(p: argparse.ArgumentParser, *, out: Path, steps: int, steps_after: int, lr: float) -> None:
+    """The recipe flags both tiny builds share (teacher, data, SFT schedule, evaluation), with each
+    build's own defaults for where it writes and how long and fast it trains."""
+    p.add_argument("--out", default=str(out))
+    p.add_argument("--teacher-accuracy", type=float, default=0.4,
+                   help="probability that a demonstration is the true solution (else a row fill)")
+    p.add_argument("--pool", type=int, default=4000, help="distinct train-split puzzles demonstrated")
+    p.add_argument("--steps", type=int, default=steps, help="SFT steps before saving")
+    p.add_argument("--steps-after", type=int, default=steps_after,
+                   help="keep training to here, only to record the curve")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--eval-size", type=int, default=96)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_sft_arguments(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if not 0.0 <= args.teacher_accuracy <= 1.0:
+        p.error("--teacher-accuracy must be in [0, 1]")
+    return args
+
+
+def teacher_rewards(task, held_out, accuracy: float) -> tuple[float, float]:
+    """The teacher's expected held-out reward and that of a row fill alone (printed, and recorded
+    in sft_curve.json as the plateau the SFT start is measured against)."""
+    row_fill_reward = sum(task.score("\n".join(rows(row_fill(ex.question["puzzle"]))), ex)
+                          for ex in held_out) / len(held_out)
+    teacher_reward = accuracy + (1 - accuracy) * row_fill_reward  # its expectation
+    print(f"teacher on the held-out puzzles: {teacher_reward:.3f} (row fill alone {row_fill_reward:.3f})")
+    return teacher_reward, row_fill_reward
+
+
 def train_sft(model, tokenizer, ids, task, pool, held_out, engine, decoding: Decoding, *, steps: int,
               steps_after: int, lr: float, batch: int, eval_every: int, seed: int, teacher_accuracy: float,
               out: Path, snapshots: Path | None = None) -> list[dict]:
@@ -121,20 +155,8 @@ def train_sft(model, tokenizer, ids, task, pool, held_out, engine, decoding: Dec
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "dlrl/assets/tiny-sudoku"))
-    p.add_argument("--teacher-accuracy", type=float, default=0.4,
-                   help="probability that a demonstration is the true solution (else a row fill)")
-    p.add_argument("--pool", type=int, default=4000, help="distinct train-split puzzles demonstrated")
-    p.add_argument("--steps", type=int, default=1200, help="SFT steps before saving")
-    p.add_argument("--steps-after", type=int, default=1600, help="keep training to here, only to record the curve")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--eval-size", type=int, default=96)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if not 0.0 <= args.teacher_accuracy <= 1.0:
-        p.error("--teacher-accuracy must be in [0, 1]")
+    add_sft_arguments(p, out=ROOT / "dlrl/assets/tiny-sudoku", steps=1200, steps_after=1600, lr=1e-3)
+    args = parse_sft_arguments(p)
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -143,10 +165,7 @@ def main() -> None:
     ids = special_ids(model, tokenizer)
     pool = task.examples("train", args.pool, args.seed)
     held_out = task.examples("test", args.eval_size, EVAL_SEED)
-    row_fill_reward = sum(task.score("\n".join(rows(row_fill(ex.question["puzzle"]))), ex)
-                          for ex in held_out) / len(held_out)
-    teacher_reward = args.teacher_accuracy + (1 - args.teacher_accuracy) * row_fill_reward  # its expectation
-    print(f"teacher on the held-out puzzles: {teacher_reward:.3f} (row fill alone {row_fill_reward:.3f})")
+    teacher_reward, row_fill_reward = teacher_rewards(task, held_out, args.teacher_accuracy)
     decoding = Decoding(gen_length=GEN_LENGTH, block_length=GEN_LENGTH, steps=GEN_LENGTH)
     engine = make_engine(decoding, model, ids)
     curve = train_sft(model, tokenizer, ids, task, pool, held_out, engine, decoding, steps=args.steps,

@@ -45,43 +45,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from build_tiny_sudoku import GEN_LENGTH, row_fill, train_sft  # noqa: E402
+from build_tiny_sudoku import GEN_LENGTH, add_sft_arguments, parse_sft_arguments, teacher_rewards, train_sft  # noqa: E402
 
 from dlrl.decoding import Decoding  # noqa: E402
 from dlrl.models import build_tiny_sdar, special_ids  # noqa: E402
 from dlrl.models.families import model_family  # noqa: E402
 from dlrl.tasks import get_task  # noqa: E402
-from dlrl.tasks.sudoku import rows  # noqa: E402
 from rollout.engines import make_engine  # noqa: E402
 from rollout.completion import EVAL_SEED  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "dlrl/assets/tiny-sudoku-block"))
-    p.add_argument("--teacher-accuracy", type=float, default=0.4,
-                   help="probability that a demonstration is the true solution (else a row fill)")
-    p.add_argument("--pool", type=int, default=4000, help="distinct train-split puzzles demonstrated")
+    add_sft_arguments(p, out=ROOT / "dlrl/assets/tiny-sudoku-block", steps=1000, steps_after=1000, lr=2e-3)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--block-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1000, help="SFT steps before saving")
-    p.add_argument("--steps-after", type=int, default=1000, help="keep training to here, only to record the curve")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--eval-size", type=int, default=96)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snapshots", default=None,
                    help="also save a checkpoint at each evaluation into DIR/step_N (and the curve so far into "
                         "DIR/curve.json), to pick the saved step from one long run")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: a shared, loaded machine stalls multi-threaded ops)")
-    args = p.parse_args()
-    if not 0.0 <= args.teacher_accuracy <= 1.0:
-        p.error("--teacher-accuracy must be in [0, 1]")
+    args = parse_sft_arguments(p)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -92,10 +79,7 @@ def main() -> None:
     ids = special_ids(model, tokenizer)
     pool = task.examples("train", args.pool, args.seed)
     held_out = task.examples("test", args.eval_size, EVAL_SEED)
-    row_fill_reward = sum(task.score("\n".join(rows(row_fill(ex.question["puzzle"]))), ex)
-                          for ex in held_out) / len(held_out)
-    teacher_reward = args.teacher_accuracy + (1 - args.teacher_accuracy) * row_fill_reward  # its expectation
-    print(f"teacher on the held-out puzzles: {teacher_reward:.3f} (row fill alone {row_fill_reward:.3f})")
+    teacher_reward, row_fill_reward = teacher_rewards(task, held_out, args.teacher_accuracy)
     decoding = Decoding(engine="block", gen_length=GEN_LENGTH, block_length=args.block_size,
                         steps=args.block_size, block_remasking="low_confidence_static")
     engine = make_engine(decoding, model, ids)
