@@ -17,15 +17,21 @@ from services.driver.progress import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_a_few_steps(job: str, steps: int, out_dir: Path, name: str) -> subprocess.CompletedProcess:
+    """`dlrl train deploy/jobs/JOB.toml` shrunk to a CI-sized run: `steps` steps, evaluations every 2
+    on 8 puzzles, 4 prompts x 4 completions, on local Ray with 2 CPUs."""
+    cmd = [
+        sys.executable, "-m", "services.cli", "train", str(ROOT / f"deploy/jobs/{job}.toml"),
+        "--set", f"train.steps={steps}", "--set", "eval.every=2", "--set", "task.eval_size=8",
+        "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4",
+        "--set", f"runtime.out_dir={out_dir}", "--set", "runtime.num_cpus=2", "--set", f"name={name}",
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_dlrl_train_runs_the_tiny_job(tmp_path):
-    cmd = [
-        sys.executable, "-m", "services.cli", "train", str(ROOT / "deploy/jobs/tiny-sudoku.toml"),
-        "--set", "train.steps=3", "--set", "eval.every=2", "--set", "task.eval_size=8",
-        "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4",
-        "--set", f"runtime.out_dir={tmp_path}", "--set", "runtime.num_cpus=2", "--set", "name=smoke",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = train_a_few_steps("tiny-sudoku", 3, tmp_path, "smoke")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "step    3/3" in out and "tok/s" in out and "ETA" in out  # progress lines
@@ -53,13 +59,7 @@ def test_dlrl_train_runs_the_tiny_block_job(tmp_path):
     """The block-diffusion job (deploy/jobs/tiny-sudoku-block.toml: the shipped SDAR checkpoint, the
     block engine, BGPO on the block ELBO) for a few steps through `dlrl train` and local Ray: every
     metric is written and finite, and the weights move."""
-    cmd = [
-        sys.executable, "-m", "services.cli", "train", str(ROOT / "deploy/jobs/tiny-sudoku-block.toml"),
-        "--set", "train.steps=2", "--set", "eval.every=2", "--set", "task.eval_size=8",
-        "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4",
-        "--set", f"runtime.out_dir={tmp_path}", "--set", "runtime.num_cpus=2", "--set", "name=block",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = train_a_few_steps("tiny-sudoku-block", 2, tmp_path, "block")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "block"
     records = read_metrics(run / "metrics.jsonl")
