@@ -167,7 +167,13 @@ class RayHead:
         return {"RAY_AUTH_TOKEN_PATH": str(path)}
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **LOOPBACK_ENV, **self.token_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+        """The head's environment (and that of the drivers tests start against it): without the
+        quiet variables a test process may have set (dlrl.quiet.quiet_logs), so the head is an
+        operator's cluster whose workers inherit nothing from a run's driver."""
+        from dlrl.quiet import QUIET_ENV
+
+        env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+        return {**env, **LOOPBACK_ENV, **self.token_env(), "RAY_USAGE_STATS_ENABLED": "0"}
 
     def command(self) -> list[str]:
         ray = str(Path(sys.executable).with_name("ray"))

@@ -213,3 +213,44 @@ def test_protocol_evaluations_log_their_first_examples_as_samples(tmp_path):
                                                                  for r in results[:3]]
     assert samples[0]["prompt"] == task.prompt(examples[0], "compact")
     assert read_samples(tmp_path, task, protocol, examples, 0) == []
+
+
+# A driver joining the running head, as `dlrl train` with RAY_ADDRESS does (services.driver.start_ray):
+# its actor prints the quiet variables it sees.
+_JOINING_DRIVER = """
+import json, os, ray
+from dlrl.quiet import quiet_logs, quiet_runtime_env
+quiet_logs()
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env=quiet_runtime_env())
+
+@ray.remote(num_cpus=0)
+def seen():
+    return {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+
+print(json.dumps(ray.get(seen.remote())))
+"""
+
+
+def test_actors_of_a_run_joining_a_cluster_get_the_quiet_environment(ray_cluster):
+    """The head's raylet was started without the quiet variables (an operator's cluster), so its
+    workers do not inherit them from the driver: they reach the actors through the job's
+    runtime_env. Inside a Ray Job whose runtime_env already sets them (the API's jobs), the driver
+    leaves them to the job: Ray refuses to merge two runtime_envs naming the same variable. A value
+    the user set wins."""
+    from dlrl.quiet import JOB_CONFIG_VAR, QUIET_ENV
+
+    base = {k: v for k, v in ray_cluster.env().items() if k not in QUIET_ENV and k != JOB_CONFIG_VAR}
+    base.update({"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)})
+
+    def actor_env(**extra: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", _JOINING_DRIVER], cwd=ROOT, env={**base, **extra},
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    head_env = Path(f"/proc/{ray_cluster.proc.pid}/environ").read_bytes().split(b"\0")
+    assert not any(line.split(b"=")[0].decode() in QUIET_ENV for line in head_env if b"=" in line)
+    assert actor_env() == QUIET_ENV
+    assert actor_env(TQDM_DISABLE="0") == {**QUIET_ENV, "TQDM_DISABLE": "0"}
+    job = {"runtime_env": {"env_vars": dict(QUIET_ENV)}, "metadata": {}}
+    assert actor_env(**{JOB_CONFIG_VAR: json.dumps(job)}) == QUIET_ENV

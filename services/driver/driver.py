@@ -59,7 +59,7 @@ from ray.util.placement_group import PlacementGroup
 
 from dlrl.config import JobSpec
 from dlrl.queue import open_queue
-from dlrl.quiet import quiet_logs
+from dlrl.quiet import quiet_logs, quiet_runtime_env
 from dlrl.weights import WeightHandle, WeightPublisher
 from learner.objectives import behaviour_pass
 from learner.train import read_state, recover_checkpoint
@@ -104,7 +104,7 @@ def start_ray(spec: JobSpec) -> None:
     quiet_logs()  # before ray.init: a local Ray's actors inherit this environment
     address = spec.runtime.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=quiet_runtime_env())
     else:
         ray.init(num_cpus=spec.runtime.num_cpus, include_dashboard=False, log_to_driver=True,
                  object_store_memory=256 * 1024 * 1024)
