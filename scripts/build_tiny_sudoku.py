@@ -82,11 +82,12 @@ def encode_sft(tokenizer, task, examples, answers, ids):
     return tokens, attention, prompt_ids.shape[1]
 
 
-def add_sft_arguments(p: argparse.ArgumentParser, *, out: Path, steps: int, steps_after: int, lr: float) -> None:
+def add_sft_arguments(p: argparse.ArgumentParser, *, out: Path, steps: int, steps_after: int, lr: float,
+                      teacher_accuracy: float = 0.4, eval_every: int = 50) -> None:
     """The recipe flags both tiny builds share (teacher, data, SFT schedule, evaluation), with each
     build's own defaults for where it writes and how long and fast it trains."""
     p.add_argument("--out", default=str(out))
-    p.add_argument("--teacher-accuracy", type=float, default=0.4,
+    p.add_argument("--teacher-accuracy", type=float, default=teacher_accuracy,
                    help="probability that a demonstration is the true solution (else a row fill)")
     p.add_argument("--pool", type=int, default=4000, help="distinct train-split puzzles demonstrated")
     p.add_argument("--steps", type=int, default=steps, help="SFT steps before saving")
@@ -95,7 +96,7 @@ def add_sft_arguments(p: argparse.ArgumentParser, *, out: Path, steps: int, step
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--eval-size", type=int, default=96)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--seed", type=int, default=0)
 
 
