@@ -11,17 +11,20 @@ imperfect teacher (the true solution with probability `--teacher-accuracy`, else
 What the shipped start is (sft_curve.json): the end of a 3000-step SFT run on a teacher that
 writes the true solution with probability 0.6 (held-out 0.80; the LLaDA build's teacher is 0.4).
 At lr 2e-3 (batch 64) the greedy held-out reward climbs to a plateau from step ~900 and then
-wanders in 0.56-0.65 to step 3000, where it is saved (held-out 0.616). The end was the rule fixed
-before any RL from it (RL from steps 1400 and 2000 of the same run, tried first, is in also_tried),
-not a dip picked for headroom. The first shipped start (teacher 0.4,
-step 1000, 0.510) is in bench/results/tiny_sudoku_block.json's also_tried: RL left it flat,
-because that start lacked the skill to solve (fixed-prompt RL raised its train reward 0.56 -> 0.76
-and left held-out flat; its policy gradients from independent batches pointed apart, cosine
--0.1, a third of their norm on the lm_head digit rows), while from this start the same BGPO step
-lifts held-out reward. `--snapshots DIR` also saves every evaluated step (DIR/step_N); the saved
-step is reproduced bit for bit by the defaults (the loop is build_tiny_sudoku.train_sft, shared
-with the LLaDA build). Puzzles are plentiful (a pool
-of distinct train-split puzzles) and the held-out test-split grids are never seen here.
+wanders in 0.56-0.65 to step 3000, where it is saved (held-out 0.616). Saving at the end was the
+rule fixed before any RL from it, not a dip picked for headroom (RL from step 1400 of the same
+run is in bench/results/tiny_sudoku_block.json's diagnostics). The first shipped start (teacher
+0.4, step 1000, 0.510) is in that JSON's also_tried: RL left it flat because it lacked the skill
+to solve (fixed-prompt RL raised its train reward 0.56 -> 0.76 and left held-out flat; its policy
+gradients from independent batches pointed apart, cosine -0.1, a third of their norm on the
+lm_head digit rows), while from this start the same BGPO step lifts held-out reward.
+
+`--snapshots DIR` also saves every evaluated step (DIR/step_N) to pick the saved step from one
+run; the defaults are this run's recipe (sft_curve.json records it). Saving snapshots does not
+change the weights: the first build's step-1000 snapshot was byte-identical to its default build;
+this build was not re-run with the defaults (36 min). The loop is build_tiny_sudoku.train_sft,
+shared with the LLaDA build. Puzzles are plentiful (a pool of distinct train-split puzzles) and
+the held-out test-split grids are never seen here.
 
 The 20-token answer (19 characters + EOS) after a 20-token prompt sits on the global block grid
 as 5 blocks of 4; the held-out evaluation decodes greedily with the block engine, one token per
