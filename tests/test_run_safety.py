@@ -29,11 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "train.steps=4", "--set", "eval.every=2", "--set", "eval.steps=5", "--set", "task.eval_size=4",
          "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4", "--set", "rollout.steps=5",
          "--set", "train.n_mc=2", "--set", "runtime.num_cpus=2"]
-LONG = 100_000
-"""train.steps of a run that must still be running when the test signals it: hours at any pace.
-Its steps take 0.3-3 s, so a bound near the test's own time fails by chance: at 30 steps, and once
-at 200 (in 2 min, while the refused second process was still importing torch and Ray on a loaded
-2-core machine), the run finished before the signal."""
+LONG = 200
+"""train.steps of a run that must still be running when the test signals it: at its pace (a few
+seconds a step) far longer than the second process the Ctrl-C test starts meanwhile, even on a
+loaded machine (at 30 steps a loaded CI machine once finished the run first)."""
 
 
 def dlrl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -45,6 +44,13 @@ def train_records(run: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT at its default disposition, as a terminal's foreground job has it. A job started in
+    the background by a shell without job control (`cmd &` in a script, as CI may launch pytest)
+    inherits SIGINT ignored, and Python then leaves it ignored: the Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def running(args: list[str], log: Path, env: dict[str, str] | None = None,
             line: str = rf"^step +3/{LONG}") -> Iterator[subprocess.Popen]:
@@ -53,7 +59,7 @@ def running(args: list[str], log: Path, env: dict[str, str] | None = None,
     written); SIGKILLed with its group if it still runs at the end."""
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_as_in_a_terminal,
                                 env={**(env or os.environ), "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 400
@@ -74,8 +80,12 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_the_run_folder_i
              "--set", "name=guarded"]
     run = tmp_path / "guarded"
     log = tmp_path / "first.log"
-    first = [*train, "--set", f"train.steps={LONG}"]
+    first = [*train, "--set", f"train.steps={LONG}"]  # still running while the second process starts
     with running(first, log) as proc:
+        # A second process with the same run folder is refused, naming the one that holds it.
+        second = dlrl(*train, "--overwrite", timeout=240)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"in use by another run: pid {proc.pid}" in second.stderr and str(run / "run.lock") in second.stderr
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
         proc.wait(120)
     out = log.read_text()
@@ -147,12 +157,6 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(ray_cluster, tmp_path):
     run = tmp_path / "termed"
     log = tmp_path / "run.log"
     with running(train, log, env={**ray_cluster.env(), "RAY_ADDRESS": ray_cluster.address}) as proc:
-        # A second process with the same run folder is refused, naming the one that holds it. (Here,
-        # not in the Ctrl-C test: the run goes on while this one starts, which on a loaded machine
-        # takes minutes, and the Ctrl-C test resumes from an early checkpoint.)
-        second = dlrl(*train, "--overwrite", timeout=300)
-        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-        assert f"in use by another run: pid {proc.pid}" in second.stderr and str(run / "run.lock") in second.stderr
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(120)
     out = log.read_text()
