@@ -2,39 +2,41 @@
 
 The block-diffusion twin of `builtin:tiny-sudoku` (scripts/build_tiny_sudoku.py, whose teacher,
 data and prompt encoding this reuses): a real SDAR-family checkpoint (`SDARForCausalLM`, the
-Qwen3 body, block-causal, block size 4 as SDAR's, `dlrl.models.build_tiny_sdar`) with the same
-character tokenizer, about 0.7M parameters, trained with SDAR's block-diffusion SFT loss on the
-BD3-LM [noisy ; clean] layout (`learner.sft.sft_loss` dispatches on the family: Bernoulli(p)
-masks, p = (1 - 1e-3) t + 1e-3, CE / p) on 4x4 Sudoku demonstrations written by the same
-imperfect teacher (the true solution with probability `--teacher-accuracy`, else a row fill).
+Qwen3 body, block-causal, `dlrl.models.build_tiny_sdar`) with the same character tokenizer, about
+0.75M parameters, trained with SDAR's block-diffusion SFT loss on the BD3-LM [noisy ; clean]
+layout (`learner.sft.sft_loss` dispatches on the family: Bernoulli(p) masks,
+p = (1 - 1e-3) t + 1e-3, CE / p) on 4x4 Sudoku demonstrations written by the same imperfect
+teacher (the true solution with probability `--teacher-accuracy`, else a row fill).
 
-What the shipped start is (sft_curve.json): the end of a 3000-step SFT run on a teacher that
-writes the true solution with probability 0.6 (held-out 0.80; the LLaDA build's teacher is 0.4).
-At lr 2e-3 (batch 64) the greedy held-out reward climbs to a plateau from step ~900 and then
-wanders in 0.56-0.65 to step 3000, where it is saved (held-out 0.616). Saving at the end was the
-rule fixed before any RL from it, not a dip picked for headroom (RL from step 1400 of the same
-run is in bench/results/tiny_sudoku_block.json's diagnostics). The first shipped start (teacher
-0.4, step 1000, 0.510) is in that JSON's also_tried: RL left it flat because it lacked the skill
-to solve (fixed-prompt RL raised its train reward 0.56 -> 0.76 and left held-out flat; its policy
-gradients from independent batches pointed apart, cosine -0.1, a third of their norm on the
-lm_head digit rows), while from this start the same BGPO step lifts held-out reward.
+What the shipped start is (sft_curve.json): block size 16 (one of SDAR's published block sizes:
+4 by default, 8/16/32/64 variants) and the LLaDA build's teacher, 0.4 (held-out 0.70), saved at
+the end of 3000 SFT steps at lr 2e-3 (batch 64): held-out greedy 0.48-0.60 from step 800 on,
+a flat 0.53-0.57 from step 1600, 0.545 at the end. Saving at the end is the rule fixed before
+any RL from it.
 
-`--snapshots DIR` also saves every evaluated step (DIR/step_N) to pick the saved step from one
-run; the defaults are this run's recipe (sft_curve.json records it). Saving snapshots does not
-change the weights: the first build's step-1000 snapshot was byte-identical to its default build;
-this build was not re-run with the defaults (36 min). The loop is build_tiny_sudoku.train_sft,
-shared with the LLaDA build. Puzzles are plentiful (a pool of distinct train-split puzzles) and
-the held-out test-split grids are never seen here.
+Why block 16 and not SDAR's default 4. The 20-token answer (19 characters + EOS) follows a
+20-token prompt; on the global block grid, block 16 puts prompt tokens 16-19 and answer tokens
+0-11 (rows 1-3) in one mixed block and answer tokens 12-19 in the last, partial block, so the
+model fills rows 1-3 in its own confidence order and row 4 after them. With block 4 every row is
+committed before any later row is seen, and this body learnt less from the same teacher: at
+teacher 0.4 its greedy plateau was 0.50-0.53 with best-of-16 0.68-0.74, and RL from it ended at
+0.63-0.69; the block-4 starts with more skill (teacher 0.5 or 0.6) start higher (0.62-0.64),
+and no block-4 start gained +0.15 within 10 minutes (bench/results/tiny_sudoku_block.json,
+`block4_start`).
 
-The 20-token answer (19 characters + EOS) after a 20-token prompt sits on the global block grid
-as 5 blocks of 4; the held-out evaluation decodes greedily with the block engine, one token per
-step (steps = block size), low-confidence static remasking (the job's own evaluation decodes with
-its rollout rule, dynamic threshold 0.9, and records the start under it at step 0).
+`--snapshots DIR` also saves every evaluated step (DIR/step_N) to study one run; saving them
+does not change the weights. The loop is build_tiny_sudoku.train_sft, shared with the LLaDA
+build. Puzzles are plentiful (a pool of distinct train-split puzzles) and the held-out test-split
+grids are never seen here.
+
+The held-out evaluation during SFT decodes greedily with the block engine, one token per step
+(steps = block size), low-confidence static remasking (the job's own evaluation decodes with its
+rollout rule, dynamic threshold 0.9, and records the start under it at step 0).
 
 Deterministic for a given seed on the CPU.
 
     python scripts/build_tiny_sudoku_block.py      # writes dlrl/assets/tiny-sudoku-block
-                                                   # (36 min on the shared machine, 1 thread)
+                                                   # (28 min on 2 cores, 1 thread)
 """
 
 from __future__ import annotations
@@ -64,12 +66,12 @@ from rollout.completion import EVAL_SEED  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sft_arguments(p, out=ROOT / "dlrl/assets/tiny-sudoku-block", steps=3000, steps_after=3000, lr=2e-3,
-                      teacher_accuracy=0.6, eval_every=100)
+                      teacher_accuracy=0.4, eval_every=100)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--snapshots", default=None,
                    help="also save a checkpoint at each evaluation into DIR/step_N (and the curve so far into "
                         "DIR/curve.json), to pick the saved step from one long run")
