@@ -184,7 +184,8 @@ def main() -> None:
     result = {
         "benchmark": "learner peak memory vs n_t (BGPO c=1 vs naive ELBO ratio)",
         "family": args.family,
-        "layout": "[noisy ; clean] 2T tokens, bd3_mask" if args.family == "block" else "T tokens, full attention",
+        "layout": ("[noisy ; clean] cropped to the columns the response depends on (bd3_columns), bd3_mask"
+                   if args.family == "block" else "T tokens, full attention"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "machine": {"device": args.device, "name": device_name, "cpus": __import__("os").cpu_count(),

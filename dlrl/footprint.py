@@ -23,7 +23,8 @@ sent to and the shared one: `moe_block_activation_bytes`).
 stored T x T score matrix (flash / memory-efficient kernels).
 
 A block-diffusion family (`ModelShape.bd3`) is scored on its training layout [x_t ; x_0]
-(dlrl.block_elbo): every forward carries 2T tokens and a dense (2T)^2 attention mask. Every
+(dlrl.block_elbo), cropped to the columns the response depends on: every forward carries at most
+T + L + B - 1 tokens (B its block size; `bd3_tokens`) under a dense mask of that side. Every
 family's ELBO pass projects only the masked response positions onto the vocabulary, in chunks of
 at most LOGIT_CHUNK logits (dlrl.models.output_head, `logits_bytes`).
 """
@@ -92,10 +93,14 @@ class ModelShape:
     expert_ffn: int = 0
     dense_layers: int | None = None
     """Layers with a dense SwiGLU of width ffn (the first ones); None: every layer."""
-    bd3: bool = False
-    """The learner scores it on the BD3-LM layout [x_t ; x_0] (a block-causal family: 2T tokens per
-    forward under a dense (2T)^2 mask, logits of the L response positions only); set from the
-    family by `shape_from_config`."""
+    bd3_block: int = 0
+    """The block size of a block-causal family, which the learner scores on the BD3-LM layout
+    [x_t ; x_0] (`bd3_tokens` per row under a dense mask, logits of the L response positions
+    only); 0 for a full-attention family. Set from the family and config by `shape_from_config`."""
+
+    @property
+    def bd3(self) -> bool:
+        return self.bd3_block > 0
 
     @property
     def dim(self) -> int:
@@ -182,7 +187,8 @@ def shape_from_config(cfg: dict) -> ModelShape:
 
     family = family_of(cfg)
     shape = family.shape(cfg)
-    return dataclasses.replace(shape, bd3=True) if family.attention == "block_causal" else shape
+    block = family.block_size_for(cfg)
+    return dataclasses.replace(shape, bd3_block=block) if block is not None else shape
 
 
 def model_config(path: str) -> dict:
@@ -303,10 +309,22 @@ def logits_bytes(shape: ModelShape, rows: int, resp_len: int, compute_bytes: int
     return chunk * shape.vocab * (compute_bytes + 8) + weight_grad + 8 * k * shape.hidden
 
 
-def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, compute_bytes: int, checkpointing: bool) -> int:
-    """The BD3 layout's attention mask: rows x (2T)^2 x (1 + b x blocks kept); 0 for other layouts.
+def bd3_tokens(shape: ModelShape, seq_len: int, resp_len: int) -> int:
+    """Positions a row forwards: T for a full-attention family; for a block family its cropped
+    BD3-LM layout (dlrl.block_elbo.bd3_columns), the noisy half from the block that holds the
+    first response token (at most L + B - 1 columns) and the clean half (at most T: it drops the
+    last block's), capped at the whole 2T. An upper bound: left padding can only crop more."""
+    if not shape.bd3:
+        return seq_len
+    return min(2 * seq_len, seq_len + resp_len + shape.bd3_block - 1)
 
-    The boolean (B, 1, 2T, 2T) mask (dlrl.models.block_mask.bd3_mask, one byte an entry, all rows
+
+def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, resp_len: int, compute_bytes: int,
+                   checkpointing: bool) -> int:
+    """The BD3 layout's attention mask: rows x S^2 x (1 + b x blocks kept), S = `bd3_tokens`; 0 for
+    other layouts.
+
+    The boolean (B, 1, S, S) mask (dlrl.models.block_mask.bd3_mask, one byte an entry, all rows
     counted: left-padded rows each have their own), and the additive compute-dtype copy SDPA makes
     of it in every block and saves for that block's backward (the memory-efficient kernel takes a
     bias, not a boolean): n copies, or one with activation checkpointing (only the recomputed
@@ -315,7 +333,7 @@ def bd3_mask_bytes(shape: ModelShape, rows: int, seq_len: int, compute_bytes: in
     if not shape.bd3:
         return 0
     kept = 1 if checkpointing else shape.layers
-    return rows * (2 * seq_len) ** 2 * (1 + compute_bytes * kept)
+    return rows * bd3_tokens(shape, seq_len, resp_len) ** 2 * (1 + compute_bytes * kept)
 
 
 def learner_memory(
@@ -353,8 +371,9 @@ def learner_memory(
         grads=math.ceil(trainable * state_bytes / gpus),
         optimizer=math.ceil(2 * trainable * state_bytes / gpus),
         gathered=gathered,
-        activations=activation_bytes(shape, rows, seq_len * (2 if shape.bd3 else 1), compute_bytes, checkpointing,
-                                     lora_r is not None) + bd3_mask_bytes(shape, rows, seq_len, compute_bytes, checkpointing),
+        activations=activation_bytes(shape, rows, bd3_tokens(shape, seq_len, resp_len), compute_bytes, checkpointing,
+                                     lora_r is not None)
+        + bd3_mask_bytes(shape, rows, seq_len, resp_len, compute_bytes, checkpointing),
         logits=logits_bytes(shape, rows, resp_len, compute_bytes),
     )
 

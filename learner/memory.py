@@ -15,9 +15,9 @@ samples, each chunk backwarded on its own: learner/objectives/bgpo.py), so "auto
 memory for fewer, larger passes; `resolve_mc_chunk` picks the largest chunk whose step fits the
 device's free memory, by dlrl.footprint's formulas and the objective's memory term (the naive ELBO
 ratio keeps all n_mc graphs alive whatever the chunk, so its step fits at every chunk or none). A
-block-diffusion model's copies are twice as long with a (2T)^2 mask (its BD3-LM training layout,
-dlrl.block_elbo): its shape says so (`ModelShape.bd3`, from the model's family), so "auto" picks a
-chunk for that.
+block-diffusion model's copies are longer, up to T + L + B - 1 tokens under a dense mask (its
+cropped BD3-LM training layout, dlrl.block_elbo): its shape says so (`ModelShape.bd3_block`, from
+the model's family), so "auto" picks a chunk for that.
 
     python bench/activation_memory.py    # measures what checkpointing saves on the CPU
 """

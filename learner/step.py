@@ -13,7 +13,7 @@ import time
 import torch
 
 from dlrl.batch import TrainBatch
-from dlrl.block_elbo import block_size_of
+from dlrl.block_elbo import bd3_columns, block_size_of
 from dlrl.config import TrainSpec
 from dlrl.elbo_terms import Piece, micro_batches
 from dlrl.precision import low_precision_masters
@@ -153,11 +153,17 @@ def train_step(
     # Throughput in the batch's own tokens: each row's T tokens once per forward of it (n_mc per
     # update for an ELBO objective, and the old-policy pass when it ran here), whatever layout the
     # model forwards them in -- so the figure compares across families and with rollout tokens/s.
-    # A block-diffusion family forwards [x_t ; x_0], 2T positions per row (dlrl.block_elbo): the
-    # positions through the model, the figure for hardware throughput, are `forward_tokens`.
+    # A block-diffusion family forwards [x_t ; x_0] cropped to the columns the response depends on
+    # (dlrl.block_elbo.bd3_columns: up to 2T positions a row): the positions through the model, the
+    # figure for hardware throughput, are `forward_tokens` (counted on the whole batch's crop; a
+    # micro batch's own crop can only be smaller).
     forwards = objective.passes(spec) * spec.updates_per_batch + (0 if old_shipped else objective.old_passes(spec))
     tokens = batch.tokens.numel() * forwards
-    forward_tokens = tokens * (2 if block_size_of(model) is not None else 1)
+    forward_tokens = tokens
+    if (block := block_size_of(model)) is not None:
+        noisy_from, clean_to = bd3_columns(batch.attention, batch.prompt_len, block)
+        width = batch.tokens.shape[1]
+        forward_tokens = tokens * (width - noisy_from + clean_to) // width
     kept = objective.kept_old(old, batch.valid[rank.rows(batch.size)])
     total, count = float(kept.sum()), kept.numel()
     if rank.sharded:

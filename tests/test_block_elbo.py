@@ -24,12 +24,15 @@ import torch.multiprocessing as mp
 
 from dlrl import diffusion
 from dlrl.batch import collate, collate_for, time_form_for
+from dlrl.block_elbo import bd3_columns, bd3_logits
 from dlrl.config import JobSpec, LoraSpec, TrainSpec
 from dlrl.elbo_terms import elbo_chunk
 from dlrl.footprint import ModelShape, learner_memory, shape_from_config
 from dlrl.models import build_tiny, special_ids
+from dlrl.models.block_mask import bd3_mask
 from dlrl.models.families import model_family
 from dlrl.models.lora import apply_lora
+from dlrl.models.padding import padding_positions
 from dlrl.trajectory import TrajectoryGroup
 from learner import sharding
 from learner.memory import resolve_mc_chunk
@@ -143,6 +146,37 @@ def test_the_block_elbo_equals_an_independent_per_block_computation():
     assert P == 7
 
 
+@pytest.mark.parametrize("prompt_lengths", [(5, 7, 4), (9, 9, 9), (12, 3, 8)])
+def test_the_cropped_layout_gives_the_whole_layouts_logits(prompt_lengths):
+    """bd3_logits forwards only the columns the response depends on (bd3_columns); its logits are
+    those of the whole [x_t ; x_0] (2T columns, the published layout) at every response position."""
+    model, tok = block_model()
+    batch = _batch(model, tok, TrainSpec(n_mc=1), prompt_lengths)
+    P, T = batch.prompt_len, batch.tokens.shape[1]
+    masked = torch.nn.functional.pad(batch.masks[:, 0], (P, 0))  # (N, T): response positions only
+    noisy = torch.where(masked, tok.mask_token_id, batch.tokens)
+    padded = not bool(batch.attention.all())
+    whole_mask = bd3_mask(batch.attention if padded else None, T, BLOCK)
+    positions = padding_positions(batch.attention).repeat(1, 2)
+    with torch.no_grad():
+        whole = model(torch.cat([noisy, batch.tokens], 1), attention_mask=whole_mask,
+                      position_ids=positions).logits[:, P:T]
+        cropped = bd3_logits(model, noisy, batch.tokens, batch.attention, BLOCK, slice(P, T))
+    noisy_from, clean_to = bd3_columns(batch.attention, P, BLOCK)
+    assert noisy_from > 0 and T - noisy_from + clean_to < 2 * T  # it does crop
+    torch.testing.assert_close(cropped, whole, rtol=RTOL, atol=1e-12)
+
+
+def test_the_crop_keeps_each_rows_first_scored_block_and_drops_only_last_blocks():
+    unpadded = torch.ones(2, 30, dtype=torch.long)  # a 21-token prompt, blocks of 4
+    assert bd3_columns(unpadded, 21, 4) == (20, 28)  # the mixed block 20..23; the last block 28..29
+    padded = unpadded.clone()
+    padded[1, :3] = 0  # row 1's positions count from column 3: its blocks start at columns 3, 7, ...
+    assert bd3_columns(padded, 21, 4) == (19, 28)  # its block at 19..22 holds column 21
+    with pytest.raises(ValueError, match="outside"):
+        bd3_columns(unpadded, 30, 4)
+
+
 def test_left_padding_does_not_change_a_rows_terms():
     model, tok = block_model()
     spec = TrainSpec(n_mc=4, mc_chunk=2, micro_batch=4)
@@ -197,8 +231,11 @@ def test_the_gradient_does_not_depend_on_the_chunk():
 def test_learner_tokens_per_s_counts_the_trajectory_tokens_and_forward_tokens_the_doubled_layout(
         algorithm, shipped_old, forwards):
     """learner_tokens_per_s counts each row's T tokens once per forward of it, as for a
-    full-attention family; a block family forwards [x_t ; x_0], 2T positions, which
-    learner_forward_tokens_per_s counts."""
+    full-attention family; a block family forwards [x_t ; x_0] cropped to the columns the response
+    depends on, which learner_forward_tokens_per_s counts: prompts 5, 7, 4 left-padded to 7 + 10
+    response = 17 columns; the response starts at position 5, 7, 4 of its row (blocks of 4: at
+    columns 6, 4, 7), so noisy columns 4..16 are kept (13); the last position, 14, 16, 13, starts a
+    block at column 14, 16, 15, so clean columns 0..15 are kept (16): 29 of the 34."""
     model, tok = block_model()
     spec = TrainSpec(algorithm=algorithm, n_mc=2, mc_chunk=1, micro_batch=9, updates_per_batch=2, lr=1e-4)
     batch = _batch(model, tok, spec)
@@ -206,7 +243,8 @@ def test_learner_tokens_per_s_counts_the_trajectory_tokens_and_forward_tokens_th
     m = train_step(model, torch.optim.AdamW(model.parameters(), lr=spec.lr), batch, spec, tok.mask_token_id, old=old)
     tokens = batch.tokens.numel() * forwards
     assert m["learner_tokens_per_s"] * m["learner_seconds"] == pytest.approx(tokens, rel=1e-9)
-    assert m["learner_forward_tokens_per_s"] * m["learner_seconds"] == pytest.approx(2 * tokens, rel=1e-9)
+    assert batch.tokens.shape[1] == 17
+    assert m["learner_forward_tokens_per_s"] * m["learner_seconds"] == pytest.approx(tokens * 29 / 17, rel=1e-9)
 
     full, ftok = build_tiny(hidden=32, layers=2, heads=2)  # full attention: the two figures agree
     fspec = spec.model_copy(update={"updates_per_batch": 1})
@@ -249,22 +287,25 @@ def test_lora_trains_the_adapters_on_the_block_elbo():
 # -- memory: the 2T input -----------------------------------------------------------------------------
 
 
-def test_the_footprint_counts_the_doubled_input_and_auto_picks_a_smaller_chunk():
+def test_the_footprint_counts_the_cropped_input_and_auto_picks_a_smaller_chunk():
     plain = ModelShape(vocab=1000, hidden=256, layers=4, heads=4, kv_heads=4, ffn=688)
-    block = ModelShape(vocab=1000, hidden=256, layers=4, heads=4, kv_heads=4, ffn=688, bd3=True)
+    block = ModelShape(vocab=1000, hidden=256, layers=4, heads=4, kv_heads=4, ffn=688, bd3_block=4)
     kw = dict(gpus=1, master_bytes=4, compute_bytes=2, rows=4, seq_len=300, resp_len=200)
     p, b = learner_memory(plain, **kw), learner_memory(block, **kw)
-    # twice the tokens' activations, plus the (2T)^2 mask: bool + a compute-dtype copy per block
-    assert b.activations - 2 * p.activations == 4 * 600 ** 2 * (1 + 2 * 4)
+    # a 100-token prompt: the noisy half from its last block (at most 200 + 3 columns) and the
+    # clean half (300): 503 tokens' activations, plus the 503^2 mask, bool + a compute-dtype copy a block
+    assert b.activations - p.activations * 503 // 300 == 4 * 503 ** 2 * (1 + 2 * 4)
     assert b.logits == p.logits  # both project only the masked response positions (dlrl.models.output_head)
     model, _ = block_model()
-    assert shape_from_config(model.config.to_dict()).bd3
+    assert shape_from_config(model.config.to_dict()).bd3_block == BLOCK
+    # the bound is what the learner forwards at this shape: bd3_columns on an unpadded 100 + 200
+    assert 300 - bd3_columns(torch.ones(1, 300), 100, 4)[0] + 300 <= 503
     spec = JobSpec.model_validate({"train": {"n_mc": 16, "mc_chunk": "auto", "micro_batch": 4},
                                    "rollout": {"gen_length": 256}})
     budget = 3 * 10**9
     chunks = [resolve_mc_chunk(spec, torch.device("cpu"), budget, shape=s, prompt_len=256) for s in (plain, block)]
     plain_big = ModelShape(vocab=32000, hidden=2048, layers=16, heads=16, kv_heads=8, ffn=5632)
-    block_big = ModelShape(vocab=32000, hidden=2048, layers=16, heads=16, kv_heads=8, ffn=5632, bd3=True)
+    block_big = ModelShape(vocab=32000, hidden=2048, layers=16, heads=16, kv_heads=8, ffn=5632, bd3_block=4)
     big = [resolve_mc_chunk(spec, torch.device("cpu"), 40 * 10**9, shape=s, prompt_len=256)
            for s in (plain_big, block_big)]
     assert chunks[0] >= chunks[1] and big[0] > big[1] >= 1, (chunks, big)

@@ -314,8 +314,9 @@ def test_published_config_gives_the_published_size_and_layout():
     assert active == 1_432_968_192 and round(active / 1e9, 1) == 1.4
     shape = family_of(published_config()).shape(published_config())
     assert (shape.params(), shape.active_params()) == (total, active)
-    # the plan's shape is the family's, scored on the BD3-LM layout (set from the family's attention)
-    assert fp.shape_from_config(fp.model_config("inclusionAI/LLaDA2.0-mini")) == replace(shape, bd3=True)
+    # the plan's shape is the family's, scored on the BD3-LM layout at the family's block (32: the
+    # published config has no block_size)
+    assert fp.shape_from_config(fp.model_config("inclusionAI/LLaDA2.0-mini")) == replace(shape, bd3_block=32)
 
 
 def test_family_record_holds_the_published_conventions():
@@ -424,8 +425,10 @@ def test_plan_sizes_llada2_weights_by_total_and_activations_by_active():
     mem, wide_mem = fp.learner_memory(shape, **kw), fp.learner_memory(wide, **kw)
     assert mem.weights == 4 * shape.params() and mem.optimizer == 8 * shape.params()
     assert 3.8 < wide_mem.weights / mem.weights < 4.0  # the experts are 93% of the weights
-    assert shape.bd3  # a block-causal family: the learner's forward carries [x_t ; x_0], 2 x 768 tokens a row
-    assert wide_mem.activations - mem.activations == 2 * (2 * 768) * 19 * 8 * 3 * shape.experts
+    # a block-causal family: the learner forwards [x_t ; x_0] cropped to the noisy half from the
+    # first response block (at most 512 + 32 - 1 columns) and the clean half (768): 1311 a row
+    assert shape.bd3 and fp.bd3_tokens(shape, 768, 512) == 1311
+    assert wide_mem.activations - mem.activations == 2 * 1311 * 19 * 8 * 3 * shape.experts
     assert fp.rollout_memory(shape, batch=1, seq_len=768, weight_bytes=2).weights == 2 * shape.params()
     four = fp.learner_memory(shape, **(kw | {"gpus": 4}))
     assert four.gathered == 2 * (2 * shape.moe_block_params() + shape.root_params())  # a MoE block is the largest

@@ -57,20 +57,23 @@ def block_causal_mask(attention_mask: torch.Tensor | None, length: int, block_si
 
 
 def bd3_mask(attention_mask: torch.Tensor | None, length: int, block_size: int,
-             device: torch.device | None = None) -> torch.Tensor:
-    """(B, 1, 2T, 2T) bool for the input [x_t ; x_0] of two length-T halves with shared positions.
+             device: torch.device | None = None, noisy_from: int = 0, clean_to: int | None = None) -> torch.Tensor:
+    """(B, 1, N + C, N + C) bool for the input [x_t ; x_0] of two length-T halves with shared positions.
 
-    Rows/columns 0..T-1 are the noisy half, T..2T-1 the clean half:
-    noisy->noisy iff same block (M_BD), noisy->clean iff key block < query block (M_OBC),
-    clean->clean iff key block <= query block (M_BC), clean->noisy never.
+    Rows/columns 0..N-1 are the noisy half's columns noisy_from..T-1, the next C the clean half's
+    columns 0..clean_to-1 (the whole layout, 2T, by default; `dlrl.block_elbo` crops the columns no
+    scored query depends on): noisy->noisy iff same block (M_BD), noisy->clean iff key block < query
+    block (M_OBC), clean->clean iff key block <= query block (M_BC), clean->noisy never.
     """
     blocks = grid_blocks(attention_mask, length, block_size, device)
-    q, k = blocks[:, None, :, None], blocks[:, None, None, :]
     keys = _keys(attention_mask, blocks)
-    noisy_noisy = (q == k) & keys
-    noisy_clean = (k < q) & keys
-    clean_clean = (k <= q) & keys
-    clean_noisy = torch.zeros_like(noisy_noisy)
+    clean_to = length if clean_to is None else clean_to
+    noisy, clean = blocks[:, noisy_from:], blocks[:, :clean_to]
+    noisy_keys, clean_keys = keys[..., noisy_from:], keys[..., :clean_to]
+    noisy_noisy = (noisy[:, None, :, None] == noisy[:, None, None, :]) & noisy_keys
+    noisy_clean = (clean[:, None, None, :] < noisy[:, None, :, None]) & clean_keys
+    clean_clean = (clean[:, None, None, :] <= clean[:, None, :, None]) & clean_keys
+    clean_noisy = torch.zeros(clean_clean.shape[:-1] + (noisy.shape[-1],), dtype=torch.bool, device=blocks.device)
     top = torch.cat([noisy_noisy, noisy_clean], dim=-1)
     bottom = torch.cat([clean_noisy, clean_clean], dim=-1)
     return torch.cat([top, bottom], dim=-2)
