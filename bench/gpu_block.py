@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from dlrl import footprint as fp  # noqa: E402
 from dlrl.batch import collate_for  # noqa: E402
+from dlrl.block_elbo import bd3_columns, block_size_of  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
 from dlrl.decoding import Decoding  # noqa: E402
 from dlrl.models import SDARConfig, SDARForCausalLM, build_tiny_sdar, special_ids  # noqa: E402
@@ -129,8 +130,10 @@ def learner_rows(model, ids: SpecialIds, device, n_mcs, prompt_len: int, gen_len
             sync(device)
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
+        noisy_from, clean_to = bd3_columns(batch.attention, batch.prompt_len, block_size_of(model))
         rows.append({"n_mc": n_mc, "rows": 4, "prompt_len": prompt_len, "gen_len": gen_len,
-                     "input_tokens_per_forward": 2 * (prompt_len + gen_len), "step_seconds": seconds,
+                     "input_tokens_per_forward": prompt_len + gen_len - noisy_from + clean_to,  # the cropped layout
+                     "step_seconds": seconds,
                      "train_tokens_per_s": 4 * (prompt_len + gen_len) * n_mc / seconds,
                      "peak_memory_bytes": peak(device), "loss": metrics["loss"],
                      "grad_norm": metrics["grad_norm"],
