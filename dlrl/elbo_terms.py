@@ -91,8 +91,9 @@ def elbo_chunk(
     The c masked copies of each row go through the model as one (m * c, T) forward, its matmuls
     in `compute_dtype` (dlrl.precision); the ELBO itself is summed in float32 or wider. A
     block-diffusion model (its family block-causal) is scored as it was trained: each copy as
-    [noisy ; clean] (m * c, 2T) under the BD3-LM mask, the logits of the noisy half's response
-    only (dlrl.block_elbo), which gives the per-block ELBO summed over blocks.
+    [noisy ; clean] (m * c, at most 2T: cropped to the columns the response depends on) under the
+    BD3-LM mask, the logits of the noisy half's response only (dlrl.block_elbo), which gives the
+    per-block ELBO summed over blocks.
 
     Only the masked response positions, the ones the term sums over, are projected onto the
     vocabulary, in chunks (dlrl.models.output_head): the forward returns hidden states, never

@@ -228,7 +228,7 @@ def test_the_gradient_does_not_depend_on_the_chunk():
     ("bgpo", True, 2 * 2),  # l_old shipped by the rollout worker: no old-policy pass here
     ("diffu_grpo", False, 2 + 2),  # one forward per update + each update's old one-step pass
 ])
-def test_learner_tokens_per_s_counts_the_trajectory_tokens_and_forward_tokens_the_doubled_layout(
+def test_learner_tokens_per_s_counts_the_trajectory_tokens_and_forward_tokens_the_cropped_layout(
         algorithm, shipped_old, forwards):
     """learner_tokens_per_s counts each row's T tokens once per forward of it, as for a
     full-attention family; a block family forwards [x_t ; x_0] cropped to the columns the response
@@ -284,7 +284,7 @@ def test_lora_trains_the_adapters_on_the_block_elbo():
     assert any(not torch.equal(after[k], before[k]) for k in before if "lora_" in k)
 
 
-# -- memory: the 2T input -----------------------------------------------------------------------------
+# -- memory: the cropped [x_t ; x_0] input ---------------------------------------------------------
 
 
 def test_the_footprint_counts_the_cropped_input_and_auto_picks_a_smaller_chunk():
