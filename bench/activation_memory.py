@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +50,22 @@ def peak_tensor_bytes(fn) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+def profile_step(model: torch.nn.Module, step, repeats: int) -> tuple[dict, list[torch.Tensor]]:
+    """A learner step `step()` measured as the side-by-side benches report it: the peak tensor bytes
+    of one profiled run, the gradients it accumulated (cloned), and the wall times of `repeats`
+    plain runs (their median too). The caller sets the path up (a patch) around this call."""
+    peak = peak_tensor_bytes(step)
+    grads = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+    seconds = []
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=False)
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    return {"peak_step_tensor_bytes": peak, "step_seconds_median": statistics.median(seconds),
+            "step_seconds": seconds}, grads
 
 
 def main() -> None:

@@ -19,14 +19,13 @@ as bench/activation_memory.py counts them), the columns forwarded, and the gradi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.activation_memory import peak_tensor_bytes  # noqa: E402
+from bench.activation_memory import profile_step  # noqa: E402
 from dlrl.batch import TrainBatch, collate_for  # noqa: E402
 from dlrl.block_elbo import bd3_columns, block_size_of  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
@@ -62,22 +61,14 @@ def _batch(model, tok, spec: TrainSpec, groups: int, per_group: int, prompt_len:
 
 def measure(model, batch: TrainBatch, spec: TrainSpec, mask_id: int, path: str, repeats: int):
     """One path's step: peak tensor bytes (profiled run), wall times (plain runs) and the gradients."""
-    patch = mock.patch("dlrl.block_elbo.bd3_columns", whole_layout) if path == "before" else mock.patch.dict({})
+    patch = mock.patch("dlrl.block_elbo.bd3_columns", whole_layout) if path == "before" else contextlib.nullcontext()
     with patch:
         with torch.no_grad():
             old = old_policy_terms(model, batch, spec, mask_id) - 0.05  # ratios away from 1
         for q in model.parameters():
             q.grad = torch.zeros_like(q)
-        peak = peak_tensor_bytes(lambda: accumulate_gradients(model, batch, old, spec, mask_id))
-        grads = torch.cat([q.grad.flatten() for q in model.parameters()])
-        seconds = []
-        for _ in range(repeats):
-            model.zero_grad(set_to_none=False)
-            t0 = time.perf_counter()
-            accumulate_gradients(model, batch, old, spec, mask_id)
-            seconds.append(time.perf_counter() - t0)
-    return {"peak_step_tensor_bytes": peak, "step_seconds_median": statistics.median(seconds),
-            "step_seconds": seconds}, grads
+        result, grads = profile_step(model, lambda: accumulate_gradients(model, batch, old, spec, mask_id), repeats)
+    return result, torch.cat([g.flatten() for g in grads])
 
 
 def case(name: str, model, tok, spec: TrainSpec, groups: int, per_group: int, prompt_len: int, gen_len: int,

@@ -25,10 +25,8 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -38,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.activation_memory import peak_tensor_bytes  # noqa: E402
+from bench.activation_memory import profile_step  # noqa: E402
 from bench.gpu_learner import LLADA_1B  # noqa: E402
 from dlrl import diffusion  # noqa: E402
 from dlrl import footprint as fp  # noqa: E402
@@ -102,16 +100,7 @@ def measure(model, batch, spec: TrainSpec, path: str, repeats: int) -> tuple[dic
     for q in model.parameters():  # gradients exist before the measured step, as in a training run
         q.grad = torch.zeros_like(q)
     with patch:
-        peak = peak_tensor_bytes(lambda: accumulate_gradients(model, batch, old, spec, mask_id))
-        grads = [q.grad.clone() for q in model.parameters()]
-        seconds = []
-        for _ in range(repeats):
-            model.zero_grad(set_to_none=False)
-            t0 = time.perf_counter()
-            accumulate_gradients(model, batch, old, spec, mask_id)
-            seconds.append(time.perf_counter() - t0)
-    return {"peak_step_tensor_bytes": peak, "step_seconds_median": statistics.median(seconds),
-            "step_seconds": seconds}, grads
+        return profile_step(model, lambda: accumulate_gradients(model, batch, old, spec, mask_id), repeats)
 
 
 def main() -> None:
