@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,6 +51,20 @@ def peak_tensor_bytes(fn) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+def run_header(bench: str, load_before: tuple[float, float, float]) -> dict:
+    """The fields every side-by-side CPU bench's JSON opens with: its name, date, commit and machine
+    (with the load average before the run and now, since 2 shared cores make times noisy)."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {
+        "bench": bench,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg()},
+    }
 
 
 def profile_step(model: torch.nn.Module, step, repeats: int) -> tuple[dict, list[torch.Tensor]]:

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -35,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.activation_memory import profile_step  # noqa: E402
+from bench.activation_memory import profile_step, run_header  # noqa: E402
 from dlrl.batch import TrainBatch, collate_for  # noqa: E402
 from dlrl.block_elbo import bd3_columns, block_size_of  # noqa: E402
 from dlrl.config import TrainSpec  # noqa: E402
@@ -111,14 +108,8 @@ def main() -> None:
     body, btok = build_tiny_sdar(hidden=256, layers=2, heads=4, kv_heads=2, block_size=4)
     rows.append(case("sdar-shaped", body, btok, TrainSpec(n_mc=2, mc_chunk=1, micro_batch=4),
                      groups=1, per_group=4, prompt_len=256, gen_len=256, repeats=args.repeats))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
-        "bench": "bd3_crop",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg()},
+        **run_header("bd3_crop", load_before),
         "method": "learner.step.accumulate_gradients (BGPO), one micro-batch, float32 on the CPU; before = "
                   "bd3_columns patched to keep all 2T columns; peak = largest running sum of the CPU "
                   "allocator's events in torch's profiler during the step; time = median of plain runs",

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -36,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.activation_memory import profile_step  # noqa: E402
+from bench.activation_memory import profile_step, run_header  # noqa: E402
 from bench.gpu_learner import LLADA_1B  # noqa: E402
 from dlrl import diffusion  # noqa: E402
 from dlrl import footprint as fp  # noqa: E402
@@ -150,16 +147,11 @@ def main() -> None:
 
 def write(out: Path, args, model, load_before, rows: list[dict]) -> None:
     """The result so far (rewritten after each configuration)."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    header = run_header("elbo_logits", load_before)
+    header["machine"]["note"] = ("shared machine: 2 cores used by several concurrent jobs (a tiny training ran "
+                                 "beside this); times are noisy, peak bytes are not")
     result = {
-        "bench": "elbo_logits",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg(),
-                    "note": "shared machine: 2 cores used by several concurrent jobs (a tiny training ran "
-                            "beside this); times are noisy, peak bytes are not"},
+        **header,
         "model": {"family": model_family(model).name, "hidden": args.hidden, "layers": args.layers, "vocab": VOCAB,
                   "params": sum(q.numel() for q in model.parameters()), "dtype": "float32",
                   "prompt_len": args.prompt_len, "gen_len": args.gen_len},
