@@ -335,6 +335,7 @@ def _rank_main(rank: int, port: int, spec_json: str, out: str) -> None:
         weights = _train(r, TrainSpec.model_validate_json(spec_json))
         if r.lead:
             torch.save(weights, out)
+        torch.distributed.barrier()
     finally:
         sharding.leave()
 

@@ -102,6 +102,11 @@ def _rank_main(rank: int, world: int, port: int, spec_json: str, shape: tuple[in
         snaps = _train(r, TrainSpec.model_validate_json(spec_json), shape, **options)
         if r.lead:
             torch.save(snaps, out)
+        # Every rank done with its collectives before any tears its gloo group down: without it one
+        # rank in about 20 runs here died with SIGABRT ("terminate called without an active
+        # exception") in teardown while its peer was still finishing (the same in the other spawned
+        # rank harnesses: test_block_elbo, test_shard_load, test_rollout_dtype).
+        torch.distributed.barrier()
     finally:
         sharding.leave()
 
@@ -205,5 +210,6 @@ def _blob_main(rank: int, port: int, blobs: list[bytes], out: str) -> None:
     try:
         got = sharding.broadcast_blobs(blobs if rank == 0 else None)
         Path(out, f"got-{rank}.json").write_text(json.dumps([b.hex() for b in got]))
+        torch.distributed.barrier()
     finally:
         sharding.leave()

@@ -190,6 +190,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                         "payload": [torch.from_numpy(a.copy()) for a in payload]}, out)
         else:
             sharding.follow_gather(state, skip_empty=False, cast=torch.bfloat16)
+        torch.distributed.barrier()
     finally:
         sharding.leave()
 

@@ -103,6 +103,7 @@ def _rank_main(rank: int, port: int, cases: list[tuple[str, bool]], out: str) ->
     try:
         results = {f"{path}|{lora}": _compare(path, lora) for path, lora in cases}
         Path(out, f"rank-{rank}.json").write_text(json.dumps(results))
+        torch.distributed.barrier()
     finally:
         sharding.leave()
 
